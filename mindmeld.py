@@ -1,0 +1,3304 @@
+#!/usr/bin/env python3
+"""mindmeld: reach a TCP port on another machine through a relay both can reach.
+
+    python3 mindmeld.py router                      # on a host everyone can reach
+    python3 mindmeld.py share   web localhost:8000  # next to the service
+    python3 mindmeld.py forward web 9000            # where you want to use it
+    curl http://127.0.0.1:9000/
+
+One file, standard library only, CPython 3.6 to 3.13.  Each peer holds one TCP
+(optionally TLS) connection to the router; every stream is multiplexed on it as
+length-prefixed frames with per-stream, credit-based flow control.  The protocol
+is documented in README.md ("Protocol").
+
+Table of contents (grep -n '^# ###'):
+  1. compatibility shims        4. link and stream plumbing (asyncio)
+  2. constants and errors       5. roles: router, sharer, forwarder, clients
+  3. protocol core (no I/O)     6. command line
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import collections
+import datetime
+import errno
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import struct
+import sys
+import time
+
+try:  # a few locked-down builds ship without OpenSSL
+    import ssl
+except ImportError:  # pragma: no cover
+    ssl = None
+
+__version__ = "1.0.0"
+__all__ = ["Router", "Sharer", "Forwarder", "list_services", "open_stream",
+           "MindmeldError", "PermanentError", "ProtocolError"]
+
+log = logging.getLogger("mindmeld")
+
+
+# ###########################################################################
+# ### 1. Compatibility shims: every version difference is settled here.
+# ###########################################################################
+
+PY37 = sys.version_info >= (3, 7)   # get_running_loop, create_task, BufferedProtocol
+PY38 = sys.version_info >= (3, 8)   # CancelledError is a BaseException
+
+if PY37:
+    _get_loop = asyncio.get_running_loop
+    _all_tasks = asyncio.all_tasks
+    _current_task = asyncio.current_task
+else:  # 3.6: only the loop-global spellings exist
+    _get_loop = asyncio.get_event_loop
+    _all_tasks = asyncio.Task.all_tasks
+    _current_task = asyncio.Task.current_task
+
+
+# BufferedProtocol (3.7+) lets links receive straight into their frame buffer;
+# on 3.6 Link.data_received() copies into the same buffer instead.
+BufferedProtocol = getattr(asyncio, "BufferedProtocol", asyncio.Protocol)
+
+# Before 3.11 a transport starts reading after connection_made() returns, undoing
+# a pause_reading() made there; pausing from a call_soon() then holds.
+PAUSE_IN_CONNECTION_MADE_HOLDS = sys.version_info >= (3, 11)
+
+# From 3.12 the selector transport keeps a reference to what write() is given
+# (earlier ones copy it into a bytearray); TLS transports always keep it.
+TRANSPORT_KEEPS_BUFFERS = sys.version_info >= (3, 12)
+
+
+def _raw_socket(transport):
+    """The socket under a plain selector TCP transport, for direct sendmsg(); else None."""
+    if type(transport).__name__ != "_SelectorSocketTransport" or not hasattr(socket.socket, "sendmsg"):
+        return None
+    return getattr(transport, "_sock", None)
+
+
+def _run(main_coro):
+    """asyncio.run() for 3.6 too: a fresh loop, leftover tasks cancelled."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main_coro)
+    finally:
+        try:
+            leftovers = [t for t in _all_tasks(loop) if not t.done()]
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _spawn(coro, owner):
+    """Start a task that belongs to `owner` (a set): it leaves the set when done.
+
+    No task runs without an owner; owners cancel what is left when they close."""
+    task = _get_loop().create_task(coro)
+    owner.add(task)
+    task.add_done_callback(owner.discard)
+    return task
+
+
+async def _cancel_all(tasks):
+    """Cancel tasks and wait for them, never raising their errors."""
+    tasks = [t for t in tasks if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+def _is_cancelled(exc):
+    """True for a cancellation, which `except Exception` catches on 3.6 and 3.7."""
+    return isinstance(exc, asyncio.CancelledError)
+
+
+async def _close_server(server):
+    """Stop listening.  Server.wait_closed() waits for every client from 3.12.1 on,
+    so it is bounded here; our own sessions are closed by their owners."""
+    server.close()
+    try:
+        await asyncio.wait_for(server.wait_closed(), 0.5)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        if not PY38 and _current_task() is not None and _current_task().cancelled():
+            raise
+
+
+def _set_nodelay(transport):
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - some platforms refuse on odd sockets
+            pass
+
+
+def _abort_with_reset(transport):
+    """Close so that the peer sees a TCP reset, as a RESET frame asks for."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:  # pragma: no cover
+            pass
+    transport.abort()
+
+
+def _add_signal_handlers(loop, callback):
+    """SIGINT/SIGTERM call `callback(signum)`; Windows has no add_signal_handler."""
+    for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if signum is None:
+            continue
+        try:
+            loop.add_signal_handler(signum, callback, signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            signal.signal(signum, lambda s, _frame: loop.call_soon_threadsafe(callback, s))
+
+
+def _take_stdio():
+    """Own stdin/stdout as private descriptors, leaving /dev/null in their place, so that
+    closing ours is an EOF the reader sees, and nothing else writes into the stream."""
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return read_fd, write_fd
+
+
+def _os_error_text(exc):
+    """'Connection refused' rather than "[Errno 111] Connect call failed ('1.2.3.4', 5)"."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+def _rss_mb():
+    """This process's resident memory in MB (Linux /proc, else the peak from rusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, AttributeError):
+        try:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak / (1e6 if sys.platform == "darwin" else 1e3)
+        except Exception:  # pragma: no cover - no resource module (Windows)
+            return 0.0
+
+
+# ###########################################################################
+# ### 2. Constants and errors
+# ###########################################################################
+
+DEFAULT_PORT = 7700
+DEFAULT_ROUTER = "localhost:%d" % DEFAULT_PORT
+MAGIC = b"MINDMELD"                 # the client's first bytes, then one version byte
+PROTOCOL_VERSION = 1
+PREAMBLE = MAGIC + bytes([PROTOCOL_VERSION])
+
+# Frame header: payload length, type, flags, stream (or request) id; network order.
+HEADER = struct.Struct("!IBBI")
+HEADER_SIZE = HEADER.size           # 10 bytes
+WINDOW_INCREMENT = struct.Struct("!I")
+
+MAX_DATA = 256 * 1024               # largest DATA payload: one socket read
+MAX_CONTROL = 16 * 1024             # largest JSON control payload
+MAX_LIST_REPLY = 1024 * 1024        # a LIST_REPLY may describe many services
+NAME_MAX = 64
+REASON_MAX = 200
+
+INITIAL_WINDOW = 256 * 1024         # credit each side grants a new stream, per direction
+MAX_WINDOW = 16 * 1024 * 1024       # auto-tuning stops here
+PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all streams of a link
+LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
+LINK_LOW_WATER = 128 * 1024
+PEER_BUFFER_LIMIT = PEER_WINDOW_BUDGET + 8 * 1024 * 1024  # router: more than this queued means a peer that does not read
+
+HANDSHAKE_TIMEOUT = 15.0            # preamble + hello (+ auth) must complete in this time
+DIAL_TIMEOUT = 10.0                 # sharer dialling its target
+OPEN_TIMEOUT = 30.0                 # a stream that is not accepted in time is dropped
+PENDING_TIMEOUT = 30.0              # forwarder: how long a local connection waits for the router
+KEEPALIVE_INTERVAL = 20.0           # ping after this much silence; dead after 3 silent intervals
+KEEPALIVE_MISSES = 3
+GRACE_PERIOD = 5.0                  # shutdown: how long open streams may finish
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+BACKOFF_RESET_AFTER = 60.0          # a link that stayed up this long resets the backoff
+LIVENESS_PROBE = 3.0                # router: how long a name's owner has to answer a ping
+
+MAX_STREAMS_PER_PEER = 16384
+MAX_SERVICES_PER_PEER = 64
+MAX_PENDING_HANDSHAKES = 256
+
+# Frame types.  Stream frames are relayed end to end by the router.
+HELLO, AUTH, REGISTER, REGISTERED, OPEN, OPEN_OK, OPEN_REFUSED, DATA, WINDOW, \
+    EOF, RESET, PING, PONG, GOAWAY, LIST, LIST_REPLY, CHALLENGE, PROOF = range(1, 19)
+FRAME_NAMES = {
+    HELLO: "HELLO", AUTH: "AUTH", REGISTER: "REGISTER", REGISTERED: "REGISTERED",
+    OPEN: "OPEN", OPEN_OK: "OPEN_OK", OPEN_REFUSED: "OPEN_REFUSED", DATA: "DATA",
+    WINDOW: "WINDOW", EOF: "EOF", RESET: "RESET", PING: "PING", PONG: "PONG",
+    GOAWAY: "GOAWAY", LIST: "LIST", LIST_REPLY: "LIST_REPLY",
+    CHALLENGE: "CHALLENGE", PROOF: "PROOF",
+}
+FRAME_LIMITS = {t: MAX_CONTROL for t in FRAME_NAMES}
+FRAME_LIMITS.update({DATA: MAX_DATA, LIST_REPLY: MAX_LIST_REPLY, WINDOW: 4, EOF: 0,
+                     PING: 8, PONG: 8})
+JSON_FRAMES = frozenset(FRAME_NAMES) - {DATA, WINDOW, EOF, PING, PONG}
+STREAM_FRAMES = frozenset({OPEN_OK, OPEN_REFUSED, DATA, WINDOW, EOF, RESET, CHALLENGE, PROOF})
+
+
+class MindmeldError(Exception):
+    """A failure a user can cause or meet; str() is the one line to show them."""
+
+
+class PermanentError(MindmeldError):
+    """A refusal that retrying cannot fix: a client prints it and exits 1."""
+
+
+class ProtocolError(MindmeldError):
+    """The remote peer broke the protocol; `code` goes into the GOAWAY we send back."""
+
+    def __init__(self, message, code="protocol"):
+        MindmeldError.__init__(self, message)
+        self.code = code
+
+
+class UsageError(MindmeldError):
+    """The command line is wrong: usage and exit 2, like argparse's own errors."""
+
+
+class LinkLost(MindmeldError):
+    """The link to the router went away; clients retry."""
+
+
+# ###########################################################################
+# ### 3. Protocol core: frames, windows and stream states.  No I/O here.
+# ###########################################################################
+
+def encode_header(ftype, stream_id, length, flags=0):
+    return HEADER.pack(length, ftype, flags, stream_id)
+
+
+def encode_frame(ftype, stream_id=0, payload=b""):
+    """A whole frame as bytes (control frames; DATA goes out as header + payload)."""
+    return HEADER.pack(len(payload), ftype, 0, stream_id) + payload
+
+
+def encode_json(ftype, stream_id, obj):
+    return encode_frame(ftype, stream_id, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def decode_json(ftype, payload):
+    """A control payload as a dict; anything else is the peer's protocol error."""
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except ValueError:
+        raise ProtocolError("%s frame carries malformed JSON" % FRAME_NAMES[ftype])
+    if not isinstance(obj, dict):
+        raise ProtocolError("%s frame payload is not an object" % FRAME_NAMES[ftype])
+    return obj
+
+
+class FrameBuffer:
+    """A link's receive buffer and frame parser: bytes in, frames out, no I/O.
+
+        view = buf.writable()      # recv_into(view) -> n
+        buf.advance(n)
+        for ftype, flags, stream_id, payload in buf.frames(): ...
+
+    Payloads are memoryviews into the buffer, valid until the next writable():
+    use them at once or copy.  Sizes are checked against FRAME_LIMITS before
+    anything is buffered, so a hostile length never allocates.  The buffer
+    starts small and doubles (up to `maximum`) while reads keep filling it."""
+
+    def __init__(self, limits=FRAME_LIMITS, initial=64 * 1024, maximum=1024 * 1024):
+        self.limits = limits
+        self.data = bytearray(initial)
+        self.view = memoryview(self.data)
+        self.start = self.end = 0       # unparsed bytes are data[start:end]
+        self.need = HEADER_SIZE         # bytes from `start` that the next frame needs
+        self.maximum = maximum
+        self._offered = 0
+        self._busy = False
+
+    @property
+    def buffered(self):
+        return self.end - self.start
+
+    def writable(self):
+        """Free space for the next read, making room first when the next frame needs it."""
+        start, end = self.start, self.end
+        if start == end:
+            self.start = self.end = start = end = 0
+        if len(self.data) - start < self.need or end == len(self.data):
+            self._make_room(start, end)
+        view = self.view[self.end:]
+        self._offered = len(view)
+        return view
+
+    def _make_room(self, start, end):
+        held, size = end - start, len(self.data)
+        if self.need > size:
+            size = self.need
+        elif self._busy and size < self.maximum:
+            size = min(size * 2, self.maximum)
+        self._busy = False
+        if size != len(self.data):
+            data = bytearray(size)
+            data[:held] = self.view[start:end]
+            self.data, self.view = data, memoryview(data)
+        else:
+            self.view[:held] = self.view[start:end]     # memmove
+        self.start, self.end = 0, held
+
+    def advance(self, n):
+        self.end += n
+        if n == self._offered:
+            self._busy = True
+
+    def skip(self, n):
+        self.start += n
+
+    def peek(self):
+        return bytes(self.view[self.start:self.end])
+
+    def frames(self):
+        data, view, limits = self.data, self.view, self.limits
+        pos, end = self.start, self.end
+        unpack_from = HEADER.unpack_from
+        out = []
+        while end - pos >= HEADER_SIZE:
+            length, ftype, flags, stream_id = unpack_from(data, pos)
+            limit = limits.get(ftype)
+            if limit is None:
+                raise ProtocolError("unknown frame type %d" % ftype)
+            if length > limit:
+                raise ProtocolError("%s frame of %d bytes exceeds the limit of %d"
+                                    % (FRAME_NAMES[ftype], length, limit), "frame-size")
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                self.need = stop - pos
+                break
+            out.append((ftype, flags, stream_id, view[pos + HEADER_SIZE:stop]))
+            pos = stop
+        else:
+            self.need = HEADER_SIZE
+        self.start = pos
+        return out
+
+
+class FrameDecoder:
+    """FrameBuffer for callers that feed bytes (tests, tools): payloads come back as bytes."""
+
+    def __init__(self, limits=FRAME_LIMITS):
+        self._buffer = FrameBuffer(limits)
+
+    @property
+    def buffered(self):
+        return self._buffer.buffered
+
+    def feed(self, data):
+        out, view = [], memoryview(data)
+        while True:
+            space = self._buffer.writable()
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            view = view[n:]
+            self._buffer.advance(n)
+            out.extend((t, f, i, bytes(p)) for t, f, i, p in self._buffer.frames())
+            if not view:
+                return out
+
+
+class PreambleError(MindmeldError):
+    """What a non-mindmeld client sent, as a short description for the log."""
+
+
+HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"OPTIONS ", b"DELETE ", b"CONNECT ", b"PATCH ")
+
+
+def classify_preamble(first):
+    """Classify a connection's first bytes: 'mindmeld', 'http', or None (need more).
+
+    Raises PreambleError for TLS, a wrong version or anything else."""
+    if first[:1] == b"\x16":
+        raise PreambleError("a TLS handshake (is the client using --tls against a plain router?)")
+    head = first[:8]
+    if any(head.startswith(m) for m in HTTP_METHODS):
+        return "http"
+    if len(first) < len(PREAMBLE):
+        if MAGIC.startswith(first[:len(MAGIC)]) or any(m.startswith(head) for m in HTTP_METHODS):
+            return None
+        raise PreambleError("bytes that are not a mindmeld client: %r" % bytes(first[:16]))
+    if first[:len(MAGIC)] != MAGIC:
+        raise PreambleError("bytes that are not a mindmeld client: %r" % bytes(first[:16]))
+    version = first[len(MAGIC)]
+    if version != PROTOCOL_VERSION:
+        raise PreambleError("protocol version %d (this router speaks %d)"
+                            % (version, PROTOCOL_VERSION))
+    return "mindmeld"
+
+
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def valid_name(name):
+    return isinstance(name, str) and 0 < len(name) <= NAME_MAX and NAME_CHARS.issuperset(name)
+
+
+def check_name(name):
+    if not valid_name(name):
+        raise MindmeldError("invalid service name %r: use 1 to %d letters, digits, '.', '_' or '-'"
+                            % (name, NAME_MAX))
+    return name
+
+
+def short_reason(text):
+    text = str(text).replace("\n", " ")
+    return text if len(text) <= REASON_MAX else text[:REASON_MAX - 3] + "..."
+
+
+# Stream states, one row per state: the events allowed there and where they lead.
+# "send_*" are things this side does, "recv_*" what the peer did.  Anything not
+# in the table is a protocol error (received) or a bug (sent).
+OPENING, OPEN_STATE, LOCAL_EOF, REMOTE_EOF, CLOSED = (
+    "opening", "open", "local-eof", "remote-eof", "closed")
+STREAM_TRANSITIONS = {
+    OPENING: {"accept": OPEN_STATE, "refuse": CLOSED, "send_reset": CLOSED,
+              "recv_reset": CLOSED},
+    OPEN_STATE: {"send_data": OPEN_STATE, "recv_data": OPEN_STATE, "send_eof": LOCAL_EOF,
+                 "recv_eof": REMOTE_EOF, "send_reset": CLOSED, "recv_reset": CLOSED},
+    LOCAL_EOF: {"recv_data": LOCAL_EOF, "recv_eof": CLOSED, "send_reset": CLOSED,
+                "recv_reset": CLOSED},
+    REMOTE_EOF: {"send_data": REMOTE_EOF, "send_eof": CLOSED, "send_reset": CLOSED,
+                 "recv_reset": CLOSED},
+    CLOSED: {},
+}
+
+
+class StreamState:
+    """The state of one stream as one side sees it (STREAM_TRANSITIONS)."""
+    __slots__ = ("state",)
+
+    def __init__(self, state=OPENING):
+        self.state = state
+
+    def fire(self, event):
+        new = STREAM_TRANSITIONS[self.state].get(event)
+        if new is None:
+            if event.startswith("recv"):
+                raise ProtocolError("%s not allowed on a stream in state %s" % (event[5:], self.state))
+            raise MindmeldError("bug: %s on a stream in state %s" % (event, self.state))
+        self.state = new
+        return new
+
+
+class WindowBudget:
+    """How much window growth one link may still hand out, over all its streams."""
+    __slots__ = ("available",)
+
+    def __init__(self, total=PEER_WINDOW_BUDGET):
+        self.available = total
+
+    def take(self, amount):
+        if amount > self.available:
+            return False
+        self.available -= amount
+        return True
+
+    def give(self, amount):
+        self.available += amount
+
+
+class ReceiveWindow:
+    """Receiver-side credit for one stream direction (h2's WindowManager, auto-tuned).
+
+    `size` is what the sender may have in flight.  Credit goes back only for
+    bytes the application really took (`delivered`), in batches of half a
+    window; when whole windows are consumed faster than about two round trips,
+    the window doubles (up to MAX_WINDOW, within the link's budget)."""
+    __slots__ = ("size", "available", "unreturned", "last_update", "budget")
+
+    def __init__(self, budget=None, size=INITIAL_WINDOW):
+        self.size = size
+        self.available = size      # what the sender may still send
+        self.unreturned = 0        # delivered but not yet credited back
+        self.last_update = 0.0
+        self.budget = budget
+
+    def received(self, n):
+        if n > self.available:
+            raise ProtocolError("peer sent %d bytes with only %d bytes of window left"
+                                % (n, self.available), "flow-control")
+        self.available -= n
+
+    def delivered(self, n, now, rtt):
+        """n more bytes were handed on; returns the credit to send back (0: none yet)."""
+        self.unreturned += n
+        if self.unreturned < self.size // 2:
+            return 0
+        increment = self.unreturned
+        if (self.size < MAX_WINDOW and self.budget is not None
+                and now - self.last_update < max(4 * rtt, 0.002)
+                and self.budget.take(self.size)):
+            increment += self.size
+            self.size *= 2
+        self.last_update = now
+        self.unreturned = 0
+        self.available += increment
+        return increment
+
+    def release(self):
+        """The stream is gone: give its growth back to the link's budget."""
+        if self.budget is not None and self.size > INITIAL_WINDOW:
+            self.budget.give(self.size - INITIAL_WINDOW)
+            self.size = INITIAL_WINDOW
+
+
+def add_credit(credit, increment):
+    """Sender-side credit after a WINDOW frame; absurd totals are a protocol error."""
+    credit += increment
+    if increment == 0 or credit > 2 * MAX_WINDOW:
+        raise ProtocolError("invalid window increment %d" % increment, "flow-control")
+    return credit
+
+
+def backoff_delays(first=BACKOFF_FIRST, cap=BACKOFF_MAX, rng=random.random):
+    """Exponential backoff with full jitter in [delay/2, delay]: 0.5 s, 1 s, ... 30 s."""
+    delay = first
+    while True:
+        yield delay * (0.5 + rng() / 2)
+        delay = min(cap, delay * 2)
+
+
+def parse_hostport(text, default_host, default_port=None, what="address"):
+    """'HOST:PORT', 'PORT', ':PORT', '[v6]:PORT' or 'HOST' (with default_port) -> (host, port)."""
+    text = text.strip()
+    host, port = default_host, None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise MindmeldError("bad %s %r: missing ']'" % (what, text))
+        host, rest = text[1:close], text[close + 1:]
+        if rest.startswith(":"):
+            port = rest[1:]
+        elif rest:
+            raise MindmeldError("bad %s %r" % (what, text))
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+        host = host or ""
+    elif text.count(":") > 1:
+        raise MindmeldError("bad %s %r: write IPv6 addresses as [ADDR]:PORT" % (what, text))
+    elif text.isdigit():
+        port = text
+    else:
+        host = text
+    if port is None or port == "":
+        if default_port is None:
+            raise MindmeldError("bad %s %r: a port is needed" % (what, text))
+        port = default_port
+    try:
+        port = int(port)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise MindmeldError("bad %s %r: the port must be a number from 0 to 65535" % (what, text))
+    return host, port
+
+
+def format_hostport(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+# ###########################################################################
+# ### 4. Link and stream plumbing (asyncio Protocols on the data path)
+# ###########################################################################
+
+PING_PAYLOAD = struct.Struct("!d")
+
+
+def _write_parts(transport, sock, header, payload):
+    """Write header + payload, copying as little as possible.
+
+    While the transport has nothing queued, sendmsg() goes straight to the
+    socket (what transport.write() would do, without joining the parts).  What
+    the kernel does not take is queued as a copy if the transport would keep a
+    reference (`sock is None` means "maybe"), since payloads may be views of a
+    receive buffer that is about to be reused."""
+    if sock is not None and not transport.get_write_buffer_size() and not transport.is_closing():
+        try:
+            sent = sock.sendmsg((header, payload)) if header else sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0                    # transport.write() below meets the error and reports it
+        if sent:
+            if sent >= len(header) + len(payload):
+                return
+            if sent >= len(header):
+                payload, header = memoryview(payload)[sent - len(header):], b""
+            else:
+                header = header[sent:]
+    if sock is None or TRANSPORT_KEEPS_BUFFERS:
+        transport.write(b"".join((header, payload)) if header else bytes(payload))
+    else:                               # the transport copies into its own buffer
+        if header:
+            transport.write(header)
+        transport.write(payload)
+
+
+class Link(BufferedProtocol):
+    """One multiplexed connection: frame codec, write path, keepalive, shutdown.
+
+    Subclasses route frames through `dispatch`, a dict {frame type: handler(id, payload)}.
+    Writes go straight to the transport; the transport's own buffer is the
+    queue, kept small by per-stream credit and by pausing local reads above
+    LINK_HIGH_WATER."""
+
+    role = "link"
+
+    def __init__(self, keepalive=KEEPALIVE_INTERVAL):
+        self.loop = _get_loop()
+        self.transport = None
+        self.peer = "?"
+        self.frames = FrameBuffer()
+        self.sock = None                # for direct writes (plain TCP only)
+        self.keepalive = keepalive
+        self.write_paused = False
+        self.blocked = []            # local streams that wait for resume_writing()
+        self.closing = False
+        self.lost = self.loop.create_future()   # result: the reason it ended (str)
+        self.rtt = 0.001
+        self.dispatch = {PING: self.on_ping, PONG: self.on_pong}
+        self._rx_count = self._rx_seen = self._silent = 0
+        self._keepalive_timer = None
+        self._close_reason = None
+
+    # -- asyncio.Protocol ------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = format_hostport(peer[0], peer[1])
+        _set_nodelay(transport)
+        self.sock = _raw_socket(transport)
+        transport.set_write_buffer_limits(LINK_HIGH_WATER, LINK_LOW_WATER)
+        if self.keepalive:
+            self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
+
+    def get_buffer(self, sizehint):
+        return self.frames.writable()
+
+    def buffer_updated(self, nbytes):
+        self._rx_count += 1
+        if self.closing:
+            return
+        self.frames.advance(nbytes)
+        self.process_frames()
+
+    def data_received(self, data):
+        """3.6 (no BufferedProtocol): copy into the frame buffer."""
+        view = memoryview(data)
+        while view and not self.closing:
+            space = self.get_buffer(len(view))
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def process_frames(self):
+        try:
+            for ftype, _flags, stream_id, payload in self.frames.frames():
+                handler = self.dispatch.get(ftype)
+                if handler is None:
+                    raise ProtocolError("unexpected %s frame" % FRAME_NAMES[ftype])
+                handler(stream_id, payload)
+                if self.closing:
+                    break
+        except ProtocolError as exc:
+            self.fail(exc)
+        except Exception as exc:    # a bug: drop this link, keep the process serving
+            log.error("%s %s: internal error: %r; dropping the link (run with -v for a traceback)",
+                      self.role, self.peer, exc)
+            log.debug("traceback", exc_info=True)
+            self.abort("internal error")
+
+    def eof_received(self):
+        self._close_reason = self._close_reason or "the peer closed the connection"
+        return False
+
+    def connection_lost(self, exc):
+        self.closing = True
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+        reason = self._close_reason or (
+            "connection lost: %s" % (exc or "closed by the peer"))
+        self.on_lost(reason)
+        if not self.lost.done():
+            self.lost.set_result(reason)
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        blocked, self.blocked = self.blocked, []
+        for stream in blocked:
+            stream.link_resumed()
+
+    # -- to be overridden ------------------------------------------------
+    def on_lost(self, reason):
+        pass
+
+    # -- writing ------------------------------------------------------------
+    def send(self, frame):
+        if not self.closing:
+            self.transport.write(frame)
+
+    def send_data(self, stream_id, payload):
+        if not self.closing:
+            _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
+
+    def send_json(self, ftype, stream_id, obj):
+        self.send(encode_json(ftype, stream_id, obj))
+
+    # -- keepalive ------------------------------------------------------------
+    def _keepalive_tick(self):
+        if self.closing:
+            return
+        if self._rx_count != self._rx_seen:
+            self._rx_seen, self._silent = self._rx_count, 0
+        else:
+            self._silent += 1
+            if self._silent >= KEEPALIVE_MISSES:
+                self.abort("no answer to keepalive pings for %.0f s" % (self._silent * self.keepalive))
+                return
+            self.send(encode_frame(PING, 0, PING_PAYLOAD.pack(time.monotonic())))
+        self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
+
+    def ping(self):
+        self.send(encode_frame(PING, 0, PING_PAYLOAD.pack(time.monotonic())))
+
+    def on_ping(self, _id, payload):
+        self.send(encode_frame(PONG, 0, bytes(payload)))
+
+    def on_pong(self, _id, payload):
+        if len(payload) == PING_PAYLOAD.size:
+            rtt = time.monotonic() - PING_PAYLOAD.unpack(payload)[0]
+            if 0 <= rtt < 60:
+                self.rtt = rtt
+
+    # -- closing ------------------------------------------------------------
+    def close(self, code=None, message=None):
+        """Say why (GOAWAY), flush, close; abort if the peer does not read within 2 s."""
+        if self.closing:
+            return
+        if code is not None:
+            self.send_json(GOAWAY, 0, {"code": code, "message": short_reason(message or code)})
+        self._close_reason = self._close_reason or message or "closed"
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+            self.loop.call_later(2.0, self.transport.abort)
+
+    def abort(self, reason):
+        self._close_reason = self._close_reason or reason
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, exc):
+        """The peer broke the protocol: tell it, log one line, drop it."""
+        log.warning("%s %s: %s; disconnecting", self.role, self.peer, exc)
+        self._close_reason = "protocol error: %s" % exc
+        self.close(getattr(exc, "code", "protocol"), str(exc))
+
+
+class LocalStream(asyncio.Protocol):
+    """One local TCP connection joined to one stream of a ClientLink.
+
+    Local -> link: reads are sent as DATA while credit lasts; beyond it the rest
+    waits in `pending` and reading pauses.  Link -> local: credit goes back only
+    when the local write buffer has drained (write buffer limits are 0, so
+    resume_writing() means "everything written has been handed to the kernel")."""
+
+    def __init__(self, link=None, stream_id=0, state=OPENING):
+        self.link = None
+        self.id = stream_id
+        self.state = StreamState(state)
+        self.transport = None
+        self.sock = None
+        self.credit = INITIAL_WINDOW
+        self.window = None
+        if link is not None:
+            self.attach(link, stream_id)
+        self.pending = None
+        self.reading = True
+        self.local_eof = False       # the local side sent FIN
+        self.write_paused = False
+        self.undelivered = 0
+        self.label = ""
+        self.closed = False
+
+    def attach(self, link, stream_id):
+        self.link, self.id = link, stream_id
+        self.window = ReceiveWindow(link.budget)
+        link.streams[stream_id] = self
+
+    # -- local socket ------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        self.sock = _raw_socket(transport)
+        _set_nodelay(transport)
+        transport.set_write_buffer_limits(0, 0)
+        if self.state.state == OPENING or self.link is None:
+            if PAUSE_IN_CONNECTION_MADE_HOLDS:
+                self.pause_reading()
+            else:
+                asyncio.get_event_loop().call_soon(self.pause_reading)
+
+    def data_received(self, data):
+        if self.pending is not None or self.state.state == OPENING:
+            # A read that raced pause_reading() (3.6's connection_made, stdio threads)
+            self.pending = data if self.pending is None else bytes(self.pending) + data
+            self.pause_reading()
+            return
+        self.send_upstream(data)
+
+    def eof_received(self):
+        self.local_eof = True
+        if self.pending is None and self.state.state in (OPEN_STATE, REMOTE_EOF):
+            self._send_eof()
+        return True             # keep our writing half open: half-close
+
+    def connection_lost(self, exc):
+        if not self.closed and self.state.state != CLOSED:
+            why = "local connection reset" if exc else "local connection closed"
+            self.state.state = CLOSED
+            self.link.send_json(RESET, self.id, {"reason": why})
+        self._forget()
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        n, self.undelivered = self.undelivered, 0
+        if n:
+            self._delivered(n)
+
+    # -- reading control ------------------------------------------------
+    def pause_reading(self):
+        if self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.reading and self.transport is not None and not self.local_eof \
+                and not self.transport.is_closing():
+            self.reading = True
+            self.transport.resume_reading()
+
+    # -- local -> link ------------------------------------------------------
+    def send_upstream(self, data):
+        link = self.link
+        n = len(data)
+        if n <= self.credit and n <= MAX_DATA and not link.write_paused:
+            self.credit -= n                # the common case: one read, one frame
+            link.send_data(self.id, data)
+            return
+        view = memoryview(data)
+        while view and self.credit and not link.write_paused:
+            n = min(len(view), self.credit, MAX_DATA)
+            link.send_data(self.id, view[:n])
+            self.credit -= n
+            view = view[n:]
+        if view:
+            self.pending = view
+            self.pause_reading()
+            if link.write_paused:
+                link.blocked.append(self)
+
+    def _flush_pending(self):
+        if self.pending is not None:
+            data, self.pending = self.pending, None
+            self.send_upstream(data)
+        if self.pending is None:
+            if self.local_eof:
+                if self.state.state in (OPEN_STATE, REMOTE_EOF):
+                    self._send_eof()
+            else:
+                self.resume_reading()
+
+    def link_resumed(self):
+        if not self.closed:
+            self._flush_pending()
+
+    def _send_eof(self):
+        self.link.send(encode_frame(EOF, self.id))
+        if self.state.fire("send_eof") == CLOSED:
+            self._finish()
+
+    # -- link -> local (called by ClientLink) -------------------------------
+    def on_data(self, payload):
+        state = self.state.state
+        if state != OPEN_STATE and state != LOCAL_EOF:
+            raise ProtocolError("DATA on a stream in state %s" % state)
+        n = len(payload)
+        self.window.received(n)
+        _write_parts(self.transport, self.sock, b"", payload)
+        if self.write_paused:
+            self.undelivered += n
+        else:
+            self._delivered(n)
+
+    def _delivered(self, n):
+        window = self.window
+        if window.unreturned + n < window.size // 2:
+            window.unreturned += n          # the common case: not yet worth a WINDOW frame
+            return
+        increment = window.delivered(n, self.link.loop.time(), self.link.rtt)
+        if increment and not self.closed:
+            self.link.send(encode_frame(WINDOW, self.id, WINDOW_INCREMENT.pack(increment)))
+
+    def on_window(self, payload):
+        self.credit = add_credit(self.credit, WINDOW_INCREMENT.unpack(payload)[0])
+        if self.pending is not None:
+            self._flush_pending()           # or joins link.blocked if the link is paused
+
+    def on_eof(self, _payload):
+        if self.state.fire("recv_eof") == CLOSED:
+            self._finish()
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def on_reset(self, payload):
+        self.state.state = CLOSED
+        reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
+        log.debug("stream %s reset by the peer: %s", self.label, reason)
+        self._forget()
+        if self.transport is not None:
+            _abort_with_reset(self.transport)
+
+    def on_accepted(self):
+        self.state.fire("accept")
+        self._flush_pending()
+
+    def reset(self, reason):
+        """Abort from this side: RESET upstream, RST locally."""
+        if self.state.state != CLOSED:
+            self.state.state = CLOSED
+            self.link.send_json(RESET, self.id, {"reason": short_reason(reason)})
+        self._forget()
+        if self.transport is not None:
+            _abort_with_reset(self.transport)
+
+    # -- ending --------------------------------------------------------------
+    def _finish(self):
+        """Both directions ended cleanly: flush what is buffered, then close."""
+        self._forget()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _forget(self):
+        if not self.closed:
+            self.closed = True
+            self.window.release()
+            self.link.stream_closed(self)
+
+
+
+# --- 4b. TLS without a PKI: a self-signed certificate, pins, trust on first use ---
+# The router can make its own RSA-2048 certificate (pure Python, `secrets` for
+# randomness); clients verify it by CA, by pinned fingerprint, or by what they
+# recorded the first time (like ssh's known_hosts).
+
+_E = 65537
+_SMALL_PRIMES = [p for p in range(3, 2000) if all(p % d for d in range(2, int(p ** 0.5) + 1))]
+
+
+def _inv(a, m):  # modular inverse by extended Euclid (pow(a, -1, m) needs 3.8+)
+    r0, r1, s0, s1 = a % m, m, 1, 0
+    while r1:
+        q = r0 // r1
+        r0, r1, s0, s1 = r1, r0 - q * r1, s1, s0 - q * s1
+    if r0 != 1:
+        raise ValueError("not invertible")
+    return s0 % m
+
+
+def _is_probable_prime(n, rounds=40):  # Miller-Rabin; callers trial-divide first
+    if n < 5 or n % 2 == 0:
+        return n in (2, 3)
+    d, s = n - 1, 0
+    while not d & 1:
+        d, s = d >> 1, s + 1
+    for _ in range(rounds):
+        x = pow(2 + secrets.randbelow(n - 3), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _gen_prime(bits):
+    while True:
+        # Top two bits set so that p*q has exactly 2*bits bits; odd.
+        c = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if all(c % sp for sp in _SMALL_PRIMES) and math.gcd(_E, c - 1) == 1 and _is_probable_prime(c):
+            return c
+
+
+def _der(tag, body):
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(ln)]) + ln + body
+
+
+def _int(n):
+    return _der(0x02, n.to_bytes(((n + (n < 0)).bit_length() + 8) // 8, "big", signed=True))
+
+
+def _oid(dotted):
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray()
+    for a in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [a & 0x7F]
+        while a > 0x7F:
+            a >>= 7
+            chunk.append(0x80 | (a & 0x7F))
+        out += bytes(reversed(chunk))
+    return _der(0x06, bytes(out))
+
+
+def _seq(*items):
+    return _der(0x30, b"".join(items))
+
+
+def _time(dt):  # UTCTime before 2050, GeneralizedTime from 2050 on (RFC 5280 4.1.2.5)
+    s = dt.strftime("%Y%m%d%H%M%SZ").encode("ascii")
+    return _der(0x17, s[2:]) if dt.year < 2050 else _der(0x18, s)
+
+
+def _string(s):  # PrintableString when the charset allows, else UTF8String
+    printable = re.fullmatch(r"[A-Za-z0-9 '()+,\-./:=?]*", s)
+    return _der(0x13 if printable else 0x0C, s.encode("utf-8"))
+
+
+def _pem(label, der):
+    b64 = base64.b64encode(der).decode("ascii")
+    body = "\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return ("-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body, label)).encode("ascii")
+
+
+def _ext(oid, value, critical=False):
+    return _seq(_oid(oid), b"\x01\x01\xff" if critical else b"", _der(0x04, value))
+
+
+def make_self_signed_cert(common_name, days=3650):
+    """Return (cert_pem, key_pem) for a new RSA-2048 self-signed CA/server cert."""
+    p, q = _gen_prime(1024), _gen_prime(1024)
+    while q == p:  # astronomically unlikely
+        q = _gen_prime(1024)
+    n, lam = p * q, (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    d = _inv(_E, lam)
+    dp, dq, qinv = d % (p - 1), d % (q - 1), _inv(q, p)
+    key_der = _seq(*[_int(x) for x in (0, n, _E, d, p, q, dp, dq, qinv)])  # PKCS#1
+
+    rsa_pub = _seq(_int(n), _int(_E))
+    spki = _seq(_seq(_oid("1.2.840.113549.1.1.1"), b"\x05\x00"), _der(0x03, b"\x00" + rsa_pub))
+    ski = hashlib.sha1(rsa_pub).digest()
+    name = _seq(_der(0x31, _seq(_oid("2.5.4.3"), _string(common_name))))
+    san, ips = [_der(0x82, b"localhost")], ["127.0.0.1", "::1"]  # dNSName [2], iPAddress [7]
+    try:
+        ips.append(str(ipaddress.ip_address(common_name)))
+    except ValueError:  # not an IP: add as DNS name if it looks like an ASCII host name
+        if re.fullmatch(r"[A-Za-z0-9_*.-]+", common_name) and common_name.lower() != "localhost":
+            san.append(_der(0x82, common_name.encode("ascii")))
+    for ip in ips:
+        gn = _der(0x87, ipaddress.ip_address(ip).packed)
+        if gn not in san:
+            san.append(gn)
+    exts = _seq(
+        _ext("2.5.29.19", _seq(b"\x01\x01\xff"), True),    # basicConstraints CA:TRUE
+        _ext("2.5.29.15", _der(0x03, b"\x02\x84"), True),  # keyUsage digitalSignature+keyCertSign
+        _ext("2.5.29.17", _seq(*san)),                     # subjectAltName
+        _ext("2.5.29.14", _der(0x04, ski)),                # subjectKeyIdentifier
+        _ext("2.5.29.35", _seq(_der(0x80, ski))),          # authorityKeyIdentifier (= SKI)
+    )
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    sig_alg = _seq(_oid("1.2.840.113549.1.1.11"), b"\x05\x00")  # sha256WithRSAEncryption
+    serial = secrets.randbits(127) | (1 << 126)  # positive, 127 bits -> 16 DER bytes
+    tbs = _seq(_der(0xA0, _int(2)), _int(serial), sig_alg, name,
+               _seq(_time(now - datetime.timedelta(days=1)), _time(now + datetime.timedelta(days=days))),
+               name, spki, _der(0xA3, exts))
+
+    # RSASSA-PKCS1-v1_5 / SHA-256, signed with CRT, verified before use.
+    t = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(tbs).digest()
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (256 - 3 - len(t)) + b"\x00" + t, "big")
+    m1, m2 = pow(m, dp, p), pow(m, dq, q)
+    s = m2 + q * ((qinv * (m1 - m2)) % p)
+    if pow(s, _E, n) != m:
+        raise RuntimeError("RSA signature self-check failed")
+    cert_der = _seq(tbs, sig_alg, _der(0x03, b"\x00" + s.to_bytes(256, "big")))
+    return _pem("CERTIFICATE", cert_der), _pem("RSA PRIVATE KEY", key_der)
+
+
+def cert_fingerprint(cert_der):
+    """SHA-256 of a certificate's DER as 'AB:CD:...' (what the router prints)."""
+    digest = hashlib.sha256(cert_der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def normalize_fingerprint(text):
+    digits = "".join(c for c in str(text) if c not in ": \t").lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise MindmeldError("bad certificate fingerprint %r: expected 64 hex digits "
+                            "(colons allowed), as the router prints at start-up" % text)
+    return digits
+
+
+def default_state_dir():
+    """Where keys, certificates and known_routers live ($MINDMELD_STATE_DIR overrides)."""
+    if os.environ.get("MINDMELD_STATE_DIR"):
+        return os.environ["MINDMELD_STATE_DIR"]
+    if os.name == "nt":
+        base = os.environ.get("APPDATA") or os.path.expanduser("~")
+    else:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "mindmeld")
+
+
+def _require_ssl():
+    if ssl is None:
+        raise MindmeldError("this Python has no ssl module, so TLS is not available here")
+
+
+def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_name="mindmeld-router"):
+    """A server context: from files, or from a self-signed pair made once under state_dir.
+
+    Returns (context, fingerprint)."""
+    _require_ssl()
+    if bool(cert_file) != bool(key_file):
+        raise MindmeldError("--tls-cert and --tls-key go together")
+    if not cert_file:
+        state_dir = state_dir or default_state_dir()
+        cert_file = os.path.join(state_dir, "router-cert.pem")
+        key_file = os.path.join(state_dir, "router-key.pem")
+        if not (os.path.exists(cert_file) and os.path.exists(key_file)):
+            log.info("router: making a self-signed TLS certificate in %s (once)", state_dir)
+            cert_pem, key_pem = make_self_signed_cert(common_name)
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key_pem)
+                with open(cert_file, "wb") as f:
+                    f.write(cert_pem)
+            except OSError as exc:
+                raise MindmeldError("cannot write the TLS certificate under %s: %s (choose another "
+                                    "place with --state-dir)" % (state_dir, exc.strerror or exc))
+    context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_SERVER", ssl.PROTOCOL_SSLv23))
+    _tls12_at_least(context)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+        with open(cert_file) as f:
+            der = ssl.PEM_cert_to_DER_cert(f.read())
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise MindmeldError("cannot load the TLS certificate %s and key %s: %s"
+                            % (cert_file, key_file, getattr(exc, "strerror", None) or exc))
+    return context, cert_fingerprint(der)
+
+
+def _tls12_at_least(context):
+    if hasattr(context, "minimum_version"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:  # 3.6
+        context.options |= ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
+TRUST_ON_FIRST_USE = "tofu"
+
+
+class TlsOptions:
+    """How a client checks the router: CA file, pinned fingerprint, system CAs then
+    trust on first use (recorded in known_routers), or not at all (--tls-insecure)."""
+
+    def __init__(self, ca_file=None, fingerprint=None, insecure=False, known_routers=None):
+        _require_ssl()
+        self.ca_file = ca_file
+        self.fingerprint = normalize_fingerprint(fingerprint) if fingerprint else None
+        self.insecure = insecure
+        self.known_routers = known_routers or os.path.join(default_state_dir(), "known_routers")
+        if insecure:
+            log.warning("warning: --tls-insecure: the router's certificate is NOT checked; anyone "
+                        "on the path can read and change this traffic")
+
+    def attempts(self, router):
+        """[(ssl context, pin)]: try in order; pin is a fingerprint, TRUST_ON_FIRST_USE or None."""
+        if self.insecure:
+            return [(self._unverified(), None)]
+        if self.fingerprint:
+            return [(self._unverified(), self.fingerprint)]
+        if self.ca_file:
+            return [(self._verified(self.ca_file), None)]
+        known = self.recorded(router)
+        if known:
+            return [(self._unverified(), known)]
+        return [(self._verified(None), None), (self._unverified(), TRUST_ON_FIRST_USE)]
+
+    def _verified(self, ca_file):
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise PermanentError("cannot load the CA file %s: %s" % (ca_file, getattr(exc, "strerror", None) or exc))
+
+    def _unverified(self):
+        context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _tls12_at_least(context)
+        return context
+
+    def recorded(self, router):
+        try:
+            with open(self.known_routers) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[0] == router:
+                        return normalize_fingerprint(parts[1])
+        except (OSError, MindmeldError):
+            pass
+        return None
+
+    def check(self, router, pin, der):
+        """Called with the router's certificate before anything is sent; raises on mismatch."""
+        seen = hashlib.sha256(der).hexdigest()
+        if pin is None or pin == seen:
+            return
+        if pin == TRUST_ON_FIRST_USE:
+            try:
+                os.makedirs(os.path.dirname(self.known_routers) or ".", exist_ok=True)
+                with open(self.known_routers, "a") as f:
+                    f.write("%s %s\n" % (router, cert_fingerprint(der)))
+            except OSError as exc:
+                raise PermanentError("cannot record the router's certificate in %s: %s"
+                                     % (self.known_routers, exc.strerror or exc))
+            log.warning("trusting the router at %s on first use: certificate SHA256 %s "
+                        "(recorded in %s; pin it with --tls-fingerprint)",
+                        router, cert_fingerprint(der), self.known_routers)
+            return
+        if pin == self.fingerprint:
+            raise PermanentError("the router at %s presented certificate SHA256 %s, but "
+                                 "--tls-fingerprint expects %s" % (router, cert_fingerprint(der), _colons(pin)))
+        raise PermanentError(
+            "the router at %s presented certificate SHA256 %s, but %s recorded %s: if the router's "
+            "certificate was replaced on purpose, delete its line from that file; otherwise someone "
+            "may be intercepting the connection" % (router, cert_fingerprint(der), self.known_routers,
+                                                    _colons(pin)))
+
+
+def _colons(hexdigits):
+    return ":".join(hexdigits[i:i + 2] for i in range(0, len(hexdigits), 2)).upper()
+
+
+# ###########################################################################
+# ### 5. Roles: the router, and the clients (share, forward, list, connect)
+# ###########################################################################
+
+def _auth_mac(token, nonce):
+    return hmac.new(token.encode(), b"mindmeld-auth:" + nonce, hashlib.sha256).hexdigest()
+
+
+def _secret_mac(secret, purpose, name, nonce=b""):
+    """Proofs of a service secret.  The router relays them but cannot make them:
+    'owner' lets a restarted sharer take its name back, 'open' is the forwarder's
+    answer to the sharer's challenge, 'accept' the sharer's answer to the forwarder's."""
+    message = b"mindmeld-" + purpose.encode() + b":" + name.encode() + b":" + nonce
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _nonce_from(info):
+    try:
+        nonce = binascii.unhexlify(str(info.get("nonce", "")))
+    except (binascii.Error, ValueError):
+        nonce = b""
+    if len(nonce) != 16:
+        raise ProtocolError("a secret challenge without a 16-byte nonce")
+    return nonce
+
+
+# --- 5a. The router ----------------------------------------------------------
+
+class Leg:
+    """One side of a relayed stream: which peer, its id there, its credit."""
+    __slots__ = ("peer", "id", "other", "credit", "state", "acceptor", "registration")
+
+    def __init__(self, peer, stream_id, acceptor, registration):
+        self.peer, self.id, self.acceptor, self.registration = peer, stream_id, acceptor, registration
+        self.other = None
+        self.credit = INITIAL_WINDOW      # what this peer may still send on the stream
+        self.state = StreamState(OPENING)
+
+
+class Registration:
+    __slots__ = ("name", "peer", "owner", "verifier", "since", "streams")
+
+    def __init__(self, name, peer, owner, verifier):
+        self.name, self.peer, self.owner, self.verifier = name, peer, owner, verifier
+        self.since = time.time()
+        self.streams = 0
+
+
+class RouterPeer(Link):
+    """The router's end of one peer's link: handshake, registry calls, relaying."""
+
+    role = "router: peer"
+
+    def __init__(self, router):
+        Link.__init__(self, router.keepalive)
+        self.router = router
+        self.phase = "preamble"
+        self.first = b""
+        self.legs = {}
+        self.registrations = []
+        self.next_id = 2                # ids the router opens here are even
+        self.highest_peer_id = 0        # ids the peer opens are odd and increasing
+        self.nonce = os.urandom(16)
+        self.agent = "?"
+        self.tasks = set()
+        self._handshake_timer = None
+        self.ready_dispatch = {
+            PING: self.on_ping, PONG: self.on_pong, REGISTER: self.on_register,
+            OPEN: self.on_open, LIST: self.on_list, GOAWAY: self.on_goaway,
+            DATA: self.on_data, WINDOW: self.on_window, EOF: self.on_eof, RESET: self.on_reset,
+            OPEN_OK: self.on_open_ok, OPEN_REFUSED: self.on_open_refused,
+            CHALLENGE: self.on_challenge, PROOF: self.on_proof,
+        }
+        self.dispatch = {HELLO: self.on_hello}
+
+    def connection_made(self, transport):
+        Link.connection_made(self, transport)
+        router = self.router
+        router.peers.add(self)
+        router.handshaking += 1
+        if router.handshaking > MAX_PENDING_HANDSHAKES:
+            log.warning("router: too many unfinished handshakes; dropping %s", self.peer)
+            self.abort("too many unfinished handshakes")
+            return
+        self._handshake_timer = self.loop.call_later(
+            router.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self):
+        log.warning("router: %s did not complete the handshake within %.0f s; dropping it",
+                    self.peer, self.router.handshake_timeout)
+        self.close("timeout", "handshake not completed in time")
+
+    def _handshake_done(self):
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+            self.router.handshaking -= 1
+
+    def buffer_updated(self, nbytes):
+        if self.phase != "preamble":
+            return Link.buffer_updated(self, nbytes)
+        self._rx_count += 1
+        self.frames.advance(nbytes)
+        first = self.frames.peek()
+        try:
+            kind = classify_preamble(first)
+        except PreambleError as exc:
+            log.warning("router: %s sent %s; closing", self.peer, exc)
+            self.phase = "refused"
+            if not first.startswith(b"\x16"):
+                self.send(b"mindmeld router: this port speaks the mindmeld protocol "
+                          b"(python3 mindmeld.py forward/share/list --router HOST:PORT)\n")
+            self.close()
+            return
+        if kind is None:
+            return
+        if kind == "http":
+            if b"\r\n\r\n" in first or len(first) > 8192:
+                self.phase = "http"
+                self._answer_http(first)
+            else:
+                self.frames.need = len(first) + 1
+            return
+        self.frames.skip(len(PREAMBLE))
+        self.phase = "hello"
+        self.process_frames()
+
+    def _answer_http(self, request):
+        line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+        parts = line.split()
+        path = parts[1] if len(parts) > 1 else "/"
+        if path in ("/", "/healthz"):
+            body = ("ok\n" if path == "/healthz" else
+                    "mindmeld router %s\nprotocol %d\nservices %d\npeers %d\n"
+                    % (__version__, PROTOCOL_VERSION, len(self.router.services),
+                       len(self.router.peers) - 1)).encode()
+            status = "200 OK"
+        else:
+            body = b"not found: this is a mindmeld router\n"
+            status = "404 Not Found"
+        log.debug("router: HTTP %s from %s", line[:80], self.peer)
+        self.send(("HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   "Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
+                   ).encode() + body)
+        self.close()
+
+    # -- handshake ----------------------------------------------------------
+    def on_hello(self, _id, payload):
+        hello = decode_json(HELLO, payload)
+        self.agent = short_reason(hello.get("agent", "?"))[:80]
+        token = self.router.token
+        self.send_json(HELLO, 0, {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
+                                  "nonce": self.nonce.hex(), "auth": "token" if token else "none"})
+        if token:
+            self.dispatch = {AUTH: self.on_auth, PING: self.on_ping}
+        else:
+            self._ready()
+
+    def on_auth(self, _id, payload):
+        mac = str(decode_json(AUTH, payload).get("mac", ""))
+        expected = _auth_mac(self.router.token, self.nonce)
+        if not hmac.compare_digest(mac.encode(), expected.encode()):
+            log.warning("router: %s presented a wrong or missing token; refused", self.peer)
+            self.close("auth", "wrong or missing token for this router")
+            return
+        self.send_json(AUTH, 0, {"ok": True})
+        self._ready()
+
+    def _ready(self):
+        self._handshake_done()
+        self.phase = "ready"
+        self.dispatch = self.ready_dispatch
+        log.debug("router: %s connected (%s)", self.peer, self.agent)
+
+    # -- registry --------------------------------------------------------------
+    def on_register(self, request_id, payload):
+        info = decode_json(REGISTER, payload)
+        name = info.get("name")
+        if not valid_name(name):
+            raise ProtocolError("invalid service name %r" % (name,))
+        if len(self.registrations) >= MAX_SERVICES_PER_PEER:
+            self.send_json(REGISTERED, request_id, {
+                "ok": False, "code": "limit",
+                "message": "a sharer may register at most %d services" % MAX_SERVICES_PER_PEER})
+            return
+        owner, verifier = str(info.get("owner", ""))[:128], info.get("verifier")
+        verifier = str(verifier)[:128] if verifier else None
+        _spawn(self.router.register(self, request_id, name, owner, verifier), self.tasks)
+
+    def on_list(self, request_id, _payload):
+        now = time.time()
+        services = [{"name": r.name, "since": r.since, "age": now - r.since,
+                     "streams": r.streams, "peer": r.peer.peer, "secret": bool(r.verifier)}
+                    for r in sorted(self.router.services.values(), key=lambda r: r.name)]
+        self.send_json(LIST_REPLY, request_id, {"services": services})
+
+    def on_goaway(self, _id, payload):
+        info = decode_json(GOAWAY, payload)
+        log.debug("router: %s is going away (%s)", self.peer, info.get("message", ""))
+        self.router.unregister_all(self, "its sharer is shutting down")
+        if not self.legs:
+            self.close()
+
+    # -- streams -------------------------------------------------------------------
+    def on_open(self, stream_id, payload):
+        if stream_id % 2 == 0 or stream_id <= self.highest_peer_id:
+            raise ProtocolError("OPEN with stream id %d (must be odd and increasing)" % stream_id)
+        self.highest_peer_id = stream_id
+        info = decode_json(OPEN, payload)
+        name = info.get("service")
+        registration = self.router.services.get(name) if valid_name(name) else None
+        if len(self.legs) >= MAX_STREAMS_PER_PEER:
+            reason = "too many open streams on this link (limit %d)" % MAX_STREAMS_PER_PEER
+        elif registration is None or registration.peer.closing:
+            reason = "no service named %r is registered on this router" % (name,)
+        else:
+            reason = None
+        if reason:
+            self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason)})
+            return
+        sharer = registration.peer
+        here = Leg(self, stream_id, False, registration)
+        there = Leg(sharer, sharer.next_id, True, registration)
+        sharer.next_id += 2
+        here.other, there.other = there, here
+        self.legs[stream_id] = here
+        sharer.legs[there.id] = there
+        registration.streams += 1
+        forwarded = {k: v for k, v in info.items() if k in ("service", "nonce")}
+        forwarded["peer"] = self.peer
+        sharer.send_json(OPEN, there.id, forwarded)
+
+    def _leg(self, stream_id, ftype):
+        leg = self.legs.get(stream_id)
+        if leg is None:
+            opened_here = stream_id % 2 == 0
+            if (stream_id < self.next_id) if opened_here else (stream_id <= self.highest_peer_id):
+                return None             # a stream that already ended: late frames are normal
+            raise ProtocolError("%s for stream %d, which was never opened"
+                                % (FRAME_NAMES[ftype], stream_id))
+        return leg
+
+    def on_data(self, stream_id, payload):
+        leg = self.legs.get(stream_id) or self._leg(stream_id, DATA)
+        if leg is None:
+            return
+        state = leg.state.state
+        if state != OPEN_STATE and state != LOCAL_EOF:
+            raise ProtocolError("DATA on stream %d in state %s" % (stream_id, state))
+        leg.credit -= len(payload)
+        if leg.credit < 0:
+            raise ProtocolError("sent %d bytes beyond its window on stream %d"
+                                % (-leg.credit, stream_id), "flow-control")
+        other = leg.other
+        other.peer.relay_data(other.id, payload)
+
+    def on_window(self, stream_id, payload):
+        leg = self._leg(stream_id, WINDOW)
+        if leg is not None:
+            other = leg.other
+            other.credit = add_credit(other.credit, WINDOW_INCREMENT.unpack(payload)[0])
+            other.peer.send(encode_frame(WINDOW, other.id, bytes(payload)))
+
+    def on_eof(self, stream_id, _payload):
+        leg = self._leg(stream_id, EOF)
+        if leg is not None:
+            leg.state.fire("recv_eof")
+            other = leg.other
+            other.state.fire("send_eof")
+            other.peer.send(encode_frame(EOF, other.id))
+            if leg.state.state == CLOSED:
+                self.router.end_stream(leg)
+
+    def on_reset(self, stream_id, payload):
+        leg = self._leg(stream_id, RESET)
+        if leg is not None:
+            reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
+            other = leg.other
+            other.peer.send_json(RESET, other.id, {"reason": short_reason(reason)})
+            self.router.end_stream(leg)
+
+    def _opening_leg(self, stream_id, ftype, acceptor):
+        leg = self._leg(stream_id, ftype)
+        if leg is not None and (leg.acceptor != acceptor or leg.state.state != OPENING):
+            raise ProtocolError("%s not allowed on stream %d here" % (FRAME_NAMES[ftype], stream_id))
+        return leg
+
+    def on_open_ok(self, stream_id, payload):
+        leg = self._opening_leg(stream_id, OPEN_OK, True)
+        if leg is not None:
+            leg.state.fire("accept")
+            other = leg.other
+            other.state.fire("accept")
+            other.peer.send(encode_frame(OPEN_OK, other.id, bytes(payload)))
+
+    def on_open_refused(self, stream_id, payload):
+        leg = self._opening_leg(stream_id, OPEN_REFUSED, True)
+        if leg is not None:
+            reason = decode_json(OPEN_REFUSED, payload).get("reason", "refused")
+            other = leg.other
+            other.peer.send_json(OPEN_REFUSED, other.id, {"reason": short_reason(reason)})
+            self.router.end_stream(leg)
+
+    def on_challenge(self, stream_id, payload):
+        leg = self._opening_leg(stream_id, CHALLENGE, True)
+        if leg is not None:
+            leg.other.peer.send(encode_frame(CHALLENGE, leg.other.id, bytes(payload)))
+
+    def on_proof(self, stream_id, payload):
+        leg = self._opening_leg(stream_id, PROOF, False)
+        if leg is not None:
+            leg.other.peer.send(encode_frame(PROOF, leg.other.id, bytes(payload)))
+
+    def relay_data(self, stream_id, payload):
+        if self.closing:
+            return
+        _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
+        if self.write_paused and self.transport.get_write_buffer_size() > PEER_BUFFER_LIMIT:
+            log.warning("router: %s is not reading (%d bytes queued); dropping it",
+                        self.peer, self.transport.get_write_buffer_size())
+            self.abort("peer stopped reading")
+
+    def on_lost(self, reason):
+        if self.phase == "hello" or (self.phase == "preamble" and self._handshake_timer):
+            log.debug("router: %s left during the handshake: %s", self.peer, reason)
+        self._handshake_done()
+        self.router.peer_lost(self, reason)
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class Router:
+    """The rendezvous: a registry of names and a relay of streams between peers.
+
+        router = Router("127.0.0.1", 0)
+        await router.start()          # router.port is the port really bound
+        ...
+        await router.close()
+    """
+
+    command = "router"
+
+    def __init__(self, host="", port=DEFAULT_PORT, token=None, ssl_context=None,
+                 keepalive=KEEPALIVE_INTERVAL, handshake_timeout=HANDSHAKE_TIMEOUT,
+                 liveness_probe=LIVENESS_PROBE):
+        self.host, self.port = host, port
+        self.token = token
+        self.ssl_context = ssl_context
+        self.keepalive = keepalive
+        self.handshake_timeout = handshake_timeout
+        self.liveness_probe = liveness_probe
+        self.services = {}
+        self.peers = set()
+        self.handshaking = 0
+        self.server = None
+        self.addresses = []
+        self.done = None               # a future, resolved when the router has closed
+
+    async def start(self):
+        loop = _get_loop()
+        self.done = loop.create_future()
+        try:
+            self.server = await loop.create_server(
+                lambda: RouterPeer(self), self.host or None, self.port,
+                ssl=self.ssl_context, reuse_address=True, backlog=1024)
+        except OSError as exc:
+            raise MindmeldError("cannot listen on %s: %s" % (
+                format_hostport(self.host or "*", self.port), exc.strerror or exc))
+        self.addresses = [s.getsockname()[:2] for s in self.server.sockets]
+        self.port = self.addresses[0][1]
+        log.info("router listening on %s%s", ", ".join(format_hostport(h, p) for h, p in self.addresses),
+                 " (TLS)" if self.ssl_context else "")
+        return self
+
+    @property
+    def open_streams(self):
+        return sum(r.streams for r in self.services.values())
+
+    async def register(self, peer, request_id, name, owner, verifier):
+        current = self.services.get(name)
+        if current is not None and current.peer is not peer:
+            same_owner = owner and hmac.compare_digest(current.owner.encode(), owner.encode())
+            same_secret = (verifier and current.verifier
+                           and hmac.compare_digest(current.verifier.encode(), verifier.encode()))
+            if same_owner:
+                why = "its sharer reconnected"
+            elif same_secret:
+                why = "a new sharer proved the service secret"
+            elif not await self._alive(current.peer):
+                why = "its previous sharer stopped answering"
+            else:
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
+                peer.send_json(REGISTERED, request_id, {
+                    "ok": False, "code": "name-taken",
+                    "message": "the name %r is already shared by %s since %s"
+                               % (name, current.peer.peer, since)})
+                log.info("router: %s asked for %r, which %s holds; refused",
+                         peer.peer, name, current.peer.peer)
+                return
+            if self.services.get(name) is current:
+                log.info("router: %r taken over by %s: %s", name, peer.peer, why)
+                self.unregister(current, "service %r was taken over" % name)
+                if same_secret and not same_owner:
+                    current.peer.close("taken-over", "service %r was taken over by a sharer "
+                                                     "that proved the same secret" % name)
+                elif not same_owner:
+                    current.peer.abort("did not answer a liveness probe")
+            if peer.closing:
+                return
+            current = self.services.get(name)
+            if current is not None and current.peer is not peer:
+                return await self.register(peer, request_id, name, owner, verifier)
+        if current is None:
+            registration = Registration(name, peer, owner, verifier)
+            self.services[name] = registration
+            peer.registrations.append(registration)
+            log.info("router: %s registered %r", peer.peer, name)
+        peer.send_json(REGISTERED, request_id, {"ok": True, "name": name})
+
+    async def _alive(self, peer):
+        """Does this peer still answer?  A ping, and any bytes back within the probe time."""
+        if peer.closing:
+            return False
+        seen = peer._rx_count
+        peer.ping()
+        deadline = _get_loop().time() + self.liveness_probe
+        while _get_loop().time() < deadline and not peer.closing:
+            if peer._rx_count != seen:
+                return True
+            await asyncio.sleep(0.02)   # a bounded poll of a counter; the link has no event for it
+        return False
+
+    def unregister(self, registration, reason):
+        if self.services.get(registration.name) is registration:
+            del self.services[registration.name]
+        peer = registration.peer
+        if registration in peer.registrations:
+            peer.registrations.remove(registration)
+        for leg in [l for l in peer.legs.values() if l.registration is registration]:
+            leg.other.peer.send_json(RESET, leg.other.id, {"reason": short_reason(reason)})
+            self.end_stream(leg)
+
+    def unregister_all(self, peer, why):
+        for registration in list(peer.registrations):
+            log.info("router: %r unregistered: %s", registration.name, why)
+            self.unregister(registration, "the sharer of %r went away" % registration.name)
+
+    def end_stream(self, leg):
+        other = leg.other
+        if leg.peer.legs.pop(leg.id, None) is not None:
+            leg.registration.streams -= 1
+        other.peer.legs.pop(other.id, None)
+        leg.state.state = other.state.state = CLOSED
+
+    def peer_lost(self, peer, reason):
+        self.peers.discard(peer)
+        if peer.registrations:
+            self.unregister_all(peer, reason)
+        for leg in list(peer.legs.values()):
+            other = leg.other
+            other.peer.send_json(RESET, other.id, {"reason": "the peer at the other end went away"})
+            self.end_stream(leg)
+        if peer.phase == "ready":
+            log.debug("router: %s disconnected: %s", peer.peer, reason)
+
+    async def close(self, grace=0.0):
+        """Stop accepting, tell every peer (GOAWAY), let streams finish for `grace` s."""
+        if self.server is not None:
+            await _close_server(self.server)
+        for peer in list(self.peers):
+            peer.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the router is shutting down"})
+        deadline = _get_loop().time() + grace
+        while grace and self.open_streams and _get_loop().time() < deadline:
+            await asyncio.sleep(0.05)   # bounded by `grace`
+        for peer in list(self.peers):
+            peer.abort("router shut down")
+        await asyncio.sleep(0)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+# --- 5b. The clients --------------------------------------------------------
+
+class ClientLink(Link):
+    """A client's link to the router: hello (+ token), requests, and its streams."""
+
+    role = "router link"
+
+    def __init__(self, client, hello, pin=None):
+        Link.__init__(self, client.keepalive)
+        self.client = client
+        self.hello = hello
+        self.pin = pin
+        self.budget = WindowBudget()
+        self.streams = {}
+        self.next_id = 1                # ids this side opens are odd
+        self.highest_router_id = 0      # ids the router opens here are even
+        self.requests = {}
+        self.next_request = 1
+        self.ready = self.loop.create_future()
+        self.goaway = None
+        self.failure = None             # a PermanentError the router sent (GOAWAY)
+        self.dispatch.update({
+            HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self.on_reply,
+            LIST_REPLY: self.on_reply, GOAWAY: self.on_goaway, OPEN: self.on_open,
+            DATA: self.on_data, WINDOW: self.on_window, EOF: self.on_eof, RESET: self.on_reset,
+            OPEN_OK: self.on_open_ok, OPEN_REFUSED: self.on_open_refused,
+            CHALLENGE: self.on_challenge, PROOF: self.on_proof,
+        })
+
+    def connection_made(self, transport):
+        Link.connection_made(self, transport)
+        self.peer = self.client.router
+        if self.client.tls is not None:     # check the certificate before saying anything
+            ssl_object = transport.get_extra_info("ssl_object")
+            try:
+                self.client.tls.check(self.client.router, self.pin, ssl_object.getpeercert(True))
+            except PermanentError as exc:
+                self._settle(exc)
+                self.abort(str(exc))
+                return
+        self._hello_sent = self.loop.time()
+        self.send(PREAMBLE + encode_json(HELLO, 0, self.hello))
+
+    def buffer_updated(self, nbytes):
+        if not self.ready.done() and self.frames.start == 0 and self.frames.end == 0:
+            head = bytes(self.frames.view[:min(nbytes, 2)])
+            if head in (b"\x15\x03", b"\x16\x03") and self.client.tls is None:
+                self._settle(PermanentError("the router at %s speaks TLS: add --tls (with "
+                                            "--tls-fingerprint or --tls-ca to check it)" % self.client.router))
+                self.abort("router speaks TLS")
+                return
+        Link.buffer_updated(self, nbytes)
+
+    def _settle(self, exc=None):
+        if not self.ready.done():
+            if exc is None:
+                self.ready.set_result(self)
+            else:
+                self.ready.set_exception(exc)
+
+    def on_hello(self, _id, payload):
+        hello = decode_json(HELLO, payload)
+        self.rtt = max(self.loop.time() - self._hello_sent, 0.0001)
+        if hello.get("auth") == "token":
+            token = self.client.token
+            if not token:
+                self._settle(PermanentError(
+                    "the router at %s requires a token: pass --token, --token-file or set "
+                    "MINDMELD_TOKEN" % self.client.router))
+                self.close()
+                return
+            self.send_json(AUTH, 0, {"mac": _auth_mac(token, binascii.unhexlify(
+                str(hello.get("nonce", ""))))})
+        else:
+            self._settle()
+
+    def on_auth_ok(self, _id, _payload):
+        self._settle()
+
+    def on_goaway(self, _id, payload):
+        self.goaway = info = decode_json(GOAWAY, payload)
+        code, message = info.get("code", ""), short_reason(info.get("message", ""))
+        if code in PERMANENT_GOAWAY:
+            exc = PermanentError(PERMANENT_GOAWAY[code] % {"router": self.client.router,
+                                                            "message": message})
+        else:
+            exc = LinkLost("the router closed the link: %s" % message)
+        self._close_reason = str(exc)
+        self.failure = exc
+        self._settle(exc)
+        if code == "shutdown" and self.streams:
+            return                      # let open streams finish; the router closes the link
+        self.close()
+
+    async def request(self, ftype, obj, timeout=HANDSHAKE_TIMEOUT):
+        request_id, self.next_request = self.next_request, self.next_request + 1
+        future = self.requests[request_id] = self.loop.create_future()
+        self.send_json(ftype, request_id, obj)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self.requests.pop(request_id, None)
+
+    def on_reply(self, request_id, payload):
+        future = self.requests.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(decode_json(REGISTERED, payload))
+
+    # -- streams ---------------------------------------------------------------
+    def open_stream(self, stream, info):
+        stream.attach(self, self.next_id)
+        self.next_id += 2
+        self.send_json(OPEN, stream.id, info)
+
+    def on_open(self, stream_id, payload):
+        if stream_id % 2 or stream_id <= self.highest_router_id:
+            raise ProtocolError("OPEN with stream id %d (must be even and increasing)" % stream_id)
+        self.highest_router_id = stream_id
+        self.client.stream_requested(self, stream_id, decode_json(OPEN, payload))
+
+    def _stream(self, stream_id, ftype):
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            ended = (stream_id < self.next_id) if stream_id % 2 else (stream_id <= self.highest_router_id)
+            if not ended:
+                raise ProtocolError("%s for stream %d, which was never opened"
+                                    % (FRAME_NAMES[ftype], stream_id))
+        return stream
+
+    def on_data(self, stream_id, payload):
+        stream = self.streams.get(stream_id) or self._stream(stream_id, DATA)
+        if stream is not None:
+            stream.on_data(payload)
+
+    def on_window(self, stream_id, payload):
+        stream = self._stream(stream_id, WINDOW)
+        if stream is not None:
+            stream.on_window(payload)
+
+    def on_eof(self, stream_id, payload):
+        stream = self._stream(stream_id, EOF)
+        if stream is not None:
+            stream.on_eof(payload)
+
+    def on_reset(self, stream_id, payload):
+        stream = self._stream(stream_id, RESET)
+        if stream is not None:
+            stream.on_reset(payload)
+
+    def on_open_ok(self, stream_id, payload):
+        stream = self._stream(stream_id, OPEN_OK)
+        if stream is not None:
+            stream.on_open_ok(payload)
+
+    def on_open_refused(self, stream_id, payload):
+        stream = self._stream(stream_id, OPEN_REFUSED)
+        if stream is not None:
+            stream.on_open_refused(decode_json(OPEN_REFUSED, payload).get("reason", "refused"))
+
+    def on_challenge(self, stream_id, payload):
+        stream = self._stream(stream_id, CHALLENGE)
+        if stream is not None:
+            stream.on_challenge(decode_json(CHALLENGE, payload))
+
+    def on_proof(self, stream_id, payload):
+        stream = self._stream(stream_id, PROOF)
+        if stream is not None:
+            stream.on_proof(decode_json(PROOF, payload))
+
+    def stream_closed(self, stream):
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        self.client.stream_ended(stream)
+
+    def on_lost(self, reason):
+        if not self.ready.done() and self.client.tls is None and "closed" in reason:
+            reason = "the router closed the connection before answering (if it uses TLS, add --tls)"
+        self._settle(LinkLost(reason))
+        for future in self.requests.values():
+            if not future.done():
+                future.set_exception(LinkLost(reason))
+        for stream in list(self.streams.values()):
+            stream.link_lost(reason)
+
+
+PERMANENT_GOAWAY = {
+    "auth": "the router at %(router)s refused the token: %(message)s",
+    "version": "the router at %(router)s speaks another protocol version: %(message)s",
+    "taken-over": "%(message)s; this sharer stops",
+}
+
+
+class _Client:
+    """What every client role shares: where the router is, how to reach it, retries."""
+
+    command = "client"
+
+    def __init__(self, router=None, token=None, tls=None, keepalive=KEEPALIVE_INTERVAL,
+                 max_retries=None, grace=GRACE_PERIOD):
+        self.router = router or os.environ.get("MINDMELD_ROUTER") or DEFAULT_ROUTER
+        self.router_host, self.router_port = parse_hostport(
+            self.router, "localhost", DEFAULT_PORT, "router address")
+        self.token = token
+        self.tls = tls                  # TlsOptions, or None for plain TCP
+        self.keepalive = keepalive
+        self.max_retries = max_retries
+        self.grace = grace
+        self.link = None
+        self.tasks = set()
+        self.closing = False
+        self.link_up = None            # an Event, made inside the loop (3.6-3.9 bind loops)
+        self.done = None               # a future: the role's outcome
+
+    def hello(self):
+        return {"version": PROTOCOL_VERSION, "role": self.command,
+                "agent": "mindmeld/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])}
+
+    async def connect_link(self):
+        """One link to the router, handshake done.  Errors are LinkLost or PermanentError."""
+        attempts = self.tls.attempts(self.router) if self.tls else [(None, None)]
+        for number, (context, pin) in enumerate(attempts, 1):
+            try:
+                return await self._connect_once(context, pin)
+            except PermanentError as exc:
+                if number == len(attempts) or not getattr(exc, "unverified", False):
+                    raise
+                log.debug("%s; trying trust on first use", exc)
+
+    async def _connect_once(self, context, pin):
+        loop = _get_loop()
+        where = self.router
+        try:
+            _transport, link = await asyncio.wait_for(loop.create_connection(
+                lambda: ClientLink(self, self.hello(), pin), self.router_host, self.router_port,
+                ssl=context, server_hostname=self.router_host if context else None),
+                HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise LinkLost("the router at %s did not answer within %.0f s" % (where, HANDSHAKE_TIMEOUT))
+        except socket.gaierror as exc:
+            raise LinkLost("cannot resolve the router's host %r: %s" % (self.router_host, exc.strerror))
+        except OSError as exc:
+            if ssl is not None and isinstance(exc, ssl.SSLError):
+                raise _tls_failure(exc, where)
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and context is not None:
+                raise LinkLost("the router at %s closed the connection during the TLS handshake "
+                               "(is it a plain router? then drop --tls)" % where)
+            raise LinkLost("cannot reach the router at %s: %s" % (where, _os_error_text(exc)))
+        try:
+            await asyncio.wait_for(asyncio.shield(link.ready), HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            link.abort("handshake timed out")
+            raise LinkLost("the router at %s did not complete the handshake within %.0f s "
+                           "(is it a mindmeld router, and does it use TLS?)" % (where, HANDSHAKE_TIMEOUT))
+        except BaseException:
+            link.abort("handshake failed")
+            raise
+        return link
+
+    # -- hooks for the roles ----------------------------------------------------
+    async def link_established(self, link):
+        """Called with each new link (register services, open waiting streams)."""
+
+    def link_down(self, link, reason):
+        pass
+
+    def stream_requested(self, link, stream_id, info):
+        raise ProtocolError("unexpected OPEN: this client accepts no streams")
+
+    def stream_ended(self, stream):
+        pass
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self):
+        loop = _get_loop()
+        self.link_up = asyncio.Event()
+        self.done = loop.create_future()
+        _spawn(self._supervise(), self.tasks)
+        return self
+
+    async def wait_ready(self, timeout=None):
+        await asyncio.wait_for(self.link_up.wait(), timeout)
+
+    def _finish(self, exc=None):
+        if self.done is not None and not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+
+    async def _supervise(self):
+        loop = _get_loop()
+        delays = backoff_delays()
+        failures = 0
+        while not self.closing:
+            began = loop.time()
+            try:
+                link = await self.connect_link()
+                self.link = link
+                await self.link_established(link)
+                self.link_up.set()
+                failures = 0
+                reason = await link.lost
+                if isinstance(link.failure, PermanentError):
+                    raise link.failure
+            except PermanentError as exc:
+                self._finish(exc)
+                return
+            except (LinkLost, MindmeldError, asyncio.TimeoutError) as exc:
+                reason = str(exc) or "timed out"
+            finally:
+                self.link_up.clear()
+                if self.link is not None:
+                    self.link.abort("link down")
+                    self.link_down(self.link, "link down")
+                    self.link = None
+            if self.closing:
+                break
+            if loop.time() - began > BACKOFF_RESET_AFTER:
+                delays, failures = backoff_delays(), 0
+            failures += 1
+            if self.max_retries is not None and failures > self.max_retries:
+                self._finish(MindmeldError("%s; giving up after %d attempts (--max-retries)"
+                                           % (reason, failures)))
+                return
+            delay = next(delays)
+            log.warning("%s: %s; retrying in %.1f s", self.command, reason, delay)
+            await asyncio.sleep(delay)      # backoff, not synchronisation
+        self._finish()
+
+    async def close(self, grace=0.0):
+        """Stop: no new streams, open ones get `grace` seconds, then everything closes."""
+        self.closing = True
+        await self.stop_accepting()
+        deadline = _get_loop().time() + grace
+        while grace and self.open_streams() and _get_loop().time() < deadline:
+            await asyncio.sleep(0.05)       # bounded by `grace`
+        link = self.link
+        if link is not None:
+            link.close("shutdown", "the %s is shutting down" % self.command)
+            try:
+                await asyncio.wait_for(asyncio.shield(link.lost), 1.0)
+            except asyncio.TimeoutError:
+                link.abort("shutdown")
+        await _cancel_all(self.tasks)
+        self._finish()
+
+    async def stop_accepting(self):
+        pass
+
+    def open_streams(self):
+        return len(self.link.streams) if self.link is not None else 0
+
+
+def _tls_failure(exc, where):
+    reason = str(getattr(exc, "reason", None) or exc)
+    if "WRONG_VERSION_NUMBER" in reason.upper() or "EOF" in reason.upper() \
+            or "UNEXPECTED_EOF" in reason.upper():
+        return PermanentError("the router at %s does not speak TLS (drop --tls, or start the "
+                              "router with --tls)" % where)
+    if "CERTIFICATE_VERIFY_FAILED" in reason.upper() or isinstance(
+            exc, getattr(ssl, "SSLCertVerificationError", ())):
+        failure = PermanentError("the router at %s failed certificate verification: %s (give its CA "
+                                 "with --tls-ca, or pin it with --tls-fingerprint)"
+                                 % (where, getattr(exc, "verify_message", None) or reason))
+        failure.unverified = True
+        return failure
+    return LinkLost("TLS with the router at %s failed: %s" % (where, reason))
+
+
+class SharedStream(LocalStream):
+    """A stream the router opened to a sharer: dialled to the service's target."""
+
+    sharer = service = challenge = peer_nonce = None
+
+    def link_lost(self, reason):
+        self.state.state = CLOSED
+        self._forget()
+        if self.transport is not None:
+            _abort_with_reset(self.transport)
+
+    def on_open_ok(self, _payload):
+        raise ProtocolError("OPEN_OK sent to the accepting side")
+
+    on_open_refused = on_open_ok
+
+    def on_challenge(self, _info):
+        raise ProtocolError("CHALLENGE sent to the accepting side")
+
+    def on_proof(self, info):
+        sharer, name = self.sharer, self.service
+        if self.challenge is None or self.state.state != OPENING:
+            raise ProtocolError("PROOF without a challenge")
+        expected = _secret_mac(sharer.secret, "open", name, self.challenge)
+        self.challenge = None
+        if not hmac.compare_digest(str(info.get("proof", "")).encode(), expected.encode()):
+            log.warning("share: refused a stream to %r: wrong secret", name)
+            self.refuse("wrong secret for service %r" % name)
+            return
+        self.peer_nonce = _nonce_from(info)
+        _spawn(sharer._dial(self.link, self, sharer.services[name]), sharer.tasks)
+
+    def refuse(self, reason):
+        if not self.closed:
+            self.state.state = CLOSED
+            self.link.send_json(OPEN_REFUSED, self.id, {"reason": short_reason(reason)})
+            self._forget()
+
+
+class Sharer(_Client):
+    """Registers services; every stream opened to one is dialled to its target.
+
+        sharer = Sharer({"web": ("localhost", 8000)}, router="relay:7700")
+        await sharer.start(); await sharer.wait_ready()
+    """
+
+    command = "share"
+
+    def __init__(self, services, secret=None, **options):
+        _Client.__init__(self, **options)
+        self.secret = secret
+        self.services = {}
+        for name, target in services.items():
+            check_name(name)
+            if isinstance(target, str):
+                target = parse_hostport(target, "localhost", None, "target")
+            self.services[name] = (target[0] or "localhost", target[1])
+        if not self.services:
+            raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
+        self.owner = os.urandom(16).hex()   # proves a reconnect is the same process
+        self._registered_once = False
+
+    async def link_established(self, link):
+        for name, (host, port) in self.services.items():
+            request = {"name": name, "owner": self.owner}
+            if self.secret:
+                request["verifier"] = _secret_mac(self.secret, "owner", name)
+            reply = await link.request(REGISTER, request)
+            if not reply.get("ok"):
+                message = reply.get("message", "refused")
+                if reply.get("code") == "name-taken":
+                    raise PermanentError("%s; choose another name, or stop the other sharer" % message)
+                raise PermanentError("the router refused to register %r: %s" % (name, message))
+            log.info("sharing %r -> %s through the router at %s%s", name, format_hostport(host, port),
+                     self.router, " (again)" if self._registered_once else "")
+        self._registered_once = True
+
+    def stream_requested(self, link, stream_id, info):
+        name = info.get("service")
+        target = self.services.get(name)
+        stream = SharedStream(link, stream_id)
+        stream.sharer, stream.service = self, name
+        stream.label = "%s#%d" % (name, stream_id)
+        if target is None:
+            stream.refuse("%r is not shared here" % (name,))
+        elif self.secret:
+            stream.challenge = os.urandom(16)
+            link.send_json(CHALLENGE, stream_id, {"nonce": stream.challenge.hex()})
+            link.loop.call_later(OPEN_TIMEOUT, lambda: stream.state.state == OPENING and
+                                 stream.reset("no answer to the secret challenge"))
+        else:
+            _spawn(self._dial(link, stream, target), self.tasks)
+
+    async def _dial(self, link, stream, target):
+        host, port = target
+        where = format_hostport(host, port)
+        try:
+            await asyncio.wait_for(_get_loop().create_connection(lambda: stream, host, port),
+                                   DIAL_TIMEOUT)
+        except asyncio.TimeoutError:
+            reason = "target %s did not answer within %.0f s" % (where, DIAL_TIMEOUT)
+        except socket.gaierror as exc:
+            reason = "target host %r cannot be resolved: %s" % (host, exc.strerror)
+        except OSError as exc:
+            reason = "target %s: %s" % (where, _os_error_text(exc))
+        else:
+            if stream.closed:                 # reset while we dialled
+                stream.transport.abort()
+            else:
+                accept = {}
+                if stream.peer_nonce is not None:
+                    accept["proof"] = _secret_mac(self.secret, "accept", stream.service, stream.peer_nonce)
+                link.send_json(OPEN_OK, stream.id, accept)
+                stream.on_accepted()
+            return
+        log.warning("share: stream to %r refused: %s", stream.service, reason)
+        stream.refuse(reason)
+
+
+class ForwardedStream(LocalStream):
+    """A local connection accepted by a forwarder: one stream to the service."""
+
+    def __init__(self, forwarder):
+        LocalStream.__init__(self)
+        self.forwarder = forwarder
+        self.timer = None
+
+    def connection_made(self, transport):
+        LocalStream.connection_made(self, transport)
+        self.forwarder.arrived(self)
+
+    def connection_lost(self, exc):
+        if self.link is None:
+            self.closed = True
+            self.forwarder.gave_up_waiting(self)
+        else:
+            LocalStream.connection_lost(self, exc)
+
+    nonce = None
+
+    def on_open_ok(self, payload):
+        self._cancel_timer()
+        if self.state.state != OPENING:
+            raise ProtocolError("OPEN_OK on an open stream")
+        secret, name = self.forwarder.secret, self.forwarder.service
+        if secret:
+            proof = str(decode_json(OPEN_OK, payload).get("proof", "")) if payload else ""
+            expected = _secret_mac(secret, "accept", name, self.nonce) if self.nonce else ""
+            if not expected or not hmac.compare_digest(proof.encode(), expected.encode()):
+                self.refused("the sharer of %r did not prove the secret (it may be an impostor, "
+                             "or the service has no secret)" % name)
+                self.reset("sharer did not prove the secret")
+                return
+        self.on_accepted()
+
+    def refused(self, reason):
+        log.warning("forward: connection to %r refused: %s", self.forwarder.service, reason)
+
+    def on_open_refused(self, reason):
+        self._cancel_timer()
+        if self.state.state != OPENING:
+            raise ProtocolError("OPEN_REFUSED on an open stream")
+        self.refused(reason)
+        self.state.state = CLOSED
+        self._forget()
+        self.transport.close()
+
+    def on_challenge(self, info):
+        secret, name = self.forwarder.secret, self.forwarder.service
+        if self.state.state != OPENING:
+            raise ProtocolError("CHALLENGE on an open stream")
+        if not secret:
+            self.refused("service %r requires a secret: pass --secret or --secret-file" % name)
+            self.reset("no secret")
+            return
+        self.nonce = os.urandom(16)
+        self.link.send_json(PROOF, self.id, {
+            "proof": _secret_mac(secret, "open", name, _nonce_from(info)), "nonce": self.nonce.hex()})
+
+    def on_proof(self, info):
+        raise ProtocolError("PROOF sent to the opening side")
+
+    def link_lost(self, reason):
+        self._cancel_timer()
+        self.state.state = CLOSED
+        self._forget()
+        _abort_with_reset(self.transport)
+
+    def _cancel_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _forget(self):
+        self._cancel_timer()
+        LocalStream._forget(self)
+
+
+class Forwarder(_Client):
+    """Listens locally; each accepted connection becomes a stream to `service`.
+
+        forwarder = Forwarder("web", "127.0.0.1", 0, router="relay:7700")
+        await forwarder.start()       # forwarder.port is the port really bound
+    """
+
+    command = "forward"
+
+    def __init__(self, service, host="127.0.0.1", port=0, pending_timeout=PENDING_TIMEOUT,
+                 secret=None, **options):
+        _Client.__init__(self, **options)
+        self.service = check_name(service)
+        self.secret = secret
+        self.host, self.port = host, port
+        self.pending_timeout = pending_timeout
+        self.waiting = []
+        self.server = None
+
+    async def start(self):
+        loop = _get_loop()
+        try:
+            self.server = await loop.create_server(lambda: ForwardedStream(self),
+                                                   self.host or None, self.port, backlog=1024)
+        except OSError as exc:
+            raise MindmeldError("cannot listen on %s: %s" % (
+                format_hostport(self.host or "*", self.port), exc.strerror or exc))
+        self.addresses = [s.getsockname()[:2] for s in self.server.sockets]
+        self.port = self.addresses[0][1]
+        log.info("forwarding %s -> %r through the router at %s",
+                 ", ".join(format_hostport(h, p) for h, p in self.addresses), self.service, self.router)
+        return await _Client.start(self)
+
+    def arrived(self, stream):
+        if self.closing:
+            stream.transport.close()
+        elif self.link is not None and self.link_up.is_set() and not self.link.closing:
+            self._open(self.link, stream)
+        else:
+            self.waiting.append(stream)
+            stream.timer = _get_loop().call_later(self.pending_timeout, self._expire, stream)
+
+    def _expire(self, stream):
+        if stream in self.waiting:
+            self.waiting.remove(stream)
+            log.warning("forward: no router link within %.0f s; closing a waiting connection",
+                        self.pending_timeout)
+            stream.closed = True
+            stream.transport.close()
+
+    def gave_up_waiting(self, stream):
+        if stream in self.waiting:
+            self.waiting.remove(stream)
+            stream._cancel_timer()
+
+    def _open(self, link, stream):
+        stream._cancel_timer()
+        link.open_stream(stream, {"service": self.service})
+        stream.label = "%s#%d" % (self.service, stream.id)
+        stream.timer = link.loop.call_later(OPEN_TIMEOUT, stream.reset, "not accepted in time")
+
+    async def link_established(self, link):
+        waiting, self.waiting = self.waiting, []
+        for stream in waiting:
+            if not stream.closed:
+                self._open(link, stream)
+
+    async def stop_accepting(self):
+        if self.server is not None:
+            await _close_server(self.server)
+        for stream in self.waiting:
+            stream.transport.close()
+        self.waiting = []
+
+
+class _StdioTransport(asyncio.Transport):
+    """Standard input and output as a transport, through two threads.
+
+    Threads work on every platform and every kind of stdin (pipe, file, tty,
+    socket), where the loop's pipe support does not.  Reading pauses between
+    reads (at most one read beyond a pause), writes are queued and reported
+    drained, so a LocalStream's flow control works unchanged."""
+
+    def __init__(self, loop, protocol, read_fd, write_fd):
+        import threading
+        import queue
+        asyncio.Transport.__init__(self)
+        self._loop, self._protocol = loop, protocol
+        self._read_fd, self._write_fd = read_fd, write_fd
+        self._reading = threading.Event()
+        self._reading.set()
+        self._writes = queue.Queue()
+        self._queued = 0
+        self._closing = False
+        self._paused_writing = False
+        self._lost = False
+        protocol.connection_made(self)
+        for target in (self._reader, self._writer):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _reader(self):
+        while True:
+            self._reading.wait()
+            try:
+                data = os.read(self._read_fd, MAX_DATA)
+            except OSError:
+                data = b""
+            self._call(self._protocol.data_received if data else self._protocol.eof_received,
+                       *([data] if data else []))
+            if not data:
+                return
+
+    def _writer(self):
+        while True:
+            item = self._writes.get()
+            if item is None:            # EOF, or close
+                try:
+                    os.close(self._write_fd)
+                except OSError:
+                    pass
+                self._call(self._connection_lost)
+                return
+            try:
+                view = memoryview(item)
+                while view:
+                    view = view[os.write(self._write_fd, view):]
+            except OSError as exc:
+                self._call(self._connection_lost, exc)
+                return
+            self._call(self._drained, len(item))
+
+    def _call(self, callback, *args):
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:            # the loop has closed: the process is ending
+            pass
+
+    def _drained(self, n):
+        self._queued -= n
+        if self._queued == 0 and self._paused_writing:
+            self._paused_writing = False
+            self._protocol.resume_writing()
+
+    def _connection_lost(self, exc=None):
+        if not self._lost:
+            self._lost = self._closing = True
+            self._protocol.connection_lost(exc)
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_write_buffer_size(self):
+        return self._queued
+
+    def is_closing(self):
+        return self._closing
+
+    def pause_reading(self):
+        self._reading.clear()
+
+    def resume_reading(self):
+        self._reading.set()
+
+    def write(self, data):
+        if self._closing:
+            return
+        data = bytes(data)
+        self._queued += len(data)
+        self._writes.put(data)
+        if not self._paused_writing:
+            self._paused_writing = True
+            self._protocol.pause_writing()
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self._writes.put(None)
+
+    def close(self):
+        if not self._closing:
+            self._closing = True
+            self._writes.put(None)
+
+    def abort(self):
+        self.close()
+
+
+class StdioStream(ForwardedStream):
+    """`connect`: the one stream, joined to standard input and output."""
+
+    def __init__(self, connector):
+        LocalStream.__init__(self)
+        self.connector = self.forwarder = connector
+        self.timer = None
+        self.failure = None
+
+    def refused(self, reason):
+        self.failure = self.failure or "cannot open a stream to %r: %s" % (self.connector.service, reason)
+
+    def connection_made(self, transport):
+        LocalStream.connection_made(self, transport)
+
+    def connection_lost(self, exc):
+        LocalStream.connection_lost(self, exc)
+        self.connector.finished(self)
+
+    def on_open_refused(self, reason):
+        self.refused(reason)
+        self.state.state = CLOSED
+        self._forget()
+        self.transport.close()
+
+    def on_reset(self, payload):
+        reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
+        self.failure = "the stream to %r was reset: %s" % (self.connector.service, reason)
+        LocalStream.on_reset(self, payload)
+
+    def link_lost(self, reason):
+        self.failure = self.failure or "the link to the router was lost: %s" % reason
+        ForwardedStream.link_lost(self, reason)
+
+
+class Connector(_Client):
+    """`connect NAME`: one stream to NAME on standard input/output (ssh's ProxyCommand)."""
+
+    command = "connect"
+
+    def __init__(self, service, read_fd=0, write_fd=1, secret=None, **options):
+        _Client.__init__(self, **options)
+        self.service = check_name(service)
+        self.secret = secret
+        self.read_fd, self.write_fd = read_fd, write_fd
+        self.ended = None
+
+    async def run(self):
+        self.ended = _get_loop().create_future()
+        link = await self.connect_link()
+        self.link = link
+        try:
+            stream = StdioStream(self)
+            link.open_stream(stream, {"service": self.service})
+            read_fd, write_fd = self.read_fd, self.write_fd
+            if (read_fd, write_fd) == (0, 1):
+                read_fd, write_fd = _take_stdio()
+            _StdioTransport(_get_loop(), stream, read_fd, write_fd)
+            await self.ended
+            if stream.failure:
+                raise MindmeldError(stream.failure)
+        finally:
+            link.close()
+        return 0
+
+    def finished(self, stream):
+        if self.ended is not None and not self.ended.done():
+            self.ended.set_result(None)
+
+    def link_down(self, link, reason):
+        pass
+
+
+async def list_services(router=None, **options):
+    """The router's registry: [{"name", "since", "age", "streams", "peer", "secret"}]."""
+    client = _Client(router, **options)
+    client.command = "list"
+    link = await client.connect_link()
+    try:
+        reply = await link.request(LIST, {})
+    finally:
+        link.close()
+    return reply.get("services", [])
+
+
+# --- 5c. bench: the whole tool on this machine, measured -------------------
+
+BENCH_SIZES = {  # (single-stream bytes, per-stream bytes x 100 streams, round trips, seconds of new streams)
+    "default": (1 << 30, 4 << 20, 5000, 2.0),
+    "quick": (128 << 20, 1 << 20, 1000, 0.7),
+}
+_TRAILER = struct.Struct("!QB")     # bytes received, verified ok
+
+
+def _bench_pattern():
+    """1 MiB of fixed pseudo-random bytes, doubled so any slice up to 1 MiB is contiguous."""
+    block = b"".join(hashlib.sha256(struct.pack("!I", i)).digest() for i in range(32768))
+    return block, block + block
+
+
+class _PatternCheck:
+    def __init__(self, pattern):
+        self.size, self.doubled = len(pattern[0]), pattern[1]
+        self.count, self.ok = 0, True
+
+    def feed(self, data):
+        start = self.count % self.size
+        for piece in range(0, len(data), self.size):        # recv() chunks are < 1 MiB anyway
+            chunk = data[piece:piece + self.size]
+            if self.doubled[start:start + len(chunk)] != chunk:
+                self.ok = False
+            start = (start + len(chunk)) % self.size
+        self.count += len(data)
+
+
+def _send_pattern(sock, pattern, n):
+    size, doubled, sent = len(pattern[0]), memoryview(pattern[1]), 0
+    while sent < n:
+        start = sent % size
+        sent += sock.send(doubled[start:start + min(n - sent, 256 * 1024)])
+
+
+def _recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise MindmeldError("bench: the connection closed early")
+        data += more
+    return data
+
+
+def _recv_checked(sock, pattern, n=None):
+    check = _PatternCheck(pattern)
+    while n is None or check.count < n:
+        data = sock.recv(256 * 1024 if n is None else min(256 * 1024, n - check.count))
+        if not data:
+            break
+        check.feed(data)
+    return check
+
+
+def _bench_target_connection(conn, pattern):
+    """The target's side of one bench connection; the first byte says what to do."""
+    try:
+        conn.settimeout(60)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        command = conn.recv(1)
+        if command == b"P":
+            conn.sendall(b"p")
+        elif command == b"E":
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        elif command in (b"U", b"D", b"B"):
+            n = struct.unpack("!Q", _recv_exact(conn, 8))[0]
+            sender = None
+            if command in (b"D", b"B"):
+                import threading
+                sender = threading.Thread(target=_send_pattern, args=(conn, pattern, n), daemon=True)
+                sender.start()
+            if command == b"D":
+                sender.join()
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(65536):
+                    pass
+                return
+            check = _recv_checked(conn, pattern)
+            if sender is not None:
+                sender.join()
+            conn.sendall(_TRAILER.pack(check.count, check.ok))
+    except (OSError, MindmeldError):
+        pass
+    finally:
+        conn.close()
+
+
+def _bench_target(listener, pattern, stop):
+    import threading
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+        threading.Thread(target=_bench_target_connection, args=(conn, pattern), daemon=True).start()
+
+
+def _bench_connect(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _bench_transfer(port, pattern, command, n):
+    """One connection moving n bytes: U(pload), D(ownload) or B(oth ways); checked."""
+    import threading
+    sock = _bench_connect(port)
+    try:
+        sock.sendall(command + struct.pack("!Q", n))
+        sender = None
+        if command in (b"U", b"B"):
+            def send():
+                _send_pattern(sock, pattern, n)
+                sock.shutdown(socket.SHUT_WR)
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+        if command in (b"D", b"B"):
+            check = _recv_checked(sock, pattern, n)
+            if check.count != n or not check.ok:
+                raise MindmeldError("bench: download check failed (%d of %d bytes, ok=%s)"
+                                    % (check.count, n, check.ok))
+        if sender is not None:
+            sender.join()
+        if command == b"D":
+            sock.shutdown(socket.SHUT_WR)
+            return
+        count, ok = _TRAILER.unpack(_recv_exact(sock, _TRAILER.size))
+        if count != n or not ok:
+            raise MindmeldError("bench: upload check failed (%d of %d bytes, ok=%s)" % (count, n, ok))
+    finally:
+        sock.close()
+
+
+def _bench_measure(port, sizes, pattern, say):
+    import threading
+    single, per_stream, round_trips, stream_seconds = sizes
+    result = {}
+    for key, command in (("upload_MBps", b"U"), ("download_MBps", b"D")):
+        say("%s %d MB" % (key.split("_")[0], single // 10 ** 6))
+        began = time.perf_counter()
+        _bench_transfer(port, pattern, command, single)
+        result[key] = single / (time.perf_counter() - began) / 1e6
+    say("100 streams x %d MB both ways" % (per_stream // 10 ** 6))
+    errors = []
+
+    def one():
+        try:
+            _bench_transfer(port, pattern, b"B", per_stream)
+        except Exception as exc:   # reported below, for the whole phase
+            errors.append(exc)
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(100)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise MindmeldError("bench: %d of 100 concurrent streams failed: %s" % (len(errors), errors[0]))
+    result["concurrent_MBps"] = 2 * 100 * per_stream / (time.perf_counter() - began) / 1e6
+    say("%d round trips of 64 bytes" % round_trips)
+    sock = _bench_connect(port)
+    try:
+        sock.sendall(b"E")
+        message, times = os.urandom(64), []
+        for _ in range(round_trips):
+            began = time.perf_counter()
+            sock.sendall(message)
+            if _recv_exact(sock, 64) != message:
+                raise MindmeldError("bench: an echoed message came back changed")
+            times.append(time.perf_counter() - began)
+    finally:
+        sock.close()
+    times.sort()
+    result["rtt_p50_us"] = times[len(times) // 2] * 1e6
+    result["rtt_p99_us"] = times[int(len(times) * 0.99)] * 1e6
+    say("new streams for %.1f s" % stream_seconds)
+    counts = []
+
+    def opener(deadline):
+        n = 0
+        while time.perf_counter() < deadline:
+            s = _bench_connect(port)
+            try:
+                s.sendall(b"P")
+                if s.recv(1) != b"p":
+                    raise MindmeldError("bench: a new stream got no answer")
+            finally:
+                s.close()
+            n += 1
+        counts.append(n)
+    began = time.perf_counter()
+    threads = [threading.Thread(target=opener, args=(began + stream_seconds,), daemon=True)
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result["streams_per_s"] = sum(counts) / (time.perf_counter() - began)
+    result["bytes_moved"] = 2 * single + 2 * 100 * per_stream
+    return result
+
+
+def _proc_cpu_seconds(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_peak_rss_mb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _Child:
+    """A role started as `python3 mindmeld.py ...`; waits for its "listening on" line."""
+
+    def __init__(self, argv, pattern):
+        import subprocess
+        import threading
+        import queue
+        self.process = subprocess.Popen([sys.executable, "-u"] + argv, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = None
+        deadline = time.monotonic() + 30
+        while self.port is None:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.stop()
+                raise MindmeldError("bench: %s did not start" % " ".join(argv[1:3]))
+            found = pattern.search(line)
+            if found:
+                self.port = int(found.group(1)) if found.groups() else 0
+
+    def _read(self):
+        for raw in self.process.stderr:
+            self.lines.put(raw.decode("utf-8", "replace"))
+        self.lines.put(None)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+
+
+def serve_bench_target(lifetime=900.0):
+    """`bench --serve-target`: the bench's target, in a process of its own."""
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    sys.stderr.write("target listening on 127.0.0.1:%d\n" % listener.getsockname()[1])
+    sys.stderr.flush()
+    stop = threading.Event()
+    threading.Thread(target=_bench_target, args=(listener, _bench_pattern(), stop), daemon=True).start()
+    stop.wait(lifetime)         # bounded; the bench terminates it long before
+    return 0
+
+
+def run_bench(quick=False, json_path=None, out=sys.stdout):
+    """`mindmeld.py bench`: router, sharer and forwarder as separate processes, a target,
+    and the same measurements through the tunnel and straight to the target."""
+    import re
+    import threading
+    sizes = BENCH_SIZES["quick" if quick else "default"]
+    pattern = _bench_pattern()
+    script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
+
+    def say(text):
+        sys.stderr.write("bench: %s\n" % text)
+        sys.stderr.flush()
+
+    port_re = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+    children, results = [], {}
+    stop = threading.Event()
+    if script is not None:      # the target in its own process: no GIL shared with the client
+        children.append(_Child([script, "bench", "--serve-target"], port_re))
+        target_port = children[0].port
+    else:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        target_port = listener.getsockname()[1]
+        threading.Thread(target=_bench_target, args=(listener, pattern, stop), daemon=True).start()
+    try:
+        say("direct to the target on 127.0.0.1:%d" % target_port)
+        results["direct"] = _bench_measure(target_port, sizes, pattern, lambda t: say("  direct: " + t))
+        if script is None:
+            say("this script was piped in (python3 -), so it cannot start the roles as separate "
+                "processes; save it as mindmeld.py and run 'python3 mindmeld.py bench' to measure")
+            return 1
+        router = _Child([script, "router", "--listen", "127.0.0.1:0"], port_re)
+        children.append(router)
+        where = "127.0.0.1:%d" % router.port
+        children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port,
+                                 "--router", where], re.compile(r"sharing 'bench'")))
+        forwarder = _Child([script, "forward", "bench", "127.0.0.1:0", "--router", where],
+                           re.compile(r"forwarding 127\.0\.0\.1:(\d+)"))
+        children.append(forwarder)
+        say("router, sharer and forwarder started (pids %s)"
+            % ", ".join(str(c.process.pid) for c in children))
+        pids = [c.process.pid for c in children[1:]]
+        cpu_before = [_proc_cpu_seconds(p) for p in pids]
+        results["mindmeld"] = result = _bench_measure(
+            forwarder.port, sizes, pattern, lambda t: say("  mindmeld: " + t))
+        cpu_after = [_proc_cpu_seconds(p) for p in pids]
+        if None not in cpu_before + cpu_after:
+            cpu = sum(cpu_after) - sum(cpu_before)
+            result["cpu_s_per_GB"] = cpu / (result["bytes_moved"] / 1e9)
+        else:
+            result["cpu_s_per_GB"] = None
+        result["router_peak_rss_MB"] = _proc_peak_rss_mb(router.process.pid)
+    finally:
+        stop.set()
+        for child in reversed(children):
+            child.stop()
+    _bench_report(results, out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"mindmeld": results["mindmeld"], "direct": results["direct"],
+                       "python": sys.version.split()[0], "quick": quick}, f, indent=2)
+        say("wrote %s" % json_path)
+    return 0
+
+
+def _bench_report(results, out):
+    rows = [("upload_MBps", "single stream upload, MB/s"), ("download_MBps", "single stream download, MB/s"),
+            ("concurrent_MBps", "100 streams both ways, MB/s"), ("rtt_p50_us", "round trip p50, us"),
+            ("rtt_p99_us", "round trip p99, us"), ("streams_per_s", "new streams per second"),
+            ("cpu_s_per_GB", "CPU s per GB (3 processes)"), ("router_peak_rss_MB", "router peak RSS, MB")]
+    mine, direct = results["mindmeld"], results["direct"]
+
+    def cell(value):
+        return "-" if value is None else "%.0f" % value if value >= 100 else "%.2f" % value
+    out.write("%-30s %10s %10s\n" % ("", "mindmeld", "direct"))
+    for key, label in rows:
+        out.write("%-30s %10s %10s\n" % (label, cell(mine.get(key)), cell(direct.get(key))))
+    out.flush()
+
+
+# ###########################################################################
+# ### 6. Command line: a thin layer over the roles above
+# ###########################################################################
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number of 0 or more" % text)
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mindmeld",
+        description="Reach a TCP port on another machine through a relay both can reach.",
+        epilog="Run 'mindmeld COMMAND --help' for a command's options. "
+               "Try 'python3 mindmeld.py bench' to see it work on this machine.")
+    parser.add_argument("--version", action="version", version="mindmeld " + __version__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v: debug, with tracebacks)")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    role = argparse.ArgumentParser(add_help=False, parents=[common])
+    role.add_argument("--keepalive", type=_positive_float, default=KEEPALIVE_INTERVAL,
+                        metavar="SECONDS", help="ping after this much silence; the link is dead "
+                        "after %d silent intervals (default %.0f)" % (KEEPALIVE_MISSES, KEEPALIVE_INTERVAL))
+    client = argparse.ArgumentParser(add_help=False, parents=[role])
+    client.add_argument("--router", metavar="HOST:PORT",
+                        help="the router (default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
+    client.add_argument("--token", help="the router's token (or $MINDMELD_TOKEN)")
+    client.add_argument("--token-file", metavar="FILE", help="read the router's token from FILE")
+    client.add_argument("--tls", action="store_true", help="TLS to the router: system CAs, else trust "
+                        "the first certificate seen and refuse a changed one (known_routers)")
+    client.add_argument("--tls-ca", metavar="FILE", help="verify the router against this CA (implies --tls)")
+    client.add_argument("--tls-fingerprint", metavar="HEX", help="accept only the router certificate with "
+                        "this SHA-256 fingerprint, as the router prints it (implies --tls)")
+    client.add_argument("--tls-insecure", action="store_true", help="TLS without checking the router "
+                        "(warns at every start)")
+    client.add_argument("--state-dir", metavar="DIR", help="where known_routers lives (default: "
+                        "$MINDMELD_STATE_DIR, else %s)" % default_state_dir().replace(os.path.expanduser("~"), "~"))
+    secret = argparse.ArgumentParser(add_help=False)
+    secret.add_argument("--secret", help="the service secret, proved end to end; the router never "
+                        "learns it (or $MINDMELD_SECRET)")
+    secret.add_argument("--secret-file", metavar="FILE", help="read the service secret from FILE")
+    retrying = argparse.ArgumentParser(add_help=False)
+    retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
+                          help="give up after N failed attempts in a row (default: never)")
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("router", parents=[role], help="run the relay that everyone can reach",
+                       description="Run the router: a registry of service names and a relay of "
+                                   "streams between sharers and forwarders.")
+    p.add_argument("--listen", metavar="[HOST]:PORT",
+                   help="address to listen on (default: all interfaces, port $PORT or %d)" % DEFAULT_PORT)
+    p.add_argument("--token", help="require peers to prove this token (or $MINDMELD_TOKEN)")
+    p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
+    p.add_argument("--tls", action="store_true", help="speak TLS, with a self-signed certificate made "
+                   "once in the state directory unless --tls-cert/--tls-key are given")
+    p.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM; implies --tls)")
+    p.add_argument("--tls-key", metavar="FILE", help="private key (PEM)")
+    p.add_argument("--state-dir", metavar="DIR", help="where the self-signed certificate lives (default: "
+                   "$MINDMELD_STATE_DIR, else %s)" % default_state_dir().replace(os.path.expanduser("~"), "~"))
+    p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
+
+    p = sub.add_parser("share", parents=[client, secret, retrying], help="offer a local TCP service under a name",
+                       usage="mindmeld share [options] NAME [HOST:]PORT\n"
+                             "       mindmeld share [options] NAME=[HOST:]PORT [NAME=[HOST:]PORT ...]",
+                       description="Register NAME on the router; every stream opened to it is "
+                                   "dialled to [HOST:]PORT on this machine (HOST defaults to localhost). "
+                                   "Several services share one link: share web=8000 db=localhost:5432")
+    p.add_argument("services", nargs="+", metavar="SERVICE",
+                   help="one service as NAME and target, or several as NAME=TARGET pairs")
+    p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
+
+    p = sub.add_parser("forward", parents=[client, secret, retrying], help="listen locally and forward to a name",
+                       description="Listen on [BIND:]PORT (BIND defaults to 127.0.0.1, PORT to any "
+                                   "free port); each connection becomes a stream to NAME.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("listen", metavar="[BIND:]PORT", nargs="?", default="0")
+    p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
+
+    p = sub.add_parser("connect", parents=[client, secret], help="one stream to a name on stdin/stdout (ssh ProxyCommand)",
+                       description="Join standard input and output to one stream to NAME: binary-safe, "
+                                   "half-close on stdin EOF; exit 0 when the stream ends, 1 if it cannot "
+                                   "be opened.  Quiet unless something fails.")
+    p.add_argument("name", metavar="NAME")
+
+    p = sub.add_parser("list", parents=[client], help="show the services registered on the router",
+                       description="Print the router's registry: one line per service.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("bench", parents=[common], help="measure the whole tool on this machine",
+                       description="Start a router, a sharer and a forwarder (separate processes) "
+                                   "and a target on loopback; measure throughput, latency, new "
+                                   "streams and CPU through the tunnel and straight to the target.")
+    p.add_argument("--quick", action="store_true", help="smaller transfers (under 10 s)")
+    p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
+    parser.commands = sub.choices
+    return parser
+
+
+def _read_secret(value, path, env, what):
+    if path:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise MindmeldError("cannot read the %s file %s: %s" % (what, path, exc.strerror))
+        if not value:
+            raise MindmeldError("the %s file %s is empty" % (what, path))
+    return value or os.environ.get(env) or None
+
+
+def _setup_logging(args):
+    quiet = args.quiet or args.command == "connect"     # its stdout is the stream
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    if args.verbose:
+        logging.getLogger("asyncio").setLevel(logging.DEBUG)
+    else:  # asyncio's own noise ("socket.send() raised exception") is ours to report
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+async def _serve(role, grace):
+    """Start a role and run it until it ends or a signal asks it to stop."""
+    loop = _get_loop()
+    stop = asyncio.Event()
+    signals = []
+
+    def on_signal(signum):
+        signals.append(signum)
+        if len(signals) > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("%s: shutting down (up to %.0f s for open streams)", role.command, grace)
+        stop.set()
+
+    _add_signal_handlers(loop, on_signal)
+    await role.start()
+    done = getattr(role, "done", None)
+    waiters = [_get_loop().create_task(stop.wait())]
+    if done is not None:
+        waiters.append(done)
+    finished, _pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    waiters[0].cancel()
+    if stop.is_set():
+        await role.close(grace)
+        return 0
+    await role.close(0)
+    done.result()               # raises the role's failure
+    return 0
+
+
+def _run_router(args):
+    token = _read_secret(args.token, args.token_file, "MINDMELD_TOKEN", "token")
+    listen = args.listen or ":%s" % os.environ.get("PORT", DEFAULT_PORT)
+    host, port = parse_hostport(listen, "", None, "listen address")
+    context = None
+    if args.tls or args.tls_cert or args.tls_key:
+        context, fingerprint = router_tls_context(args.tls_cert, args.tls_key, args.state_dir)
+        log.info("router TLS certificate SHA256 fingerprint: %s", fingerprint)
+    router = Router(host, port, token=token, ssl_context=context, keepalive=args.keepalive)
+    return _run(_serve(router, args.grace))
+
+
+def _client_options(args):
+    tls = None
+    if args.tls or args.tls_ca or args.tls_fingerprint or args.tls_insecure:
+        known = os.path.join(args.state_dir, "known_routers") if args.state_dir else None
+        tls = TlsOptions(args.tls_ca, args.tls_fingerprint, args.tls_insecure, known)
+    return dict(router=args.router, token=_read_secret(args.token, args.token_file,
+                                                         "MINDMELD_TOKEN", "token"),
+                tls=tls, keepalive=args.keepalive)
+
+
+def _share_pairs(words):
+    """['web', '8000'] or ['web=8000', 'db=host:5432'] -> {name: target}."""
+    if len(words) == 2 and "=" not in words[0]:
+        return {words[0]: words[1]}
+    services = {}
+    for word in words:
+        name, equals, target = word.partition("=")
+        if not equals or not target:
+            raise UsageError("expected NAME [HOST:]PORT, or NAME=[HOST:]PORT pairs; got %r" % word)
+        if name in services:
+            raise UsageError("the name %r is given twice" % name)
+        services[name] = target
+    return services
+
+
+def _service_secret(args):
+    return _read_secret(args.secret, args.secret_file, "MINDMELD_SECRET", "secret")
+
+
+def _run_share(args):
+    sharer = Sharer(_share_pairs(args.services), secret=_service_secret(args),
+                    max_retries=args.max_retries, **_client_options(args))
+    return _run(_serve(sharer, args.grace))
+
+
+def _run_forward(args):
+    host, port = parse_hostport(args.listen, "127.0.0.1", None, "listen address")
+    host = host or "127.0.0.1"      # ':9000' too: all interfaces only when asked, 0.0.0.0 or [::]
+    forwarder = Forwarder(args.name, host, port, secret=_service_secret(args),
+                          max_retries=args.max_retries, **_client_options(args))
+    return _run(_serve(forwarder, args.grace))
+
+
+def _run_list(args):
+    services = _run(list_services(**_client_options(args)))
+    if args.json:
+        print(json.dumps(services, indent=2))
+        return 0
+    rows = [("NAME", "REGISTERED", "STREAMS", "SHARER", "SECRET")]
+    for s in services:
+        rows.append((s["name"], time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(s["since"])),
+                     str(s["streams"]), s["peer"], "yes" if s.get("secret") else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _run_bench(args):
+    if args.serve_target:
+        return serve_bench_target()
+    return run_bench(quick=args.quick, json_path=args.json)
+
+
+def _run_connect(args):
+    return _run(Connector(args.name, secret=_service_secret(args), **_client_options(args)).run())
+
+
+COMMANDS = {"router": _run_router, "share": _run_share, "forward": _run_forward, "list": _run_list,
+            "connect": _run_connect, "bench": _run_bench}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        parser.commands[args.command].error(str(exc))     # usage, one line, exit 2
+    except MindmeldError as exc:
+        log.debug("failure", exc_info=True)
+        sys.stderr.write("mindmeld %s: error: %s\n" % (args.command, exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: one line, unless debugging
+        if args.verbose:
+            raise
+        sys.stderr.write("mindmeld %s: internal error: %s: %s (run with -v for details)\n"
+                         % (args.command, type(exc).__name__, exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
