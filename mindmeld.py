@@ -143,6 +143,39 @@ async def _close_server(server):
             raise
 
 
+def _dual_stack_socket(port):
+    """A listening socket on [::] that takes IPv4 too, where the OS allows it (set
+    explicitly: the default differs between systems); None where IPv6 is missing."""
+    if not socket.has_ipv6:
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except (OSError, AttributeError):
+            pass                        # IPv6 only, then
+        sock.bind(("::", port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+    except OSError:
+        sock.close()
+        raise
+
+
+async def _create_server(factory, host, port, **options):
+    """loop.create_server, with '::' meaning dual-stack and '' meaning every interface."""
+    loop = _get_loop()
+    if host == "::":
+        sock = _dual_stack_socket(port)
+        if sock is not None:
+            return await loop.create_server(factory, sock=sock, **options)
+    return await loop.create_server(factory, host or None, port, reuse_address=True,
+                                    backlog=1024, **options)
+
+
 def _set_nodelay(transport):
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -456,6 +489,93 @@ def classify_preamble(first):
         raise PreambleError("protocol version %d (this router speaks %d)"
                             % (version, PROTOCOL_VERSION))
     return "mindmeld"
+
+
+# WebSocket (RFC 6455) framing, for routers behind HTTP-only front ends.  The
+# mindmeld byte stream rides in binary messages; message boundaries mean nothing.
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_PATH = "/mindmeld"
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_MAX_FRAME = 2 * 1024 * 1024
+
+
+def ws_accept_key(key):
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode("ascii")
+
+
+def ws_mask(data, mask):
+    """XOR with the 4-byte mask, as one big-integer operation (fast in C)."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def ws_encode(opcode, payload=b"", masked=False):
+    """One final frame.  Clients mask (RFC 6455 5.3); servers do not."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, (0x80 if masked else 0) | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, (0x80 if masked else 0) | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, (0x80 if masked else 0) | 127, n)
+    if masked:
+        mask = os.urandom(4)
+        return head + mask + ws_mask(bytes(payload), mask)
+    return head + bytes(payload)
+
+
+class WsDecoder:
+    """Bytes in, (opcode, payload) out.  Lengths are checked before buffering."""
+
+    def __init__(self, expect_masked):
+        self.expect_masked = expect_masked
+        self.buffer = bytearray()
+
+    def feed(self, data):
+        self.buffer += data
+        out, buf = [], self.buffer
+        while len(buf) >= 2:
+            first, second = buf[0], buf[1]
+            opcode, masked, n, pos = first & 0x0F, bool(second & 0x80), second & 0x7F, 2
+            if first & 0x70:
+                raise ProtocolError("WebSocket frame with reserved bits set")
+            if masked != self.expect_masked:
+                raise ProtocolError("WebSocket frame masking is wrong for this direction")
+            if n == 126:
+                if len(buf) < 4:
+                    break
+                n, pos = struct.unpack_from("!H", buf, 2)[0], 4
+            elif n == 127:
+                if len(buf) < 10:
+                    break
+                n, pos = struct.unpack_from("!Q", buf, 2)[0], 10
+            if n > WS_MAX_FRAME:
+                raise ProtocolError("WebSocket frame of %d bytes is over the limit" % n, "frame-size")
+            if opcode >= 0x8 and (n > 125 or not first & 0x80):
+                raise ProtocolError("malformed WebSocket control frame")
+            mask_at, pos = pos, pos + (4 if masked else 0)
+            if len(buf) < pos + n:
+                break
+            payload = bytes(buf[pos:pos + n])
+            if masked:
+                payload = ws_mask(payload, bytes(buf[mask_at:mask_at + 4]))
+            out.append((opcode, payload))
+            del buf[:pos + n]
+        return out
+
+
+def parse_http_head(head):
+    """b"GET /x HTTP/1.1\r\nA: b\r\n\r\n" -> ("GET /x HTTP/1.1", {"a": "b"})."""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
 
 
 NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -831,6 +951,82 @@ class Link(BufferedProtocol):
         log.warning("%s %s: %s; disconnecting", self.role, self.peer, exc)
         self._close_reason = "protocol error: %s" % exc
         self.close(getattr(exc, "code", "protocol"), str(exc))
+
+
+class WebSocketLayer(asyncio.Protocol):
+    """Puts a Link inside a WebSocket: the protocol of the real transport, and the
+    transport the Link writes to.  Binary messages carry the mindmeld byte
+    stream; pings are answered; a close is answered and ends the link."""
+
+    def __init__(self, link, transport, client_side):
+        self.link, self.transport = link, transport
+        self.masked = client_side             # clients mask what they send
+        self.decoder = WsDecoder(expect_masked=not client_side)
+        self.closing = False
+        transport.set_protocol(self)
+
+    # -- protocol of the real transport -------------------------------------------
+    def data_received(self, data):
+        try:
+            for opcode, payload in self.decoder.feed(data):
+                if opcode in (WS_BINARY, WS_CONTINUATION, WS_TEXT):
+                    if payload:
+                        self.link.data_received(payload)
+                elif opcode == WS_PING:
+                    self.transport.write(ws_encode(WS_PONG, payload, self.masked))
+                elif opcode == WS_CLOSE:
+                    self.close()
+                    return
+        except ProtocolError as exc:
+            self.link.fail(exc)
+
+    def eof_received(self):
+        return self.link.eof_received()
+
+    def connection_lost(self, exc):
+        self.link.connection_lost(exc)
+
+    def pause_writing(self):
+        self.link.pause_writing()
+
+    def resume_writing(self):
+        self.link.resume_writing()
+
+    # -- transport of the Link ----------------------------------------------------------
+    def write(self, data):
+        if not self.closing:
+            self.transport.write(ws_encode(WS_BINARY, data, self.masked))
+
+    def writelines(self, parts):
+        self.write(b"".join(parts))
+
+    def close(self):
+        if not self.closing:
+            self.closing = True
+            self.transport.write(ws_encode(WS_CLOSE, struct.pack("!H", 1000), self.masked))
+            self.transport.close()
+
+    def abort(self):
+        self.closing = True
+        self.transport.abort()
+
+    def is_closing(self):
+        return self.closing or self.transport.is_closing()
+
+    def get_write_buffer_size(self):
+        return self.transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.transport.set_write_buffer_limits(high, low)
+
+    def pause_reading(self):
+        self.transport.pause_reading()
+
+    def resume_reading(self):
+        self.transport.resume_reading()
+
+    def get_extra_info(self, name, default=None):
+        return self.transport.get_extra_info(name, default)
 
 
 class LocalStream(asyncio.Protocol):
@@ -1456,22 +1652,39 @@ class RouterPeer(Link):
         self.process_frames()
 
     def _answer_http(self, request):
-        line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+        head = request[:request.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in request else request
+        line, headers = parse_http_head(head)
         parts = line.split()
-        path = parts[1] if len(parts) > 1 else "/"
-        if path in ("/", "/healthz"):
-            body = ("ok\n" if path == "/healthz" else
-                    "mindmeld router %s\nprotocol %d\nservices %d\npeers %d\n"
-                    % (__version__, PROTOCOL_VERSION, len(self.router.services),
-                       len(self.router.peers) - 1)).encode()
-            status = "200 OK"
-        else:
-            body = b"not found: this is a mindmeld router\n"
-            status = "404 Not Found"
+        path = parts[1].split("?")[0] if len(parts) > 1 else "/"
         log.debug("router: HTTP %s from %s", line[:80], self.peer)
+        if path == self.router.ws_path and "websocket" in headers.get("upgrade", "").lower():
+            key = headers.get("sec-websocket-key", "")
+            if parts[0] == "GET" and key and headers.get("sec-websocket-version") == "13":
+                self.send(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                           % ws_accept_key(key)).encode())
+                leftover = request[len(head):]
+                self.frames.skip(self.frames.buffered)
+                self.transport = WebSocketLayer(self, self.transport, client_side=False)
+                self.sock = None
+                self.phase = "preamble"
+                if leftover:
+                    self.transport.data_received(leftover)
+                return
+            status, body = "400 Bad Request", "a WebSocket upgrade needs GET, a key and version 13\n"
+        elif path == self.router.ws_path:
+            status, body = "426 Upgrade Required", "this path takes a WebSocket upgrade\n"
+        elif path == "/healthz":
+            status, body = "200 OK", "ok\n"
+        elif path == "/":
+            status, body = "200 OK", ("mindmeld router %s\nprotocol %d\nservices %d\n"
+                                      % (__version__, PROTOCOL_VERSION, len(self.router.services)))
+        else:
+            status, body = "404 Not Found", "not found: this is a mindmeld router\n"
+        body = body.encode()
         self.send(("HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
                    "Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
-                   ).encode() + body)
+                   ).encode() + (b"" if parts[:1] == ["HEAD"] else body))
         self.close()
 
     # -- handshake ----------------------------------------------------------
@@ -1672,13 +1885,14 @@ class Router:
 
     def __init__(self, host="", port=DEFAULT_PORT, token=None, ssl_context=None,
                  keepalive=KEEPALIVE_INTERVAL, handshake_timeout=HANDSHAKE_TIMEOUT,
-                 liveness_probe=LIVENESS_PROBE):
+                 liveness_probe=LIVENESS_PROBE, ws_path=WS_PATH):
         self.host, self.port = host, port
         self.token = token
         self.ssl_context = ssl_context
         self.keepalive = keepalive
         self.handshake_timeout = handshake_timeout
         self.liveness_probe = liveness_probe
+        self.ws_path = ws_path
         self.services = {}
         self.peers = set()
         self.handshaking = 0
@@ -1690,9 +1904,8 @@ class Router:
         loop = _get_loop()
         self.done = loop.create_future()
         try:
-            self.server = await loop.create_server(
-                lambda: RouterPeer(self), self.host or None, self.port,
-                ssl=self.ssl_context, reuse_address=True, backlog=1024)
+            self.server = await _create_server(lambda: RouterPeer(self), self.host, self.port,
+                                               ssl=self.ssl_context)
         except OSError as exc:
             raise MindmeldError("cannot listen on %s: %s" % (
                 format_hostport(self.host or "*", self.port), exc.strerror or exc))
@@ -1850,9 +2063,55 @@ class ClientLink(Link):
                 self.abort(str(exc))
                 return
         self._hello_sent = self.loop.time()
+        client = self.client
+        if client.ws_path:
+            self.ws_key = base64.b64encode(os.urandom(16)).decode("ascii")
+            self.send(("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+                       "User-Agent: mindmeld/%s\r\n\r\n" % (
+                           client.ws_path, format_hostport(client.router_host, client.router_port),
+                           self.ws_key, __version__)).encode())
+            return
         self.send(PREAMBLE + encode_json(HELLO, 0, self.hello))
 
+    def _upgraded(self, nbytes):
+        """The HTTP answer to our WebSocket upgrade: switch to WebSocket, or say why not."""
+        self.frames.advance(nbytes)
+        answer = self.frames.peek()
+        end = answer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(answer) > 16384:
+                self.abort("oversized HTTP answer")
+            self.frames.need = len(answer) + 1
+            return
+        status, headers = parse_http_head(answer[:end + 4])
+        parts = status.split(None, 2)
+        code = parts[1] if len(parts) > 1 else "?"
+        if code != "101" or headers.get("sec-websocket-accept") != ws_accept_key(self.ws_key):
+            where = "%s (path %s)" % (self.client.router, self.client.ws_path)
+            if code in ("400", "403", "404", "405", "426") or code == "101":
+                exc = PermanentError("the server at %s refused the WebSocket upgrade: %s"
+                                     % (where, status.strip()[:100]))
+            else:
+                exc = LinkLost("the server at %s answered the WebSocket upgrade with %s"
+                               % (where, status.strip()[:100]))
+            self._settle(exc)
+            self.abort(str(exc))
+            return
+        self.ws_key = None
+        self.frames.skip(self.frames.buffered)
+        self.transport = WebSocketLayer(self, self.transport, client_side=True)
+        self.sock = None
+        self.send(PREAMBLE + encode_json(HELLO, 0, self.hello))
+        if len(answer) > end + 4:
+            self.transport.data_received(answer[end + 4:])
+
+    ws_key = None
+
     def buffer_updated(self, nbytes):
+        if self.ws_key is not None:
+            self._rx_count += 1
+            return self._upgraded(nbytes)
         if not self.ready.done() and self.frames.start == 0 and self.frames.end == 0:
             head = bytes(self.frames.view[:min(nbytes, 2)])
             if head in (b"\x15\x03", b"\x16\x03") and self.client.tls is None:
@@ -2001,21 +2260,116 @@ PERMANENT_GOAWAY = {
 }
 
 
+def proxy_for(router_host, explicit=None, environ=os.environ):
+    """The HTTP proxy to reach the router through: --proxy, else HTTPS_PROXY / ALL_PROXY
+    unless NO_PROXY names the router's host (no implicit exceptions, loopback included)."""
+    if explicit:
+        return parse_proxy(explicit)
+    url = next((environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                if environ.get(k)), None)
+    if not url:
+        return None
+    host = router_host.lower().strip("[]")
+    for entry in (environ.get("NO_PROXY") or environ.get("no_proxy") or "").split(","):
+        entry = entry.strip().lower()
+        if entry == "*" or (entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")))):
+            return None
+    return parse_proxy(url)
+
+
+def parse_proxy(url):
+    """'http://[user:pass@]host:port' -> (host, port, 'Basic ...' or None, url without password)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "http", url
+    if scheme.lower() != "http":
+        raise MindmeldError("unsupported proxy %r: only http:// CONNECT proxies are supported" % url)
+    rest = rest.split("/", 1)[0]
+    credentials, at, hostport = rest.rpartition("@")
+    host, port = parse_hostport(hostport, "", 8080, "proxy address")
+    if not host:
+        raise MindmeldError("bad proxy address %r: a host is needed" % url)
+    authorization = None
+    if at:
+        from urllib.parse import unquote
+        user, _, password = credentials.partition(":")
+        authorization = "Basic " + base64.b64encode(
+            ("%s:%s" % (unquote(user), unquote(password))).encode()).decode("ascii")
+    return host, port, authorization, "http://%s" % format_hostport(host, port)
+
+
+async def proxy_connect(proxy, host, port):
+    """A socket tunnelled to host:port through an HTTP CONNECT proxy (TLS goes on top)."""
+    loop = _get_loop()
+    proxy_host, proxy_port, authorization, name = proxy
+    try:
+        infos = await loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LinkLost("cannot resolve the proxy %s: %s" % (name, exc.strerror))
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            raise LinkLost("cannot reach the proxy %s: %s" % (name, _os_error_text(exc)))
+        target = format_hostport(host, port)
+        request = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (target, target)
+        if authorization:
+            request += "Proxy-Authorization: %s\r\n" % authorization
+        await loop.sock_sendall(sock, (request + "\r\n").encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:       # read no further than the header's end
+            more = await loop.sock_recv(sock, 1)
+            if not more:
+                raise LinkLost("the proxy %s closed the connection without answering" % name)
+            answer += more
+            if len(answer) > 16384:
+                raise LinkLost("the proxy %s sent an oversized answer" % name)
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1").strip()
+        code = status.split()[1] if len(status.split()) > 1 else "?"
+        if code != "200":
+            failure = PermanentError if code in ("403", "407") else LinkLost
+            raise failure("the proxy %s refused to connect to %s: %s" % (name, target, status[:100]))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 class _Client:
     """What every client role shares: where the router is, how to reach it, retries."""
 
     command = "client"
 
     def __init__(self, router=None, token=None, tls=None, keepalive=KEEPALIVE_INTERVAL,
-                 max_retries=None, grace=GRACE_PERIOD):
+                 max_retries=None, grace=GRACE_PERIOD, backoff=(BACKOFF_FIRST, BACKOFF_MAX),
+                 proxy=None):
         self.router = router or os.environ.get("MINDMELD_ROUTER") or DEFAULT_ROUTER
+        self.ws_path = None             # set for ws:// and wss:// routers
+        address = self.router
+        scheme, sep, rest = address.partition("://")
+        if sep:
+            if scheme not in ("ws", "wss"):
+                raise MindmeldError("bad router address %r: use HOST:PORT, ws://HOST[:PORT]/PATH "
+                                    "or wss://HOST[:PORT]/PATH" % address)
+            address, slash, path = rest.partition("/")
+            self.ws_path = "/" + path if slash else WS_PATH
+            default_port = 443 if scheme == "wss" else 80
+            if scheme == "wss" and tls is None:
+                tls = TlsOptions()
+        else:
+            default_port = DEFAULT_PORT
         self.router_host, self.router_port = parse_hostport(
-            self.router, "localhost", DEFAULT_PORT, "router address")
+            address, "localhost", default_port, "router address")
         self.token = token
         self.tls = tls                  # TlsOptions, or None for plain TCP
+        self.proxy = proxy_for(self.router_host, proxy)
         self.keepalive = keepalive
         self.max_retries = max_retries
         self.grace = grace
+        self.backoff = backoff          # (first delay, cap) in seconds
         self.link = None
         self.tasks = set()
         self.closing = False
@@ -2041,9 +2395,15 @@ class _Client:
         loop = _get_loop()
         where = self.router
         try:
+            if self.proxy is not None:
+                sock = await asyncio.wait_for(
+                    proxy_connect(self.proxy, self.router_host, self.router_port), HANDSHAKE_TIMEOUT)
+                where_to = dict(sock=sock)
+            else:
+                where_to = dict(host=self.router_host, port=self.router_port)
             _transport, link = await asyncio.wait_for(loop.create_connection(
-                lambda: ClientLink(self, self.hello(), pin), self.router_host, self.router_port,
-                ssl=context, server_hostname=self.router_host if context else None),
+                lambda: ClientLink(self, self.hello(), pin), ssl=context,
+                server_hostname=self.router_host if context else None, **where_to),
                 HANDSHAKE_TIMEOUT)
         except asyncio.TimeoutError:
             raise LinkLost("the router at %s did not answer within %.0f s" % (where, HANDSHAKE_TIMEOUT))
@@ -2100,7 +2460,7 @@ class _Client:
 
     async def _supervise(self):
         loop = _get_loop()
-        delays = backoff_delays()
+        delays = backoff_delays(*self.backoff)
         failures = 0
         while not self.closing:
             began = loop.time()
@@ -2127,7 +2487,7 @@ class _Client:
             if self.closing:
                 break
             if loop.time() - began > BACKOFF_RESET_AFTER:
-                delays, failures = backoff_delays(), 0
+                delays, failures = backoff_delays(*self.backoff), 0
             failures += 1
             if self.max_retries is not None and failures > self.max_retries:
                 self._finish(MindmeldError("%s; giving up after %d attempts (--max-retries)"
@@ -2398,8 +2758,7 @@ class Forwarder(_Client):
     async def start(self):
         loop = _get_loop()
         try:
-            self.server = await loop.create_server(lambda: ForwardedStream(self),
-                                                   self.host or None, self.port, backlog=1024)
+            self.server = await _create_server(lambda: ForwardedStream(self), self.host, self.port)
         except OSError as exc:
             raise MindmeldError("cannot listen on %s: %s" % (
                 format_hostport(self.host or "*", self.port), exc.strerror or exc))
@@ -3060,7 +3419,8 @@ def build_parser():
                         "after %d silent intervals (default %.0f)" % (KEEPALIVE_MISSES, KEEPALIVE_INTERVAL))
     client = argparse.ArgumentParser(add_help=False, parents=[role])
     client.add_argument("--router", metavar="HOST:PORT",
-                        help="the router (default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
+                        help="the router: HOST:PORT, ws://HOST[:PORT]/PATH or wss://... "
+                        "(default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
     client.add_argument("--token", help="the router's token (or $MINDMELD_TOKEN)")
     client.add_argument("--token-file", metavar="FILE", help="read the router's token from FILE")
     client.add_argument("--tls", action="store_true", help="TLS to the router: system CAs, else trust "
@@ -3070,6 +3430,9 @@ def build_parser():
                         "this SHA-256 fingerprint, as the router prints it (implies --tls)")
     client.add_argument("--tls-insecure", action="store_true", help="TLS without checking the router "
                         "(warns at every start)")
+    client.add_argument("--proxy", metavar="URL", help="reach the router through this HTTP CONNECT "
+                        "proxy, http://[USER:PASS@]HOST:PORT (default: $HTTPS_PROXY or $ALL_PROXY, "
+                        "unless $NO_PROXY names the router's host)")
     client.add_argument("--state-dir", metavar="DIR", help="where known_routers lives (default: "
                         "$MINDMELD_STATE_DIR, else %s)" % default_state_dir().replace(os.path.expanduser("~"), "~"))
     secret = argparse.ArgumentParser(add_help=False)
@@ -3213,7 +3576,7 @@ def _client_options(args):
         tls = TlsOptions(args.tls_ca, args.tls_fingerprint, args.tls_insecure, known)
     return dict(router=args.router, token=_read_secret(args.token, args.token_file,
                                                          "MINDMELD_TOKEN", "token"),
-                tls=tls, keepalive=args.keepalive)
+                tls=tls, keepalive=args.keepalive, proxy=args.proxy)
 
 
 def _share_pairs(words):
