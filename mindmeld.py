@@ -27,6 +27,7 @@ import errno
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -46,8 +47,8 @@ except ImportError:  # pragma: no cover
     ssl = None
 
 __version__ = "1.0.0"
-__all__ = ["Router", "Sharer", "Forwarder", "list_services", "open_stream",
-           "MindmeldError", "PermanentError", "ProtocolError"]
+__all__ = ["Router", "Sharer", "Forwarder", "Connector", "list_services", "TlsOptions",
+           "router_tls_context", "MindmeldError", "PermanentError", "ProtocolError"]
 
 log = logging.getLogger("mindmeld")
 
@@ -165,9 +166,12 @@ def _dual_stack_socket(port):
         raise
 
 
-async def _create_server(factory, host, port, **options):
-    """loop.create_server, with '::' meaning dual-stack and '' meaning every interface."""
+async def _create_server(factory, host, port, handshake_timeout=None, **options):
+    """loop.create_server, with '::' meaning dual-stack and '' meaning every interface.
+    A TLS handshake is bounded by handshake_timeout (3.7+; 3.6's asyncio cannot)."""
     loop = _get_loop()
+    if options.get("ssl") is not None and handshake_timeout and PY37:
+        options["ssl_handshake_timeout"] = handshake_timeout
     if host == "::":
         sock = _dual_stack_socket(port)
         if sock is not None:
@@ -486,8 +490,10 @@ def classify_preamble(first):
         raise PreambleError("bytes that are not a mindmeld client: %r" % bytes(first[:16]))
     version = first[len(MAGIC)]
     if version != PROTOCOL_VERSION:
-        raise PreambleError("protocol version %d (this router speaks %d)"
-                            % (version, PROTOCOL_VERSION))
+        failure = PreambleError("protocol version %d (this router speaks %d)"
+                                % (version, PROTOCOL_VERSION))
+        failure.version = version
+        raise failure
     return "mindmeld"
 
 
@@ -1060,6 +1066,13 @@ class LocalStream(asyncio.Protocol):
         self.window = ReceiveWindow(link.budget)
         link.streams[stream_id] = self
 
+    def detach(self):
+        """Back to unattached and opening, for another OPEN later (never after data flowed)."""
+        if self.link is not None and self.link.streams.get(self.id) is self:
+            del self.link.streams[self.id]
+        self.link, self.window = None, None
+        self.state, self.credit = StreamState(OPENING), INITIAL_WINDOW
+
     # -- local socket ------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
@@ -1177,6 +1190,8 @@ class LocalStream(asyncio.Protocol):
             self.link.send(encode_frame(WINDOW, self.id, WINDOW_INCREMENT.pack(increment)))
 
     def on_window(self, payload):
+        if len(payload) != WINDOW_INCREMENT.size:
+            raise ProtocolError("WINDOW frame of %d bytes (must be 4)" % len(payload))
         self.credit = add_credit(self.credit, WINDOW_INCREMENT.unpack(payload)[0])
         if self.pending is not None:
             self._flush_pending()           # or joins link.blocked if the link is paused
@@ -1552,6 +1567,18 @@ def _nonce_from(info):
 
 # --- 5a. The router ----------------------------------------------------------
 
+def _checked_secret_frame(ftype, payload, fields):
+    """A CHALLENGE or PROOF reduced to its hex string fields; anything else is an error."""
+    info = decode_json(ftype, payload)
+    out = {}
+    for field in fields:
+        value = info.get(field)
+        if not isinstance(value, str) or len(value) > 128 or any(c not in "0123456789abcdef" for c in value):
+            raise ProtocolError("%s frame without a valid %r" % (FRAME_NAMES[ftype], field))
+        out[field] = value
+    return out
+
+
 class Leg:
     """One side of a relayed stream: which peer, its id there, its credit."""
     __slots__ = ("peer", "id", "other", "credit", "state", "acceptor", "registration")
@@ -1589,6 +1616,7 @@ class RouterPeer(Link):
         self.nonce = os.urandom(16)
         self.agent = "?"
         self.tasks = set()
+        self.draining = False           # sent GOAWAY: close when its last stream ends
         self._handshake_timer = None
         self.ready_dispatch = {
             PING: self.on_ping, PONG: self.on_pong, REGISTER: self.on_register,
@@ -1604,15 +1632,15 @@ class RouterPeer(Link):
         router = self.router
         router.peers.add(self)
         router.handshaking += 1
-        if router.handshaking > MAX_PENDING_HANDSHAKES:
-            log.warning("router: too many unfinished handshakes; dropping %s", self.peer)
-            self.abort("too many unfinished handshakes")
-            return
         self._handshake_timer = self.loop.call_later(
             router.handshake_timeout, self._handshake_expired)
+        if router.handshaking > MAX_PENDING_HANDSHAKES:
+            log.warning("router: too many unfinished handshakes; dropping %s", self.peer)
+            self._handshake_done()
+            self.abort("too many unfinished handshakes")
 
     def _handshake_expired(self):
-        log.warning("router: %s did not complete the handshake within %.0f s; dropping it",
+        log.warning("router: %s did not complete the handshake within %g s; dropping it",
                     self.peer, self.router.handshake_timeout)
         self.close("timeout", "handshake not completed in time")
 
@@ -1633,6 +1661,10 @@ class RouterPeer(Link):
         except PreambleError as exc:
             log.warning("router: %s sent %s; closing", self.peer, exc)
             self.phase = "refused"
+            if getattr(exc, "version", None) is not None:     # frames look alike in every version
+                self.close("version", "this router speaks mindmeld protocol %d, the client %d: use "
+                                      "the same version of mindmeld.py on both" % (PROTOCOL_VERSION, exc.version))
+                return
             if not first.startswith(b"\x16"):
                 self.send(b"mindmeld router: this port speaks the mindmeld protocol "
                           b"(python3 mindmeld.py forward/share/list --router HOST:PORT)\n")
@@ -1695,6 +1727,7 @@ class RouterPeer(Link):
         self.send_json(HELLO, 0, {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
                                   "nonce": self.nonce.hex(), "auth": "token" if token else "none"})
         if token:
+            self.phase = "auth"
             self.dispatch = {AUTH: self.on_auth, PING: self.on_ping}
         else:
             self._ready()
@@ -1704,6 +1737,7 @@ class RouterPeer(Link):
         expected = _auth_mac(self.router.token, self.nonce)
         if not hmac.compare_digest(mac.encode(), expected.encode()):
             log.warning("router: %s presented a wrong or missing token; refused", self.peer)
+            self.phase = "refused"
             self.close("auth", "wrong or missing token for this router")
             return
         self.send_json(AUTH, 0, {"ok": True})
@@ -1738,9 +1772,13 @@ class RouterPeer(Link):
         self.send_json(LIST_REPLY, request_id, {"services": services})
 
     def on_goaway(self, _id, payload):
+        """The peer is leaving: its names are free at once, its open streams may finish."""
         info = decode_json(GOAWAY, payload)
         log.debug("router: %s is going away (%s)", self.peer, info.get("message", ""))
-        self.router.unregister_all(self, "its sharer is shutting down")
+        self.draining = True
+        why = ("its sharer is shutting down" if info.get("code") == "shutdown" else
+               "its sharer closed the link: %s" % short_reason(info.get("message", "")))
+        self.router.unregister_all(self, why, reset_streams=False)
         if not self.legs:
             self.close()
 
@@ -1752,14 +1790,17 @@ class RouterPeer(Link):
         info = decode_json(OPEN, payload)
         name = info.get("service")
         registration = self.router.services.get(name) if valid_name(name) else None
-        if len(self.legs) >= MAX_STREAMS_PER_PEER:
+        code = None
+        if self.draining:
+            reason, code = "this link is going away", "going-away"
+        elif len(self.legs) >= MAX_STREAMS_PER_PEER:
             reason = "too many open streams on this link (limit %d)" % MAX_STREAMS_PER_PEER
         elif registration is None or registration.peer.closing:
-            reason = "no service named %r is registered on this router" % (name,)
+            reason, code = "no service named %r is registered on this router" % (name,), "no-service"
         else:
             reason = None
         if reason:
-            self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason)})
+            self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
             return
         sharer = registration.peer
         here = Leg(self, stream_id, False, registration)
@@ -1798,6 +1839,8 @@ class RouterPeer(Link):
         other.peer.relay_data(other.id, payload)
 
     def on_window(self, stream_id, payload):
+        if len(payload) != WINDOW_INCREMENT.size:
+            raise ProtocolError("WINDOW frame of %d bytes (must be 4)" % len(payload))
         leg = self._leg(stream_id, WINDOW)
         if leg is not None:
             other = leg.other
@@ -1847,12 +1890,17 @@ class RouterPeer(Link):
     def on_challenge(self, stream_id, payload):
         leg = self._opening_leg(stream_id, CHALLENGE, True)
         if leg is not None:
-            leg.other.peer.send(encode_frame(CHALLENGE, leg.other.id, bytes(payload)))
+            info = _checked_secret_frame(CHALLENGE, payload, ("nonce",))
+            leg.other.peer.send_json(CHALLENGE, leg.other.id, info)
 
     def on_proof(self, stream_id, payload):
+        """Checked here, so that a forwarder's bad PROOF costs it its link, not the sharer's."""
         leg = self._opening_leg(stream_id, PROOF, False)
         if leg is not None:
-            leg.other.peer.send(encode_frame(PROOF, leg.other.id, bytes(payload)))
+            if not leg.registration.verifier:
+                raise ProtocolError("PROOF for %r, which has no secret" % leg.registration.name)
+            info = _checked_secret_frame(PROOF, payload, ("proof", "nonce"))
+            leg.other.peer.send_json(PROOF, leg.other.id, info)
 
     def relay_data(self, stream_id, payload):
         if self.closing:
@@ -1864,7 +1912,10 @@ class RouterPeer(Link):
             self.abort("peer stopped reading")
 
     def on_lost(self, reason):
-        if self.phase == "hello" or (self.phase == "preamble" and self._handshake_timer):
+        if self.phase == "auth":
+            log.warning("router: %s left without proving the token (it needs --token); refused",
+                        self.peer)
+        elif self.phase == "hello" or (self.phase == "preamble" and self._handshake_timer):
             log.debug("router: %s left during the handshake: %s", self.peer, reason)
         self._handshake_done()
         self.router.peer_lost(self, reason)
@@ -1905,7 +1956,7 @@ class Router:
         self.done = loop.create_future()
         try:
             self.server = await _create_server(lambda: RouterPeer(self), self.host, self.port,
-                                               ssl=self.ssl_context)
+                                               self.handshake_timeout, ssl=self.ssl_context)
         except OSError as exc:
             raise MindmeldError("cannot listen on %s: %s" % (
                 format_hostport(self.host or "*", self.port), exc.strerror or exc))
@@ -1973,20 +2024,22 @@ class Router:
             await asyncio.sleep(0.02)   # a bounded poll of a counter; the link has no event for it
         return False
 
-    def unregister(self, registration, reason):
+    def unregister(self, registration, reason, reset_streams=True):
         if self.services.get(registration.name) is registration:
             del self.services[registration.name]
         peer = registration.peer
         if registration in peer.registrations:
             peer.registrations.remove(registration)
-        for leg in [l for l in peer.legs.values() if l.registration is registration]:
-            leg.other.peer.send_json(RESET, leg.other.id, {"reason": short_reason(reason)})
-            self.end_stream(leg)
+        if reset_streams:
+            for leg in [l for l in peer.legs.values() if l.registration is registration]:
+                leg.other.peer.send_json(RESET, leg.other.id, {"reason": short_reason(reason)})
+                self.end_stream(leg)
 
-    def unregister_all(self, peer, why):
+    def unregister_all(self, peer, why, reset_streams=True):
         for registration in list(peer.registrations):
             log.info("router: %r unregistered: %s", registration.name, why)
-            self.unregister(registration, "the sharer of %r went away" % registration.name)
+            self.unregister(registration, "the sharer of %r went away" % registration.name,
+                            reset_streams)
 
     def end_stream(self, leg):
         other = leg.other
@@ -1994,6 +2047,9 @@ class Router:
             leg.registration.streams -= 1
         other.peer.legs.pop(other.id, None)
         leg.state.state = other.state.state = CLOSED
+        for peer in (leg.peer, other.peer):
+            if peer.draining and not peer.legs:
+                peer.close()
 
     def peer_lost(self, peer, reason):
         self.peers.discard(peer)
@@ -2024,6 +2080,16 @@ class Router:
 
 # --- 5b. The clients --------------------------------------------------------
 
+# Stream frames a client hands to its LocalStream: (type, method, payload decoder).
+CLIENT_STREAM_ROUTES = (
+    (WINDOW, "on_window", None), (EOF, "on_eof", None), (RESET, "on_reset", None),
+    (OPEN_OK, "on_open_ok", None),
+    (OPEN_REFUSED, "on_open_refused", lambda p: decode_json(OPEN_REFUSED, p)),
+    (CHALLENGE, "on_challenge", lambda p: decode_json(CHALLENGE, p)),
+    (PROOF, "on_proof", lambda p: decode_json(PROOF, p)),
+)
+
+
 class ClientLink(Link):
     """A client's link to the router: hello (+ token), requests, and its streams."""
 
@@ -2046,10 +2112,10 @@ class ClientLink(Link):
         self.dispatch.update({
             HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self.on_reply,
             LIST_REPLY: self.on_reply, GOAWAY: self.on_goaway, OPEN: self.on_open,
-            DATA: self.on_data, WINDOW: self.on_window, EOF: self.on_eof, RESET: self.on_reset,
-            OPEN_OK: self.on_open_ok, OPEN_REFUSED: self.on_open_refused,
-            CHALLENGE: self.on_challenge, PROOF: self.on_proof,
+            DATA: self.on_data,         # the hot path, routed by hand
         })
+        for ftype, method, decode in CLIENT_STREAM_ROUTES:
+            self.dispatch[ftype] = self._route_to_stream(ftype, method, decode)
 
     def connection_made(self, transport):
         Link.connection_made(self, transport)
@@ -2202,40 +2268,13 @@ class ClientLink(Link):
         if stream is not None:
             stream.on_data(payload)
 
-    def on_window(self, stream_id, payload):
-        stream = self._stream(stream_id, WINDOW)
-        if stream is not None:
-            stream.on_window(payload)
-
-    def on_eof(self, stream_id, payload):
-        stream = self._stream(stream_id, EOF)
-        if stream is not None:
-            stream.on_eof(payload)
-
-    def on_reset(self, stream_id, payload):
-        stream = self._stream(stream_id, RESET)
-        if stream is not None:
-            stream.on_reset(payload)
-
-    def on_open_ok(self, stream_id, payload):
-        stream = self._stream(stream_id, OPEN_OK)
-        if stream is not None:
-            stream.on_open_ok(payload)
-
-    def on_open_refused(self, stream_id, payload):
-        stream = self._stream(stream_id, OPEN_REFUSED)
-        if stream is not None:
-            stream.on_open_refused(decode_json(OPEN_REFUSED, payload).get("reason", "refused"))
-
-    def on_challenge(self, stream_id, payload):
-        stream = self._stream(stream_id, CHALLENGE)
-        if stream is not None:
-            stream.on_challenge(decode_json(CHALLENGE, payload))
-
-    def on_proof(self, stream_id, payload):
-        stream = self._stream(stream_id, PROOF)
-        if stream is not None:
-            stream.on_proof(decode_json(PROOF, payload))
+    def _route_to_stream(self, ftype, method, decode):
+        """A handler that hands a stream frame to the stream's `method`."""
+        def handler(stream_id, payload):
+            stream = self._stream(stream_id, ftype)
+            if stream is not None:
+                getattr(stream, method)(decode(payload) if decode else payload)
+        return handler
 
     def stream_closed(self, stream):
         if self.streams.get(stream.id) is stream:
@@ -2371,6 +2410,7 @@ class _Client:
         self.grace = grace
         self.backoff = backoff          # (first delay, cap) in seconds
         self.link = None
+        self.outages = 0                # failed attempts and lost links so far
         self.tasks = set()
         self.closing = False
         self.link_up = None            # an Event, made inside the loop (3.6-3.9 bind loops)
@@ -2473,6 +2513,9 @@ class _Client:
                 reason = await link.lost
                 if isinstance(link.failure, PermanentError):
                     raise link.failure
+                if (link.goaway or {}).get("code") == "shutdown":
+                    # A router restart is not a failure: try again at once, then back off.
+                    delays, failures = itertools.chain([0.0], backoff_delays(*self.backoff)), -1
             except PermanentError as exc:
                 self._finish(exc)
                 return
@@ -2480,6 +2523,7 @@ class _Client:
                 reason = str(exc) or "timed out"
             finally:
                 self.link_up.clear()
+                self.outages += 1
                 if self.link is not None:
                     self.link.abort("link down")
                     self.link_down(self.link, "link down")
@@ -2490,8 +2534,8 @@ class _Client:
                 delays, failures = backoff_delays(*self.backoff), 0
             failures += 1
             if self.max_retries is not None and failures > self.max_retries:
-                self._finish(MindmeldError("%s; giving up after %d attempts (--max-retries)"
-                                           % (reason, failures)))
+                self._finish(MindmeldError("%s; giving up after %d retries (--max-retries)"
+                                           % (reason, self.max_retries)))
                 return
             delay = next(delays)
             log.warning("%s: %s; retrying in %.1f s", self.command, reason, delay)
@@ -2499,15 +2543,19 @@ class _Client:
         self._finish()
 
     async def close(self, grace=0.0):
-        """Stop: no new streams, open ones get `grace` seconds, then everything closes."""
+        """Stop: no new streams (a sharer's names are released at once, by GOAWAY), open
+        ones get `grace` seconds, then everything closes."""
         self.closing = True
         await self.stop_accepting()
+        link = self.link
+        if link is not None:
+            link.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the %s is shutting down" % self.command})
         deadline = _get_loop().time() + grace
         while grace and self.open_streams() and _get_loop().time() < deadline:
             await asyncio.sleep(0.05)       # bounded by `grace`
         link = self.link
         if link is not None:
-            link.close("shutdown", "the %s is shutting down" % self.command)
+            link.close()
             try:
                 await asyncio.wait_for(asyncio.shield(link.lost), 1.0)
             except asyncio.TimeoutError:
@@ -2560,7 +2608,8 @@ class SharedStream(LocalStream):
     def on_proof(self, info):
         sharer, name = self.sharer, self.service
         if self.challenge is None or self.state.state != OPENING:
-            raise ProtocolError("PROOF without a challenge")
+            self.reset("PROOF without a challenge")     # the forwarder's fault, not the router's
+            return
         expected = _secret_mac(sharer.secret, "open", name, self.challenge)
         self.challenge = None
         if not hmac.compare_digest(str(info.get("proof", "")).encode(), expected.encode()):
@@ -2621,7 +2670,9 @@ class Sharer(_Client):
         stream = SharedStream(link, stream_id)
         stream.sharer, stream.service = self, name
         stream.label = "%s#%d" % (name, stream_id)
-        if target is None:
+        if self.closing:
+            stream.refuse("the sharer of %r is shutting down" % (name,))
+        elif target is None:
             stream.refuse("%r is not shared here" % (name,))
         elif self.secret:
             stream.challenge = os.urandom(16)
@@ -2660,6 +2711,8 @@ class Sharer(_Client):
 class ForwardedStream(LocalStream):
     """A local connection accepted by a forwarder: one stream to the service."""
 
+    wait_until = 0.0                # a connection that waited for the router may wait this long
+
     def __init__(self, forwarder):
         LocalStream.__init__(self)
         self.forwarder = forwarder
@@ -2696,10 +2749,14 @@ class ForwardedStream(LocalStream):
     def refused(self, reason):
         log.warning("forward: connection to %r refused: %s", self.forwarder.service, reason)
 
-    def on_open_refused(self, reason):
+    def on_open_refused(self, info):
         self._cancel_timer()
         if self.state.state != OPENING:
             raise ProtocolError("OPEN_REFUSED on an open stream")
+        reason = short_reason(info.get("reason", "refused"))
+        if info.get("code") == "no-service" and self.link.loop.time() < self.wait_until:
+            self.forwarder.wait_for_service(self)   # waited for the router: its sharer may be next
+            return
         self.refused(reason)
         self.state.state = CLOSED
         self._forget()
@@ -2774,14 +2831,38 @@ class Forwarder(_Client):
         elif self.link is not None and self.link_up.is_set() and not self.link.closing:
             self._open(self.link, stream)
         else:
+            loop = _get_loop()
+            if self.outages:    # after an outage the router may come back before the sharer
+                stream.wait_until = loop.time() + self.pending_timeout
             self.waiting.append(stream)
-            stream.timer = _get_loop().call_later(self.pending_timeout, self._expire, stream)
+            stream.timer = loop.call_later(self.pending_timeout, self._expire, stream)
+
+    def wait_for_service(self, stream):
+        """The router is back but the service is not (yet): ask again shortly, until the
+        connection's own deadline."""
+        stream.detach()
+        loop = _get_loop()
+        self.waiting.append(stream)
+        stream.timer = loop.call_later(min(0.25, max(0.0, stream.wait_until - loop.time())),
+                                       self._ask_again, stream)
+
+    def _ask_again(self, stream):
+        if stream not in self.waiting:
+            return
+        loop = _get_loop()
+        if loop.time() >= stream.wait_until:
+            return self._expire(stream)
+        if self.link is not None and self.link_up.is_set() and not self.link.closing:
+            self.waiting.remove(stream)
+            self._open(self.link, stream)
+        else:
+            stream.timer = loop.call_later(stream.wait_until - loop.time(), self._expire, stream)
 
     def _expire(self, stream):
         if stream in self.waiting:
             self.waiting.remove(stream)
-            log.warning("forward: no router link within %.0f s; closing a waiting connection",
-                        self.pending_timeout)
+            log.warning("forward: %r not reachable within %g s; closing a waiting connection",
+                        self.service, self.pending_timeout)
             stream.closed = True
             stream.transport.close()
 
@@ -2847,16 +2928,22 @@ class _StdioTransport(asyncio.Transport):
             if not data:
                 return
 
+    _EOF, _CLOSE = object(), object()
+
     def _writer(self):
         while True:
             item = self._writes.get()
-            if item is None:            # EOF, or close
-                try:
-                    os.close(self._write_fd)
-                except OSError:
-                    pass
-                self._call(self._connection_lost)
-                return
+            if item is self._EOF or item is self._CLOSE:
+                if self._write_fd is not None:      # EOF for whoever reads our stdout
+                    try:
+                        os.close(self._write_fd)
+                    except OSError:
+                        pass
+                    self._write_fd = None
+                if item is self._CLOSE:
+                    self._call(self._connection_lost)
+                    return
+                continue
             try:
                 view = memoryview(item)
                 while view:
@@ -2915,12 +3002,12 @@ class _StdioTransport(asyncio.Transport):
         return True
 
     def write_eof(self):
-        self._writes.put(None)
+        self._writes.put(self._EOF)
 
     def close(self):
         if not self._closing:
             self._closing = True
-            self._writes.put(None)
+            self._writes.put(self._CLOSE)
 
     def abort(self):
         self.close()
@@ -2936,7 +3023,14 @@ class StdioStream(ForwardedStream):
         self.failure = None
 
     def refused(self, reason):
-        self.failure = self.failure or "cannot open a stream to %r: %s" % (self.connector.service, reason)
+        self.fail_with("cannot open a stream to %r: %s" % (self.connector.service, reason))
+
+    def fail_with(self, text):
+        """Say it now: a parent like ssh ends us as soon as our stdout closes."""
+        if self.failure is None:
+            self.failure = text
+            sys.stderr.write("mindmeld connect: error: %s\n" % text)
+            sys.stderr.flush()
 
     def connection_made(self, transport):
         LocalStream.connection_made(self, transport)
@@ -2945,19 +3039,19 @@ class StdioStream(ForwardedStream):
         LocalStream.connection_lost(self, exc)
         self.connector.finished(self)
 
-    def on_open_refused(self, reason):
-        self.refused(reason)
+    def on_open_refused(self, info):
+        self.refused(short_reason(info.get("reason", "refused")))
         self.state.state = CLOSED
         self._forget()
         self.transport.close()
 
     def on_reset(self, payload):
         reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
-        self.failure = "the stream to %r was reset: %s" % (self.connector.service, reason)
+        self.fail_with("the stream to %r was reset: %s" % (self.connector.service, reason))
         LocalStream.on_reset(self, payload)
 
     def link_lost(self, reason):
-        self.failure = self.failure or "the link to the router was lost: %s" % reason
+        self.fail_with("the link to the router was lost: %s" % reason)
         ForwardedStream.link_lost(self, reason)
 
 
@@ -2985,11 +3079,9 @@ class Connector(_Client):
                 read_fd, write_fd = _take_stdio()
             _StdioTransport(_get_loop(), stream, read_fd, write_fd)
             await self.ended
-            if stream.failure:
-                raise MindmeldError(stream.failure)
         finally:
             link.close()
-        return 0
+        return 1 if stream.failure else 0      # a failure was already reported on stderr
 
     def finished(self, stream):
         if self.ended is not None and not self.ended.done():
@@ -3246,7 +3338,7 @@ def _proc_peak_rss_mb(pid):
 class _Child:
     """A role started as `python3 mindmeld.py ...`; waits for its "listening on" line."""
 
-    def __init__(self, argv, pattern):
+    def __init__(self, argv, pattern, fingerprint=None):
         import subprocess
         import threading
         import queue
@@ -3254,7 +3346,7 @@ class _Child:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = None
+        self.port = self.fingerprint = None
         deadline = time.monotonic() + 30
         while self.port is None:
             try:
@@ -3264,6 +3356,8 @@ class _Child:
             if line is None:
                 self.stop()
                 raise MindmeldError("bench: %s did not start" % " ".join(argv[1:3]))
+            if fingerprint is not None and fingerprint.search(line):
+                self.fingerprint = fingerprint.search(line).group(1)
             found = pattern.search(line)
             if found:
                 self.port = int(found.group(1)) if found.groups() else 0
@@ -3297,11 +3391,58 @@ def serve_bench_target(lifetime=900.0):
     return 0
 
 
-def run_bench(quick=False, json_path=None, out=sys.stdout):
+class _InProcessRoles:
+    """The three roles in one background event loop: how bench runs when piped in."""
+
+    def __init__(self, target_port, tls):
+        import threading
+        import queue
+        self.ready = queue.Queue()
+        self.loop = None
+        self.thread = threading.Thread(target=self._main, args=(target_port, tls), daemon=True)
+        self.thread.start()
+        outcome = self.ready.get(timeout=60)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.port = outcome
+
+    def _main(self, target_port, tls):
+        log.setLevel(logging.WARNING)       # the roles' lines would interleave with the bench's
+
+        async def main():
+            import tempfile
+            self.loop, self.stop = _get_loop(), asyncio.Event()
+            context, client_tls = None, None
+            if tls:
+                context, fingerprint = router_tls_context(None, None, tempfile.mkdtemp())
+                client_tls = TlsOptions(fingerprint=fingerprint)
+            router = await Router("127.0.0.1", 0, ssl_context=context).start()
+            where = "127.0.0.1:%d" % router.port
+            sharer = Sharer({"bench": ("127.0.0.1", target_port)}, router=where, tls=client_tls)
+            forwarder = Forwarder("bench", "127.0.0.1", 0, router=where, tls=client_tls)
+            for role in (sharer, forwarder):
+                await role.start()
+                await role.wait_ready(30)
+            self.ready.put(forwarder.port)
+            await self.stop.wait()
+            for role in (forwarder, sharer, router):
+                await role.close()
+        try:
+            _run(main())
+        except BaseException as exc:
+            self.ready.put(exc)
+
+    def close(self):
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.stop.set)
+            self.thread.join(10)
+
+
+def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdout):
     """`mindmeld.py bench`: router, sharer and forwarder as separate processes, a target,
     and the same measurements through the tunnel and straight to the target."""
-    import re
     import threading
+    import tempfile
     sizes = BENCH_SIZES["quick" if quick else "default"]
     pattern = _bench_pattern()
     script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
@@ -3311,7 +3452,7 @@ def run_bench(quick=False, json_path=None, out=sys.stdout):
         sys.stderr.flush()
 
     port_re = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-    children, results = [], {}
+    children, results, in_process = [], {}, None
     stop = threading.Event()
     if script is not None:      # the target in its own process: no GIL shared with the client
         children.append(_Child([script, "bench", "--serve-target"], port_re))
@@ -3326,41 +3467,126 @@ def run_bench(quick=False, json_path=None, out=sys.stdout):
         say("direct to the target on 127.0.0.1:%d" % target_port)
         results["direct"] = _bench_measure(target_port, sizes, pattern, lambda t: say("  direct: " + t))
         if script is None:
-            say("this script was piped in (python3 -), so it cannot start the roles as separate "
-                "processes; save it as mindmeld.py and run 'python3 mindmeld.py bench' to measure")
-            return 1
-        router = _Child([script, "router", "--listen", "127.0.0.1:0"], port_re)
-        children.append(router)
-        where = "127.0.0.1:%d" % router.port
-        children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port,
-                                 "--router", where], re.compile(r"sharing 'bench'")))
-        forwarder = _Child([script, "forward", "bench", "127.0.0.1:0", "--router", where],
-                           re.compile(r"forwarding 127\.0\.0\.1:(\d+)"))
-        children.append(forwarder)
-        say("router, sharer and forwarder started (pids %s)"
-            % ", ".join(str(c.process.pid) for c in children))
-        pids = [c.process.pid for c in children[1:]]
+            say("this script was piped in (python3 -), so it cannot start itself as separate "
+                "processes: the router, sharer and forwarder run in this process, beside the "
+                "client, and share its CPU (save it as mindmeld.py for fair numbers)")
+            in_process = _InProcessRoles(target_port, tls)
+            port, pids, router_pid = in_process.port, [], None
+        else:
+            state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+            router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
+                            + (["--tls"] if tls else []), port_re,
+                            fingerprint=re.compile(r"fingerprint: ([0-9A-F:]+)") if tls else None)
+            children.append(router)
+            options = ["--router", "127.0.0.1:%d" % router.port]
+            if tls:
+                options += ["--tls-fingerprint", router.fingerprint]
+            children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port] + options,
+                                   re.compile(r"sharing 'bench'")))
+            forwarder = _Child([script, "forward", "bench", "127.0.0.1:0"] + options,
+                               re.compile(r"forwarding 127\.0\.0\.1:(\d+)"))
+            children.append(forwarder)
+            say("router%s, sharer and forwarder started (pids %s)" % (
+                " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:])))
+            port, pids, router_pid = forwarder.port, [c.process.pid for c in children[1:]], router.process.pid
         cpu_before = [_proc_cpu_seconds(p) for p in pids]
         results["mindmeld"] = result = _bench_measure(
-            forwarder.port, sizes, pattern, lambda t: say("  mindmeld: " + t))
+            port, sizes, pattern, lambda t: say("  mindmeld: " + t))
         cpu_after = [_proc_cpu_seconds(p) for p in pids]
-        if None not in cpu_before + cpu_after:
-            cpu = sum(cpu_after) - sum(cpu_before)
-            result["cpu_s_per_GB"] = cpu / (result["bytes_moved"] / 1e9)
-        else:
-            result["cpu_s_per_GB"] = None
-        result["router_peak_rss_MB"] = _proc_peak_rss_mb(router.process.pid)
+        result["cpu_s_per_GB"] = None
+        if pids and None not in cpu_before + cpu_after:
+            result["cpu_s_per_GB"] = (sum(cpu_after) - sum(cpu_before)) / (result["bytes_moved"] / 1e9)
+        result["router_peak_rss_MB"] = _proc_peak_rss_mb(router_pid) if router_pid else None
+        if scale and pids:
+            results["scale"] = _run(_bench_scale(port, pids, say))
     finally:
         stop.set()
+        if in_process is not None:
+            in_process.close()
         for child in reversed(children):
             child.stop()
     _bench_report(results, out)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"mindmeld": results["mindmeld"], "direct": results["direct"],
+                       "scale": results.get("scale"), "tls": tls, "in_process": script is None,
                        "python": sys.version.split()[0], "quick": quick}, f, indent=2)
         say("wrote %s" % json_path)
     return 0
+
+
+def _proc_rss_mb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+async def _bench_scale(port, pids, say):
+    """Memory and scale: 1,000 idle streams, 5,000 concurrent verified streams,
+    100 stalled readers.  pids are the router's, the sharer's and the forwarder's."""
+    loop = _get_loop()
+    result = {}
+
+    async def open_echo():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"E!")
+        if await reader.readexactly(1) != b"!":
+            raise MindmeldError("bench: an echo stream answered wrongly")
+        return reader, writer
+
+    say("scale: 1000 idle streams")
+    rss_before = [_proc_rss_mb(p) for p in pids]
+    gate = asyncio.Semaphore(200)
+
+    async def gated(coro_factory):
+        async with gate:
+            return await coro_factory()
+    idle = await asyncio.gather(*[gated(open_echo) for _ in range(1000)])
+    result["router_rss_1000_idle_MB"] = _proc_rss_mb(pids[0])
+    result["rss_growth_1000_idle_MB"] = [a - b for a, b in zip([_proc_rss_mb(p) for p in pids], rss_before)]
+    for _reader, writer in idle:
+        writer.close()
+
+    say("scale: 5000 concurrent streams, 16 KiB each way, verified")
+
+    async def exchange():
+        reader, writer = await open_echo()
+        message = os.urandom(16384)
+        writer.write(message)
+        writer.write_eof()
+        echoed = await reader.read(-1)
+        writer.close()
+        return echoed == message
+    began = loop.time()
+    outcomes = await asyncio.gather(*[gated(exchange) for _ in range(5000)], return_exceptions=True)
+    result["streams_5000_ok"] = sum(1 for o in outcomes if o is True)
+    result["streams_5000_s"] = loop.time() - began
+
+    say("scale: 100 stalled readers pushed at")
+    rss_before = [_proc_rss_mb(p) for p in pids]
+    stalled = []
+    for _ in range(100):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"D" + struct.pack("!Q", 1 << 40))         # a download that is never read
+        stalled.append(writer)
+    previous, steady_since = None, loop.time()
+    deadline = loop.time() + 15
+    while loop.time() < deadline:       # until memory stops moving for 1 s (bounded)
+        await asyncio.sleep(0.2)
+        now = [_proc_rss_mb(p) for p in pids]
+        if previous is None or max(abs(a - b) for a, b in zip(now, previous)) > 0.5:
+            previous, steady_since = now, loop.time()
+        elif loop.time() - steady_since > 1.0:
+            break
+    result["rss_growth_100_stalled_MB"] = [a - b for a, b in zip(previous, rss_before)]
+    for writer in stalled:
+        writer.close()
+    return result
 
 
 def _bench_report(results, out):
@@ -3371,10 +3597,20 @@ def _bench_report(results, out):
     mine, direct = results["mindmeld"], results["direct"]
 
     def cell(value):
+        if isinstance(value, list):
+            return "/".join("%.1f" % v for v in value)
         return "-" if value is None else "%.0f" % value if value >= 100 else "%.2f" % value
     out.write("%-30s %10s %10s\n" % ("", "mindmeld", "direct"))
     for key, label in rows:
         out.write("%-30s %10s %10s\n" % (label, cell(mine.get(key)), cell(direct.get(key))))
+    scale = results.get("scale")
+    if scale:
+        out.write("\nscale (router/sharer/forwarder where three numbers are given)\n")
+        out.write("  router RSS with 1000 idle streams, MB   %s\n" % cell(scale["router_rss_1000_idle_MB"]))
+        out.write("  RSS growth, 1000 idle streams, MB       %s\n" % cell(scale["rss_growth_1000_idle_MB"]))
+        out.write("  5000 concurrent streams verified        %d of 5000 in %.1f s\n"
+                  % (scale["streams_5000_ok"], scale["streams_5000_s"]))
+        out.write("  RSS growth, 100 stalled readers, MB     %s\n" % cell(scale["rss_growth_100_stalled_MB"]))
     out.flush()
 
 
@@ -3441,7 +3677,7 @@ def build_parser():
     secret.add_argument("--secret-file", metavar="FILE", help="read the service secret from FILE")
     retrying = argparse.ArgumentParser(add_help=False)
     retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
-                          help="give up after N failed attempts in a row (default: never)")
+                          help="give up after N retries in a row (default: never)")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -3496,6 +3732,9 @@ def build_parser():
                                    "streams and CPU through the tunnel and straight to the target.")
     p.add_argument("--quick", action="store_true", help="smaller transfers (under 10 s)")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--tls", action="store_true", help="TLS on the router's links")
+    p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
+                   "100 stalled streams, and 5,000 concurrent streams (about 15 s more)")
     p.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
     parser.commands = sub.choices
     return parser
@@ -3630,7 +3869,7 @@ def _run_list(args):
 def _run_bench(args):
     if args.serve_target:
         return serve_bench_target()
-    return run_bench(quick=args.quick, json_path=args.json)
+    return run_bench(quick=args.quick, json_path=args.json, tls=args.tls, scale=args.scale)
 
 
 def _run_connect(args):

@@ -11,23 +11,38 @@ Only 127.0.0.1 is ever used.
   TestTunnel       router + sharer + forwarder as library objects in one event loop
   TestMemoryBound  the three roles as command-line processes, a reader that stalls
   TestCommandLine  the command line end to end, errors, signals, `python3 -`
+  TestConnect, TestWebSocket, TestRouterHttp, TestProxy, TestSeveralServices, TestListen
+                   reach: stdin/stdout streams, HTTP fronts, proxies, IPv6
+  TestStayingUp, TestStayingUpCommandLine
+                   keepalive, reconnection, outages, signals, no leaks over reconnects
+  TestTlsCommandLine, TestRouterToken, TestServiceSecret, TestHostilePeers, TestHostileTls,
+  TestFuzz         security: TLS without a PKI, tokens, secrets, hostile peers, a seeded fuzz
 """
 
 import asyncio
+import base64
+import collections
+import gc
 import hashlib
 import json
 import logging
 import os
 import queue
+import random
 import re
 import select
+import shutil
 import signal
 import socket
+import ssl
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,12 +51,16 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from mindmeld import (  # noqa: E402
+    AUTH, CHALLENGE, GOAWAY, HEADER, LIST, OPEN_OK, OPEN_REFUSED, PROOF, REGISTER, REGISTERED,
+    TlsOptions, router_tls_context,
     DATA, EOF, HEADER_SIZE, HELLO, INITIAL_WINDOW, LIST_REPLY, MAGIC, MAX_CONTROL,
     MAX_DATA, MAX_LIST_REPLY, MAX_WINDOW, OPEN, PING, PONG, PREAMBLE, PROTOCOL_VERSION,
     RESET, WINDOW, FrameDecoder, Forwarder, MindmeldError, PermanentError, PreambleError,
     ProtocolError, ReceiveWindow, Router, Sharer, StreamState, STREAM_TRANSITIONS,
     WindowBudget, check_name, classify_preamble, encode_frame, encode_json, list_services,
     parse_hostport, valid_name)
+
+import mindmeld  # noqa: E402
 
 LOCALHOST = "127.0.0.1"
 MB = 1024 * 1024
@@ -972,9 +991,15 @@ class TestTunnel(LoopTestCase):
 # Subprocess helpers
 # ---------------------------------------------------------------------------
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                   "http_proxy", "NO_PROXY", "no_proxy")
+
+
 def cli_env(**extra):
+    """The environment for a command-line subprocess: none of the machine's own mindmeld,
+    PORT or proxy settings, so that only what a test sets applies."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MINDMELD_") and k != "PORT"}
+           if not k.startswith("MINDMELD_") and k != "PORT" and k not in PROXY_VARIABLES}
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(extra)
@@ -1485,6 +1510,2958 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         self.assertEqual(exchange(port, payload), payload)
         code, lines = share.signal(signal.SIGTERM)
         self.assertEqual(code, 0, lines)
+
+
+# ---------------------------------------------------------------------------
+# 6. Reach: connect (stdin/stdout), WebSocket, the router's HTTP face, HTTP
+#    CONNECT proxies, several services on one sharer, IPv6, $PORT
+# ---------------------------------------------------------------------------
+
+reach_env = cli_env       # cli_env() already drops the machine's proxy settings
+
+
+if hasattr(asyncio, "current_task"):        # 3.7+
+    def _current_task(loop):
+        return asyncio.current_task(loop)
+else:                                       # 3.6
+    def _current_task(loop):
+        return asyncio.Task.current_task(loop)
+
+
+def ipv6_loopback():
+    """True when ::1 can be bound here."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HAVE_IPV6 = ipv6_loopback()
+
+
+class LoopThread:
+    """An asyncio loop in a thread of its own, for in-test servers (targets, proxies)
+    that must keep serving while the test thread blocks on a subprocess."""
+
+    def __init__(self, test):
+        self.loop = asyncio.new_event_loop()
+        self.servers, self.writers, self.tasks, self.errors = [], set(), set(), []
+        self._thread = threading.Thread(target=self._run)
+        self._thread.daemon = True
+        self._thread.start()
+        test.addCleanup(self.close)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def serve(self, handler, host=LOCALHOST, ssl_context=None):
+        """A server running handler(reader, writer) per connection: its port."""
+        async def connection(reader, writer):
+            task = _current_task(self.loop)
+            self.tasks.add(task)
+            self.writers.add(writer)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                pass
+            except Exception as exc:            # noqa: BLE001 - the test looks at errors
+                self.errors.append(exc)
+            finally:
+                writer.close()
+                self.writers.discard(writer)
+                self.tasks.discard(task)
+
+        async def start():
+            server = await asyncio.start_server(connection, host, 0, ssl=ssl_context)
+            self.servers.append(server)
+            return server.sockets[0].getsockname()[1]
+        return self.call(start())
+
+    def close(self):
+        async def shutdown():
+            for server in self.servers:
+                server.close()
+            for writer in list(self.writers):
+                writer.close()
+            tasks = [t for t in self.tasks if not t.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+        try:
+            self.call(shutdown(), 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self.loop.close()
+
+
+async def pipe(reader, writer):
+    """Copy until EOF, then pass the EOF on (half-close) where the transport can."""
+    for _ in range(1000000):
+        data = await reader.read(CHUNK)
+        if not data:
+            break
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof() and not writer.transport.is_closing():
+        writer.write_eof()
+
+
+async def splice(r1, w1, r2, w2):
+    """Bytes both ways between two connections until both directions ended."""
+    async def one(reader, writer, other):
+        try:
+            await pipe(reader, writer)
+        except (ConnectionError, OSError):
+            other.transport.abort()             # one side broke: so does the other
+            writer.transport.abort()
+    try:
+        await asyncio.gather(one(r1, w2, w1), one(r2, w1, w2))
+    finally:
+        w1.close()
+        w2.close()
+
+
+async def read_head(reader):
+    """An HTTP request head: (method, target, version, [(name, value)])."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")[:-2]
+    method, target, version = lines[0].split(" ", 2)
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    return method, target, version, headers
+
+
+def header(headers, name):
+    values = [v for k, v in headers if k.lower() == name.lower()]
+    return values[0] if values else None
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy: records every request, then pipes bytes both ways.
+    With `answer`, it sends that instead (say a 407) and closes."""
+
+    def __init__(self, loops, answer=None):
+        self.requests = []                      # (request line, Proxy-Authorization)
+        self.answer = answer
+        self.port = loops.serve(self.handle)
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    async def handle(self, reader, writer):
+        method, target, version, headers = await read_head(reader)
+        self.requests.append(("%s %s %s" % (method, target, version),
+                              header(headers, "Proxy-Authorization")))
+        if self.answer is not None:
+            writer.write(self.answer)
+            await writer.drain()
+            return
+        if method != "CONNECT":
+            writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return
+        host, _, port = target.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await splice(reader, writer, up_reader, up_writer)
+
+
+PROXY_407 = (b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+             b"Proxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n")
+
+
+class ReverseProxy:
+    """What nginx does with `location /relay/ { proxy_pass http://router/; }` and the
+    Upgrade headers passed on: strip the prefix, rewrite Host, add X-Forwarded-For,
+    then pipe bytes.  With ssl_context it terminates TLS; with upstream_tls it speaks
+    TLS to the router (proxy_pass https://)."""
+
+    def __init__(self, loops, upstream_port, prefix="/relay", ssl_context=None,
+                 upstream_tls=False):
+        self.upstream, self.prefix, self.upstream_tls = upstream_port, prefix, upstream_tls
+        self.requests = []                      # (method, path, headers)
+        self.port = loops.serve(self.handle, ssl_context=ssl_context)
+
+    async def handle(self, reader, writer):
+        method, path, version, headers = await read_head(reader)
+        self.requests.append((method, path, headers))
+        if not path.startswith(self.prefix + "/"):
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+            return
+        lines = ["%s %s %s" % (method, path[len(self.prefix):], version)]
+        for name, value in headers:
+            if name.lower() == "host":
+                value = "127.0.0.1:%d" % self.upstream
+            lines.append("%s: %s" % (name, value))
+        lines.append("X-Forwarded-For: %s" % writer.get_extra_info("peername")[0])
+        context = None
+        if self.upstream_tls:
+            context = ssl_client_context_without_checks()
+        up_reader, up_writer = await asyncio.open_connection(
+            LOCALHOST, self.upstream, ssl=context, server_hostname="127.0.0.1" if context else None)
+        up_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await splice(reader, writer, up_reader, up_writer)
+
+
+def ssl_client_context_without_checks():
+    import ssl
+    context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- targets -------------------------------------------------------------------------
+
+def sha_reply_handler(limit=64 * MB):
+    """Read to EOF, then answer '<count> <sha256>\\n'."""
+    async def handler(reader, writer):
+        count, digest, _ = await read_to_end(reader, limit)
+        writer.write(("%d %s\n" % (count, digest)).encode())
+        await writer.drain()
+    return handler
+
+
+def sender_handler(data):
+    """Send `data` at once, then read (and drop) until EOF."""
+    async def handler(reader, writer):
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        await read_to_end(reader, 64 * MB)
+    return handler
+
+
+def prefix_echo_handler(prefix):
+    async def handler(reader, writer):
+        data = await reader.read(-1)
+        writer.write(prefix + data)
+        await writer.drain()
+    return handler
+
+
+# -- blocking clients -------------------------------------------------------------------
+
+def read_all(conn, limit, timeout=30):
+    """Everything until EOF (at most `limit` bytes, within `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    parts, count = [], 0
+    for _ in range(limit // 256 + 100):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
+        chunk = conn.recv(CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        count += len(chunk)
+        if count > limit:
+            raise AssertionError("more than %d bytes arrived" % limit)
+    raise AssertionError("no EOF within %s s after %d bytes" % (timeout, count))
+
+
+def transfer(host, port, payload, timeout=30, first=b"", then=None):
+    """Connect; send payload (first, then the rest) while reading; half-close; return
+    all that came back.  then(): called once `first` came back (an echo), before the rest."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        head = b""
+        if first:
+            conn.sendall(first)
+            head = recv_exact(conn, len(first), timeout)
+            if then is not None:
+                then()
+        errors = []
+
+        def send():
+            try:
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+        sender = threading.Thread(target=send)
+        sender.daemon = True
+        sender.start()
+        try:
+            rest = read_all(conn, len(payload) + MB, timeout)
+        finally:
+            sender.join(timeout)
+        if errors:
+            raise errors[0]
+        return head + rest
+
+
+def recv_exact(conn, n, timeout=30):
+    deadline, data = time.monotonic() + timeout, b""
+    for _ in range(n + 1):
+        if len(data) >= n or time.monotonic() > deadline:
+            break
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def http_request(port, request, host=LOCALHOST, timeout=10):
+    """Send a raw request; (status line, {header: value}, body) of the answer."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.sendall(request)
+        answer = read_all(conn, MB, timeout)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, body
+
+
+def run_cli(*args, env=None, timeout=30, input=None):
+    """One command to completion, bytes in and out: (exit code, stdout, stderr text)."""
+    p = subprocess.Popen([sys.executable, "-u", SCRIPT] + list(args), cwd=HERE,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env or reach_env())
+    try:
+        out, err = p.communicate(input if input is not None else b"", timeout)
+    except subprocess.TimeoutExpired:           # reported as a failure, not an error
+        p.kill()
+        out, err = p.communicate()
+        return "still running after %s s" % timeout, out, err.decode("utf-8", "replace")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        for stream in (p.stdin, p.stdout, p.stderr):
+            stream.close()
+    return p.returncode, out, err.decode("utf-8", "replace")
+
+
+class ReachMixin(CommandLineMixin):
+    """Processes and in-test servers for the tests below."""
+
+    def loops(self):
+        if getattr(self, "_loops", None) is None:
+            self._loops = LoopThread(self)
+        return self._loops
+
+    def target(self, handler, host=LOCALHOST):
+        return self.loops().serve(handler, host)
+
+    def router_at(self, listen, *extra, env=None):
+        """A router process listening on `listen`: (proc, the port it logged)."""
+        router = Proc(self, ["router", "--listen", listen] + list(extra), env=env or reach_env())
+        match = router.wait_line(r"router listening on (\S+):(\d+)")
+        return router, int(match.group(2))
+
+    def share(self, services, router, *extra, env=None):
+        """`share` of {name: target text}; waits for a 'sharing' line per name."""
+        if len(services) == 1:
+            (name, where), = services.items()
+            words = [name, where]
+        else:
+            words = ["%s=%s" % item for item in services.items()]
+        proc = Proc(self, ["share"] + words + ["--router", router] + list(extra),
+                    env=env or reach_env())
+        seen = set()
+        for _ in services:
+            match = proc.wait_line(r"sharing '([^']+)' -> (\S+) through the router at (\S+)")
+            seen.add((match.group(1), match.group(2), match.group(3)))
+        return proc, seen
+
+    def forward(self, name, router, *extra, listen="127.0.0.1:0", env=None):
+        proc = Proc(self, ["forward", name, listen, "--router", router] + list(extra),
+                    env=env or reach_env())
+        match = proc.wait_line(r"forwarding (\S+):(\d+) -> '%s'" % re.escape(name))
+        return proc, match.group(1), int(match.group(2))
+
+    def assert_one_error_line(self, code, stderr, command):
+        self.assertEqual(code, 1, stderr)
+        lines = stderr.splitlines()
+        self.assertEqual(len(lines), 1, stderr)
+        self.assertTrue(lines[0].startswith("mindmeld %s: error: " % command), lines[0])
+        self.assertNotIn("Traceback", stderr)
+        return lines[0]
+
+
+# ---------------------------------------------------------------------------
+# 6a. connect: standard input and output as one stream
+# ---------------------------------------------------------------------------
+
+PROXYCOMMAND_PARENT = r'''
+import json, os, select, subprocess, sys, time
+# Like ssh running its ProxyCommand: a child with pipes for stdin and stdout.
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+deadline = time.monotonic() + 30
+state = {"buffer": b""}
+
+def readline():
+    for _ in range(10000):
+        if b"\n" in state["buffer"]:
+            line, _, state["buffer"] = state["buffer"].partition(b"\n")
+            return line.decode()
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([child.stdout], [], [], left)[0]:
+            return "<timeout>"
+        more = os.read(child.stdout.fileno(), 65536)
+        if not more:
+            return "<eof>" if not state["buffer"] else "<partial %r>" % state["buffer"]
+        state["buffer"] += more
+    return "<too many reads>"
+
+transcript = [readline()]                    # the server speaks first, like sshd
+for i in range(int(os.environ["ROUNDS"])):
+    child.stdin.write(b"PING %d\n" % i)
+    child.stdin.flush()
+    transcript.append(readline())
+child.stdin.write(b"QUIT\n")
+child.stdin.flush()
+transcript.append(readline())
+transcript.append(readline())                # the server closed: end of the stream
+child.stdin.close()                          # ssh closes its end too
+try:
+    code = child.wait(20)
+except subprocess.TimeoutExpired:
+    child.kill()
+    code = "still running"
+print(json.dumps({"transcript": transcript, "code": code}))
+'''
+
+
+async def line_server(reader, writer):
+    """A banner, then PONG n for each PING n, BYE for QUIT, and close."""
+    writer.write(b"SSH-2.0-test banner\n")
+    for _ in range(1000):
+        line = await asyncio.wait_for(reader.readline(), 20)
+        if line.startswith(b"PING "):
+            writer.write(b"PONG " + line[5:])
+        elif line == b"QUIT\n":
+            writer.write(b"BYE\n")
+            await writer.drain()
+            return
+        else:
+            writer.write(b"ERROR " + line)
+            return
+
+
+class TestConnect(ReachMixin, unittest.TestCase):
+
+    def test_binary_data_both_ways_byte_exact(self):
+        upload, download = os.urandom(5 * MB), os.urandom(5 * MB) + bytes(range(256)) * 4
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        up, down, echo = (self.target(sha_reply_handler()), self.target(sender_handler(download)),
+                          self.target(echo_handler))
+        self.share({"up": "127.0.0.1:%d" % up, "down": "127.0.0.1:%d" % down,
+                    "echo": "127.0.0.1:%d" % echo}, address)
+
+        code, out, err = run_cli("connect", "up", "--router", address, input=upload)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.decode(), "%d %s\n" % (len(upload), hashlib.sha256(upload).hexdigest()))
+
+        code, out, err = run_cli("connect", "down", "--router", address)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(len(out), len(download))
+        self.assertTrue(out == download, "the download differs")
+
+        both = os.urandom(3 * MB)                   # up and down at the same time
+        code, out, err = run_cli("connect", "echo", "--router", address, input=both)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(len(out), len(both))
+        self.assertTrue(out == both, "the echo differs")
+
+    def test_stdin_eof_is_a_half_close_and_the_reply_still_arrives(self):
+        seen = []
+        reply = os.urandom(MB)
+
+        async def target(reader, writer):
+            request = await reader.read(-1)         # returns at EOF only
+            seen.append(request)
+            writer.write(reply)                     # ... and the answer comes after it
+            await writer.drain()
+
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        self.share({"half": "127.0.0.1:%d" % self.target(target)}, address)
+        code, out, err = run_cli("connect", "half", "--router", address, input=b"request\x00\xff")
+        self.assertEqual(seen, [b"request\x00\xff"])
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out == reply, "got %d bytes, not the %d-byte reply" % (len(out), len(reply)))
+
+    def test_target_closing_first_is_a_half_close_too(self):
+        received = queue.Queue()
+        upload = os.urandom(2 * MB)
+
+        async def target(reader, writer):
+            writer.write(b"banner\n")
+            writer.write_eof()                      # done talking, still listening
+            h, count = hashlib.sha256(), 0
+            try:
+                for _ in range(100000):
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        break
+                    h.update(data)
+                    count += len(data)
+                received.put((count, h.hexdigest()))
+            except ConnectionError as exc:
+                received.put(("%s after %d bytes" % (type(exc).__name__, count), None))
+
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        self.share({"sink": "127.0.0.1:%d" % self.target(target)}, address)
+        code, out, err = run_cli("connect", "sink", "--router", address, input=upload)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, b"banner\n")
+        outcome = received.get(timeout=10)      # (the sharer may still be writing)
+        self.assertEqual(outcome, (len(upload), hashlib.sha256(upload).hexdigest()),
+                         "what the target got of stdin")
+
+    def test_service_secret(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        self.share({"vault": "127.0.0.1:%d" % self.target(echo_handler)}, address,
+                   "--secret", "open sesame")
+        code, out, err = run_cli("connect", "vault", "--router", address, "--secret", "open sesame",
+                                 input=b"knock knock")
+        self.assertEqual((code, out, err), (0, b"knock knock", ""))
+        for args in ((), ("--secret", "guess")):
+            with self.subTest(args=args):
+                code, out, err = run_cli("connect", "vault", "--router", address, *args,
+                                         input=b"knock")
+                line = self.assert_one_error_line(code, err, "connect")
+                self.assertIn("'vault'", line)
+                self.assertNotIn("open sesame", err)
+                self.assertEqual(out, b"")
+
+    def test_stdout_carries_only_stream_bytes(self):
+        # with log lines to write (-v, and --tls-insecure warns at every start),
+        # nothing but the stream reaches stdout
+        data = b"exactly this\n" + bytes(range(256))
+        state, _, _ = router_cert()
+        router, port = self.router_at("127.0.0.1:0", "--tls", "--state-dir", state)
+        address = "127.0.0.1:%d" % port
+        self.share({"talk": "127.0.0.1:%d" % self.target(sender_handler(data))}, address,
+                   "--tls-insecure", "--state-dir", state)
+        code, out, err = run_cli("connect", "talk", "--router", address, "--tls-insecure", "-v",
+                                 "--state-dir", state)
+        self.assertEqual(code, 0, err)
+        self.assertIn("--tls-insecure", err)
+        self.assertEqual(out, data)
+
+    def test_unknown_service_exits_1_with_one_line(self):
+        router, port = self.router_at("127.0.0.1:0")
+        code, out, err = run_cli("connect", "nosuch", "--router", "127.0.0.1:%d" % port,
+                                 input=b"anyone there?")
+        line = self.assert_one_error_line(code, err, "connect")
+        self.assertIn("'nosuch'", line)
+        self.assertIn("no service named", line)
+        self.assertEqual(out, b"")
+        # no router at all: the same, one line
+        dead = free_port_socket()
+        self.addCleanup(dead.close)
+        where = "127.0.0.1:%d" % dead.getsockname()[1]
+        code, out, err = run_cli("connect", "web", "--router", where)
+        line = self.assert_one_error_line(code, err, "connect")
+        self.assertIn("cannot reach the router at " + where, line)
+        self.assertEqual(out, b"")
+
+    def test_as_ssh_proxycommand(self):
+        rounds = 12
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        self.share({"box-ssh": "127.0.0.1:%d" % self.target(line_server)}, address)
+        parent = subprocess.run(
+            [sys.executable, "-c", PROXYCOMMAND_PARENT, sys.executable, SCRIPT, "connect",
+             "box-ssh", "--router", address],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=reach_env(ROUNDS=str(rounds)), timeout=60, universal_newlines=True)
+        self.assertEqual(parent.stderr, "")         # connect is quiet when all is well
+        result = json.loads(parent.stdout)
+        self.assertEqual(result["transcript"],
+                         ["SSH-2.0-test banner"] + ["PONG %d" % i for i in range(rounds)]
+                         + ["BYE", "<eof>"])
+        self.assertEqual(result["code"], 0)
+
+
+# ---------------------------------------------------------------------------
+# 6b. WebSocket: ws:// and wss:// routers, and a reverse proxy in front
+# ---------------------------------------------------------------------------
+
+class TestWebSocket(ReachMixin, unittest.TestCase):
+
+    def exchange_through(self, port, size=3 * MB):
+        payload = os.urandom(size)
+        back = transfer(LOCALHOST, port, payload)
+        self.assertEqual(len(back), len(payload))
+        self.assertTrue(back == payload, "the echo differs")
+
+    def test_share_and_forward_over_ws(self):
+        router, port = self.router_at("127.0.0.1:0")
+        target = self.target(echo_handler)
+        share_url = "ws://127.0.0.1:%d/mindmeld" % port
+        forward_url = "ws://127.0.0.1:%d" % port            # the default path
+        share, seen = self.share({"web": "127.0.0.1:%d" % target}, share_url)
+        self.assertEqual(seen, {("web", "127.0.0.1:%d" % target, share_url)})
+        forward, _, local = self.forward("web", forward_url)
+        self.exchange_through(local)
+        code, out, err = run_cli("list", "--router", forward_url)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        payload = os.urandom(MB)
+        code, out, err = run_cli("connect", "web", "--router", forward_url, input=payload)
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out == payload, "connect over ws:// got %d bytes back" % len(out))
+
+    def test_through_an_http_reverse_proxy(self):
+        router, port = self.router_at("127.0.0.1:0")
+        proxy = ReverseProxy(self.loops(), port, prefix="/relay")
+        url = "ws://127.0.0.1:%d/relay/mindmeld" % proxy.port
+        self.share({"web": "127.0.0.1:%d" % self.target(echo_handler)}, url)
+        forward, _, local = self.forward("web", url)
+        self.exchange_through(local)
+        # both went through the proxy, as WebSocket upgrades of the path given
+        self.assertEqual(len(proxy.requests), 2, proxy.requests)
+        for method, path, headers in proxy.requests:
+            self.assertEqual((method, path), ("GET", "/relay/mindmeld"))
+            self.assertEqual(header(headers, "Upgrade").lower(), "websocket")
+            self.assertEqual(header(headers, "Host"), "127.0.0.1:%d" % proxy.port)
+        self.assertEqual(self.loops().errors, [])
+
+    def test_router_speaks_rfc6455(self):
+        router, port = self.router_at("127.0.0.1:0")
+        with socket.create_connection((LOCALHOST, port), timeout=10) as conn:
+            conn.sendall(b"GET /mindmeld HTTP/1.1\r\nHost: relay.example\r\nUpgrade: websocket\r\n"
+                         b"Connection: keep-alive, Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"   # RFC 6455 1.3
+                         b"Sec-WebSocket-Version: 13\r\n\r\n")
+            ws = RawWebSocket(conn)
+            status, headers = ws.read_head()
+            self.assertEqual(status.split()[:2], ["HTTP/1.1", "101"])
+            self.assertEqual(headers["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            self.assertEqual(headers["upgrade"].lower(), "websocket")
+            conn.sendall(ws_frame(0x9, b"are you there"))                 # ping
+            self.assertEqual(ws.read_frame(), (True, 0xA, b"are you there"))   # pong, unmasked
+            # mindmeld inside binary messages; a message boundary means nothing
+            hello = PREAMBLE + encode_json(HELLO, 0, {"version": 1, "role": "list",
+                                                      "agent": "raw-test"})
+            conn.sendall(ws_frame(0x2, hello[:5], fin=False) + ws_frame(0x0, hello[5:]))
+            conn.sendall(ws_frame(0x2, encode_json(mindmeld.LIST, 1, {})))
+            decoder, frames = FrameDecoder(), []
+            for _ in range(100):
+                fin, opcode, payload = ws.read_frame()
+                self.assertEqual(opcode, 0x2)
+                frames.extend(decoder.feed(payload))
+                if len(frames) >= 2:
+                    break
+            (t1, _, i1, hello_reply), (t2, _, i2, listing) = frames[:2]
+            self.assertEqual((t1, i1), (HELLO, 0))
+            self.assertEqual(json.loads(bytes(hello_reply).decode())["version"], 1)
+            self.assertEqual((t2, i2), (LIST_REPLY, 1))
+            self.assertEqual(json.loads(bytes(listing).decode()), {"services": []})
+            conn.sendall(ws_frame(0x8, b"\x03\xe8"))                      # close
+            opcodes = []
+            for _ in range(10):                 # (a last binary message may come first)
+                opcodes.append(ws.read_frame()[1])
+                if opcodes[-1] != 0x2:
+                    break
+            self.assertEqual(opcodes[-1], 0x8, "no close frame in answer: %s" % opcodes)
+            self.assertEqual(ws.rest(), b"")                               # and the TCP close
+        # an upgrade without a key or version: 400
+        line, _, body = http_request(port, b"GET /mindmeld HTTP/1.1\r\nHost: x\r\n"
+                                           b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        self.assertEqual(line.split()[:2], ["HTTP/1.1", "400"], line)
+
+    def test_wrong_path_is_one_error_line(self):
+        router, port = self.router_at("127.0.0.1:0")
+        url = "ws://127.0.0.1:%d/wrong" % port
+        code, out, err = run_cli("list", "--router", url)
+        line = self.assert_one_error_line(code, err, "list")
+        self.assertIn("/wrong", line)
+        self.assertIn("404", line)
+        self.assertEqual(out, b"")
+        # a sharer does not retry what cannot work
+        code, _, err = run_cli("share", "web", "80", "--router", url, timeout=15)
+        line = self.assert_one_error_line(code, err, "share")
+        self.assertIn("404", line)
+
+    def test_wss_with_ca_fingerprint_and_a_tls_reverse_proxy(self):
+        state, context, fingerprint = router_cert()
+        cert = os.path.join(state, "router-cert.pem")
+        router, port = self.router_at("127.0.0.1:0", "--tls", "--state-dir", state)
+        tls = ["--state-dir", state]
+        self.share({"web": "127.0.0.1:%d" % self.target(echo_handler)},
+                   "wss://127.0.0.1:%d/mindmeld" % port, "--tls-ca", cert, *tls)
+        forward, _, local = self.forward("web", "wss://127.0.0.1:%d" % port,
+                                         "--tls-fingerprint", fingerprint, *tls)
+        self.exchange_through(local)
+        # the certificate really is checked on wss://
+        code, out, err = run_cli("list", "--router", "wss://127.0.0.1:%d" % port,
+                                 "--tls-fingerprint", "ab" * 32, *tls)
+        line = self.assert_one_error_line(code, err, "list")
+        self.assertIn(fingerprint, line)
+        # TLS ends at a reverse proxy that re-encrypts to the router (nginx with ssl and
+        # proxy_pass https://): TLS first, then the WebSocket upgrade inside it
+        proxy = ReverseProxy(self.loops(), port, ssl_context=context, upstream_tls=True)
+        code, out, err = run_cli("list", "--router", "wss://127.0.0.1:%d/relay/mindmeld"
+                                 % proxy.port, "--tls-ca", cert, *tls)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        self.assertEqual([(m, p) for m, p, _ in proxy.requests], [("GET", "/relay/mindmeld")])
+        # and through an HTTP CONNECT proxy: TLS inside the tunnel, then the upgrade
+        connect_proxy = ConnectProxy(self.loops())
+        code, out, err = run_cli("list", "--router", "wss://127.0.0.1:%d" % port, "--tls-ca", cert,
+                                 "--proxy", connect_proxy.url, *tls)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        self.assertEqual(connect_proxy.requests, [("CONNECT 127.0.0.1:%d HTTP/1.1" % port, None)])
+        self.assertEqual(self.loops().errors, [])
+
+
+def ws_frame(opcode, payload, fin=True):
+    """A masked client frame (RFC 6455 5.2), written here independently of mindmeld."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = struct.pack("!BB", first, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, n)
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+class RawWebSocket:
+    """Reads an HTTP head, then unmasked server frames, from a blocking socket."""
+
+    def __init__(self, conn):
+        self.conn, self.buffer = conn, b""
+
+    def _need(self, n):
+        for _ in range(10000):
+            if len(self.buffer) >= n:
+                return
+            chunk = self.conn.recv(CHUNK)
+            if not chunk:
+                raise AssertionError("closed after %r" % self.buffer[:100])
+            self.buffer += chunk
+        raise AssertionError("too many reads")
+
+    def read_head(self):
+        for _ in range(10000):
+            if b"\r\n\r\n" in self.buffer:
+                break
+            self._need(len(self.buffer) + 1)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        return lines[0], {k.strip().lower(): v.strip()
+                          for k, _, v in (l.partition(":") for l in lines[1:])}
+
+    def read_frame(self):
+        """(fin, opcode, payload); the server must not mask."""
+        self._need(2)
+        first, second = self.buffer[0], self.buffer[1]
+        assert not second & 0x80, "a server frame is masked"
+        n, pos = second & 0x7F, 2
+        if n == 126:
+            self._need(4)
+            n, pos = struct.unpack("!H", self.buffer[2:4])[0], 4
+        elif n == 127:
+            self._need(10)
+            n, pos = struct.unpack("!Q", self.buffer[2:10])[0], 10
+        self._need(pos + n)
+        payload, self.buffer = self.buffer[pos:pos + n], self.buffer[pos + n:]
+        return bool(first & 0x80), first & 0x0F, payload
+
+    def rest(self):
+        return self.buffer + read_all(self.conn, MB, 10)
+
+
+def list_rows_bytes(out):
+    return [l.split() for l in out.decode().splitlines() if l.strip()]
+
+
+_ROUTER_CERT = []
+
+
+def router_cert():
+    """(state dir, server context, fingerprint) of a self-signed router certificate,
+    made once per test run (it takes a while) and removed at exit."""
+    if not _ROUTER_CERT:
+        import atexit
+        import shutil
+        state = tempfile.mkdtemp(prefix="mindmeld-test-")
+        atexit.register(shutil.rmtree, state, True)
+        context, fingerprint = mindmeld.router_tls_context(None, None, state)
+        _ROUTER_CERT.append((state, context, fingerprint))
+    return _ROUTER_CERT[0]
+
+
+# ---------------------------------------------------------------------------
+# 6c. The router's HTTP face, beside a transfer on the same port
+# ---------------------------------------------------------------------------
+
+class TestRouterHttp(ReachMixin, unittest.TestCase):
+
+    def test_http_answers_while_a_transfer_runs(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        self.share({"web": "127.0.0.1:%d" % self.target(echo_handler)}, address)
+        forward, _, local = self.forward("web", address)
+        answers = {}
+
+        def ask():                      # the stream is open and data flows: now HTTP
+            answers["/"] = http_request(port, b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+            answers["/healthz"] = http_request(port, b"GET /healthz HTTP/1.0\r\n\r\n")
+            answers["/mindmeld"] = http_request(
+                port, b"GET /mindmeld HTTP/1.1\r\nHost: relay\r\n\r\n")
+            answers["/nope"] = http_request(port, b"GET /nope HTTP/1.1\r\nHost: relay\r\n\r\n")
+
+        first, rest = os.urandom(256 * 1024), os.urandom(4 * MB)
+        back = transfer(LOCALHOST, local, rest, first=first, then=ask)
+        self.assertEqual(len(back), len(first) + len(rest))
+        self.assertTrue(back == first + rest, "the transfer was damaged")
+
+        for path, status in (("/", "200"), ("/healthz", "200"), ("/mindmeld", "426"),
+                             ("/nope", "404")):
+            with self.subTest(path=path):
+                line, headers, body = answers[path]
+                self.assertEqual(line.split()[:2], ["HTTP/1.1", status], line)
+                self.assertEqual(int(headers["content-length"]), len(body))
+        self.assertEqual(answers["/healthz"][2], b"ok\n")
+        status = answers["/"][2].decode()
+        self.assertIn("mindmeld router %s" % mindmeld.__version__, status)
+        self.assertRegex(status, r"(?m)^services 1$")
+        self.assertTrue(router.running() and forward.running())
+
+
+# ---------------------------------------------------------------------------
+# 6d. HTTP CONNECT proxies on the way to the router
+# ---------------------------------------------------------------------------
+
+class TestProxy(ReachMixin, unittest.TestCase):
+
+    def test_share_and_forward_through_a_proxy_with_credentials(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        proxy = ConnectProxy(self.loops())
+        url = "http://alice:s3cr%%40t@127.0.0.1:%d" % proxy.port       # password s3cr@t
+        share, _ = self.share({"web": "127.0.0.1:%d" % self.target(echo_handler)}, address,
+                              "--proxy", url)
+        forward, _, local = self.forward("web", address, "--proxy", url)
+        payload = os.urandom(2 * MB)
+        self.assertTrue(transfer(LOCALHOST, local, payload) == payload, "the echo differs")
+        # WebSocket inside the proxy's tunnel
+        code, out, err = run_cli("list", "--router", "ws://%s/mindmeld" % address, "--proxy", url)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        basic = "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+        self.assertEqual(proxy.requests, [("CONNECT %s HTTP/1.1" % address, basic)] * 3)
+        self.assertEqual(self.loops().errors, [])
+        for proc in (share, forward):
+            self.assertFalse([l for l in proc.lines if "s3cr" in l], proc.lines)
+
+    def test_proxy_from_the_environment_is_used_for_loopback_too(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        proxy = ConnectProxy(self.loops())
+        cases = [("HTTPS_PROXY", proxy.url), ("https_proxy", "127.0.0.1:%d" % proxy.port),
+                 ("ALL_PROXY", proxy.url)]
+        for variable, value in cases:
+            with self.subTest(variable=variable, value=value):
+                before = len(proxy.requests)
+                code, out, err = run_cli("list", "--router", address,
+                                         env=reach_env(**{variable: value}))
+                self.assertEqual(code, 0, err)
+                self.assertEqual(list_rows_bytes(out)[0][0], "NAME")
+                self.assertEqual(proxy.requests[before:], [("CONNECT %s HTTP/1.1" % address, None)])
+
+    def test_no_proxy_naming_the_router_host_bypasses_the_proxy(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        proxy = ConnectProxy(self.loops(), answer=PROXY_407)       # any use of it fails
+        for no_proxy in ("127.0.0.1", "example.org, 127.0.0.1"):
+            with self.subTest(NO_PROXY=no_proxy):
+                code, out, err = run_cli("list", "--router", address,
+                                         env=reach_env(HTTPS_PROXY=proxy.url, NO_PROXY=no_proxy))
+                self.assertEqual(code, 0, err)
+        self.assertEqual(proxy.requests, [])
+        # a NO_PROXY that names another host does not
+        code, out, err = run_cli("list", "--router", address,
+                                 env=reach_env(HTTPS_PROXY=proxy.url, NO_PROXY="example.org"))
+        self.assertEqual(code, 1, err)
+        self.assertEqual(len(proxy.requests), 1)
+
+    def test_proxy_answering_407_is_one_error_line_and_permanent(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        proxy = ConnectProxy(self.loops(), answer=PROXY_407)
+        code, out, err = run_cli("list", "--router", address, "--proxy", proxy.url)
+        line = self.assert_one_error_line(code, err, "list")
+        self.assertIn(proxy.url, line)
+        self.assertIn("407 Proxy Authentication Required", line)
+        for command in (["share", "web", "80"], ["forward", "web", "0"]):
+            with self.subTest(command=command[0]):     # -q: a forwarder logs its port first
+                code, _, err = run_cli(*command + ["-q", "--router", address, "--proxy",
+                                                   proxy.url], timeout=15)
+                line = self.assert_one_error_line(code, err, command[0])
+                self.assertIn("407", line)
+        self.assertEqual(len(proxy.requests), 3)
+
+
+# ---------------------------------------------------------------------------
+# 6e. Several services on one sharer
+# ---------------------------------------------------------------------------
+
+class TestSeveralServices(ReachMixin, unittest.TestCase):
+
+    def test_one_sharer_several_services(self):
+        router, port = self.router_at("127.0.0.1:0")
+        address = "127.0.0.1:%d" % port
+        web = self.target(prefix_echo_handler(b"web:"))
+        db = self.target(prefix_echo_handler(b"db:"))
+        share, seen = self.share({"web": str(web), "db": "127.0.0.1:%d" % db}, address)
+        self.assertEqual(seen, {("web", "localhost:%d" % web, address),
+                                ("db", "127.0.0.1:%d" % db, address)})
+        code, out, err = run_cli("list", "--router", address)
+        self.assertEqual(code, 0, err)
+        rows = list_rows_bytes(out)[1:]
+        self.assertEqual(sorted(r[0] for r in rows), ["db", "web"])
+        self.assertEqual(len({r[3] for r in rows}), 1, "not one sharer link: %s" % rows)
+        self.assertRegex(http_request(port, b"GET / HTTP/1.0\r\n\r\n")[2].decode(),
+                         r"(?m)^services 2$")
+        for name in ("web", "db"):
+            with self.subTest(service=name):
+                forward, _, local = self.forward(name, address)
+                payload = os.urandom(100 * 1024)
+                self.assertTrue(transfer(LOCALHOST, local, payload) == name.encode() + b":" + payload)
+
+    def test_share_usage_errors_exit_2(self):
+        cases = [(("web",), "PORT"), (("web=8000", "db"), "'db'"),
+                 (("web=8000", "web=8001"), "'web' is given twice")]
+        for words, message in cases:
+            with self.subTest(words=words):
+                code, out, err = run_cli("share", *words, "--router", "127.0.0.1:9")
+                self.assertEqual(code, 2, err)
+                self.assertIn("usage: mindmeld share", err)
+                self.assertIn(message, err.splitlines()[-1])
+                self.assertNotIn("Traceback", err)
+
+
+# ---------------------------------------------------------------------------
+# 6f. IPv6, and the router's listening address
+# ---------------------------------------------------------------------------
+
+class TestListen(ReachMixin, unittest.TestCase):
+
+    @unittest.skipUnless(HAVE_IPV6, "::1 cannot be bound here")
+    def test_ipv6_loopback_end_to_end(self):
+        router = Proc(self, ["router", "--listen", "[::1]:0"], env=reach_env())
+        port = int(router.wait_line(r"router listening on \[::1\]:(\d+)").group(1))
+        address = "[::1]:%d" % port
+        target = self.target(echo_handler, host="::1")
+        share, seen = self.share({"v6": "[::1]:%d" % target}, address)
+        self.assertEqual(seen, {("v6", "[::1]:%d" % target, address)})
+        forward, host, local = self.forward("v6", address, listen="[::1]:0")
+        self.assertEqual(host, "[::1]")
+        payload = os.urandom(MB)
+        self.assertTrue(transfer("::1", local, payload) == payload, "the echo differs")
+        code, out, err = run_cli("list", "--router", address)
+        self.assertEqual(code, 0, err)
+        rows = list_rows_bytes(out)
+        self.assertEqual(rows[1][0], "v6")
+        self.assertTrue(rows[1][3].startswith("[::1]:"), rows[1])
+        code, out, err = run_cli("list", "--router", "ws://%s" % address)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(list_rows_bytes(out)[1][0], "v6")
+
+    @unittest.skipUnless(HAVE_IPV6, "::1 cannot be bound here")
+    def test_dual_stack_router_takes_ipv4_and_ipv6(self):
+        if not dual_stack_works():
+            self.skipTest("this system does not accept IPv4 on an IPv6 socket")
+        router = Proc(self, ["router", "--listen", "[::]:0"], env=reach_env())
+        port = int(router.wait_line(r"router listening on \[::\]:(\d+)").group(1))
+        target = self.target(echo_handler)
+        share, _ = self.share({"both": "127.0.0.1:%d" % target}, "127.0.0.1:%d" % port)
+        forward, _, local = self.forward("both", "[::1]:%d" % port)
+        payload = os.urandom(MB)
+        self.assertTrue(transfer(LOCALHOST, local, payload) == payload, "the echo differs")
+        code, out, err = run_cli("list", "--router", "[::1]:%d" % port)
+        self.assertEqual(code, 0, err)
+        self.assertRegex(list_rows_bytes(out)[1][3], r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$")
+
+    def test_router_port_from_the_environment(self):
+        for attempt in range(3):        # the free port may be taken in between: try another
+            holder = free_port_socket()
+            free = holder.getsockname()[1]
+            holder.close()
+            router = Proc(self, ["router"], env=reach_env(PORT=str(free)))
+            try:
+                match = router.wait_line(r"router listening on (.*)$")
+                break
+            except AssertionError:
+                if attempt == 2 or "cannot listen" not in "\n".join(router.lines):
+                    raise
+        ports = re.findall(r":(\d+)(?:,|$| )", match.group(1))
+        self.assertTrue(ports, match.group(0))
+        self.assertEqual(set(ports), {str(free)}, match.group(0))
+        code, out, err = run_cli("list", "--router", "127.0.0.1:%d" % free)
+        self.assertEqual(code, 0, err)
+        # --listen wins over $PORT
+        other, other_port = self.router_at("127.0.0.1:0", env=reach_env(PORT=str(free)))
+        self.assertNotEqual(other_port, free)
+
+
+def dual_stack_works():
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return False
+    with sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+            sock.listen(1)
+            with socket.create_connection((LOCALHOST, sock.getsockname()[1]), timeout=5):
+                return True
+        except (OSError, AttributeError):
+            return False
+
+
+KEEPALIVE_SILENT_INTERVALS = 3      # the documented "dead after 3 silent intervals"
+
+
+# ---------------------------------------------------------------------------
+# helpers for the reliability tests
+# ---------------------------------------------------------------------------
+
+class LogWatch(logging.Handler):
+    """The "mindmeld" log as a list of lines that a coroutine can wait on (library roles
+    log from the loop's thread, so a waiter's future is resolved right in emit())."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.lines = []
+        self._waiters = []
+
+    def emit(self, record):
+        line = record.getMessage()
+        self.lines.append(line)
+        for regex, future in list(self._waiters):
+            if not future.done() and regex.search(line):
+                future.set_result((len(self.lines) - 1, line))
+
+    async def wait(self, pattern, timeout, start=0):
+        """The first line from index `start` on that matches `pattern`; its index is
+        left in `self.matched_at`."""
+        regex = re.compile(pattern)
+        for index in range(start, len(self.lines)):
+            if regex.search(self.lines[index]):
+                self.matched_at = index
+                return self.lines[index]
+        entry = (regex, asyncio.get_event_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            self.matched_at, line = await asyncio.wait_for(entry[1], timeout)
+            return line
+        except asyncio.TimeoutError:
+            raise AssertionError("no log line /%s/ within %s s; the log:\n%s"
+                                 % (pattern, timeout, "\n".join(self.lines[-40:])))
+        finally:
+            self._waiters.remove(entry)
+
+
+class SilentRelay:
+    """A TCP relay on 127.0.0.1 to `upstream_port`, in the test's event loop.
+
+    freeze(): every connection open now stops passing bytes, both ways, and passes no
+    close either: to each end the other has gone silent with the socket still open.
+    refuse = True: new connections are accepted and closed at once (a router that is
+    not there); False: they are relayed."""
+
+    def __init__(self, test, upstream_port):
+        self.test, self.upstream = test, upstream_port
+        self.refuse = False
+        self.frozen_pairs = 0
+        self._pairs, self._tasks, self._writers = [], set(), []
+        self.server = self.port = None
+
+    async def start(self, sock=None):
+        if sock is None:
+            self.server = await asyncio.start_server(self._serve, LOCALHOST, 0)
+        else:
+            self.server = await asyncio.start_server(self._serve, sock=sock)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.address = "%s:%d" % (LOCALHOST, self.port)
+        self.test._async_cleanups.append(self.close)
+        return self
+
+    async def _serve(self, reader, writer):
+        self._writers.append(writer)
+        if self.refuse:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(LOCALHOST, self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self._writers.append(up_writer)
+        pair = {"frozen": False}
+        self._pairs.append(pair)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pump(source, sink, pair))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, reader, writer, pair):
+        for _ in range(10 ** 6):
+            try:
+                data = await reader.read(CHUNK)
+            except ConnectionError:
+                data = b""
+            if pair["frozen"]:
+                await asyncio.get_event_loop().create_future()   # held until close() cancels
+            if not data:
+                writer.close()
+                return
+            writer.write(data)
+
+    def freeze(self):
+        for pair in self._pairs:
+            if not pair["frozen"]:
+                pair["frozen"] = True
+                self.frozen_pairs += 1
+
+    async def close(self):
+        self.server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+        except asyncio.TimeoutError:
+            pass
+
+
+def push_or_echo(conn):
+    """A ThreadedServer handler: b'push\\n' sends until the connection breaks (at most
+    256 MB), b'echo\\n' echoes."""
+    mode = recv_exactly(conn, 5)
+    if mode == b"push\n":
+        block = os.urandom(CHUNK)
+        for _ in range(4096):
+            conn.sendall(block)
+    elif mode == b"echo\n":
+        blocking_echo(conn)
+
+
+def recv_at_least(conn, n, timeout=20):
+    conn.settimeout(timeout)
+    got = 0
+    for _ in range(n + 1):
+        chunk = conn.recv(CHUNK)
+        if not chunk:
+            break
+        got += len(chunk)
+        if got >= n:
+            break
+    return got
+
+
+def how_it_ends(conn, timeout):
+    """Read (and drop) until the far side ends the connection: 'eof', 'reset', or
+    'still open' when `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    for _ in range(10 ** 6):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        conn.settimeout(remaining)
+        try:
+            chunk = conn.recv(CHUNK)
+        except socket.timeout:
+            break
+        except (ConnectionResetError, ConnectionAbortedError):
+            return "reset"
+        if not chunk:
+            return "eof"
+    return "still open"
+
+
+async def read_reply(reader, timeout):
+    """Everything until EOF, or 'reset'."""
+    try:
+        return await asyncio.wait_for(reader.read(-1), timeout)
+    except ConnectionResetError:
+        return "reset"
+
+
+async def reply_handler(reader, writer):
+    """Target: read the request until EOF, answer, close."""
+    request = await reader.read(-1)
+    writer.write(b"reply to " + request)
+    await writer.drain()
+
+
+def no_tracebacks(lines):
+    return [line for line in lines if "Traceback" in line]
+
+
+# ---------------------------------------------------------------------------
+# Staying up: the roles as library objects in one event loop
+# ---------------------------------------------------------------------------
+
+class TestStayingUp(LoopTestCase):
+
+    def setUp(self):
+        LoopTestCase.setUp(self)
+        self.watch = LogWatch()
+        logging.getLogger("mindmeld").addHandler(self.watch)   # LoopTestCase's cleanup restores
+
+    async def client(self, cls, *args, **options):
+        role = cls(*args, **options)
+        self._async_cleanups.append(lambda: role.close(0))
+        await role.start()
+        return role
+
+    async def through(self, port, request, timeout=10):
+        reader, writer = await self.connect(port)
+        writer.write(request)
+        writer.write_eof()
+        return await read_reply(reader, timeout)
+
+    # -- 3. a peer that goes silent without closing --------------------------------
+    def test_silent_sharer_link_is_dropped_by_both_ends_and_comes_back(self):
+        keepalive = 0.3
+        bound = (KEEPALIVE_SILENT_INTERVALS + 1) * keepalive + 5     # + one tick, + slack
+
+        async def main():
+            router = await self.start_router(keepalive=keepalive)
+            target = await self.start_target(echo_handler)
+            relay = await SilentRelay(self, router.port).start()
+            sharer = await self.client(Sharer, {"web": (LOCALHOST, target)}, router=relay.address,
+                                       keepalive=keepalive, backoff=(0.05, 0.2))
+            await sharer.wait_ready(10)
+            forwarder = await self.start_forwarder("web")            # straight to the router
+            self.assertEqual(await self.through(forwarder.port, b"before"), b"before")
+            held = router.services["web"].peer                       # the router's end of it
+
+            relay.refuse = True                                      # no way back, for now
+            relay.freeze()
+            self.assertEqual(relay.frozen_pairs, 1)
+            why = await asyncio.wait_for(asyncio.shield(held.lost), bound)
+            self.assertIn("keepalive", why)
+            self.assertEqual(await list_services(router=self.router_address), [])
+            line = await self.watch.wait(r"^share: .*keepalive.*; retrying in [\d.]+ s$", bound)
+            self.assertIn("no answer", line)
+            self.assertTrue(any(re.search(r"'web' unregistered: .*keepalive", l)
+                                for l in self.watch.lines), self.watch.lines)
+
+            relay.refuse = False                                     # the path is back
+            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", 15)
+            services = await list_services(router=self.router_address)
+            self.assertEqual([s["name"] for s in services], ["web"])
+            self.assertEqual(await self.through(forwarder.port, b"after"), b"after")
+            self.assertFalse(sharer.done.done())
+        self.run_async(main(), 60)
+
+    # -- 8. a reconnecting sharer never meets its own old session ------------------
+    def test_sharer_link_aborted_by_the_router_re_registers(self):
+        async def main():
+            router = await self.start_router(liveness_probe=10)
+            target = await self.start_target(echo_handler)
+            sharer = await self.start_sharer({"web": (LOCALHOST, target)}, backoff=(0.05, 0.2))
+            forwarder = await self.start_forwarder("web", backoff=(0.05, 0.2))
+            for attempt in range(3):
+                start = len(self.watch.lines)
+                for peer in list(router.peers):
+                    peer.abort("test: dropped by the router")
+                await self.watch.wait(r"^share: .*; retrying in", 10, start)
+                await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", 10, start)
+            self.assertFalse(sharer.done.done())
+            self.assertFalse([l for l in self.watch.lines if "already shared" in l])
+            services = await list_services(router=self.router_address)
+            self.assertEqual([s["name"] for s in services], ["web"])
+            self.assertEqual(await self.through(forwarder.port, b"mine"), b"mine")
+        self.run_async(main())
+
+    def test_sharer_that_lost_its_link_takes_its_name_back_at_once(self):
+        # The sharer finds its link dead (silence) while the router still holds the old
+        # session, alive as far as it knows.  The sharer's reconnect must get the name back
+        # by its owner key at once: not "already shared", and not after a liveness probe.
+        keepalive, probe = 0.3, 30.0
+        bound = (KEEPALIVE_SILENT_INTERVALS + 1) * keepalive + 10    # well under the probe
+
+        async def main():
+            router = await self.start_router(liveness_probe=probe)   # keepalive 20 s: unaware
+            target = await self.start_target(echo_handler)
+            relay = await SilentRelay(self, router.port).start()
+            sharer = await self.client(Sharer, {"web": (LOCALHOST, target)}, router=relay.address,
+                                       keepalive=keepalive, backoff=(0.05, 0.2))
+            await sharer.wait_ready(10)
+            forwarder = await self.start_forwarder("web")
+            old = router.services["web"].peer
+            start = len(self.watch.lines)
+            relay.freeze()                                           # new connections pass
+            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", bound, start)
+            self.assertFalse(old.closing, "the router had already dropped the old session")
+            self.assertIsNot(router.services["web"].peer, old)
+            self.assertTrue(any("taken over" in l and "its sharer reconnected" in l
+                                for l in self.watch.lines[start:]), self.watch.lines[start:])
+            self.assertFalse([l for l in self.watch.lines if "already shared" in l])
+            self.assertFalse(sharer.done.done())
+            self.assertEqual(await self.through(forwarder.port, b"back"), b"back")
+        self.run_async(main(), 60)
+
+    def test_router_shutdown_lets_clients_reconnect_at_once(self):
+        # "GOAWAY shutdown from the router lets clients reconnect at once": also a client
+        # whose backoff grew during an earlier outage (a router restarted twice in a row).
+        first_delay = 0.2
+        gate = free_port_socket()          # the sharer's router address: refused for now
+        self.addCleanup(gate.close)
+
+        async def main():
+            router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            sharer = await self.client(Sharer, {"web": (LOCALHOST, target)},
+                                       router="%s:%d" % gate.getsockname(),
+                                       backoff=(first_delay, 8))
+            start = 0
+            for _ in range(3):                                       # an outage: 3 failures
+                await self.watch.wait(r"^share: cannot reach the router", 10, start)
+                start = self.watch.matched_at + 1
+            await SilentRelay(self, router.port).start(sock=gate)   # the router is there
+            await sharer.wait_ready(10)
+            start = len(self.watch.lines)
+            await router.close()                                     # ... and restarts
+            restarted = Router(LOCALHOST, router.port)
+            await restarted.start()
+            self._async_cleanups.append(lambda: restarted.close(0))
+            line = await self.watch.wait(r"^share: .*shutting down.*; retrying in [\d.]+ s$",
+                                         10, start)
+            delay = float(re.search(r"retrying in ([\d.]+) s$", line).group(1))
+            self.assertLessEqual(delay, first_delay, line)
+            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", 10, start)
+            self.assertFalse(sharer.done.done())
+        self.run_async(main())
+
+    # -- 5. connections that arrive while the router is away -----------------------
+    def test_connection_waiting_for_the_router_goes_through_when_it_is_back(self):
+        gate = free_port_socket()          # the forwarder's router address: refused for now
+        self.addCleanup(gate.close)
+
+        async def main():
+            forwarder = await self.client(Forwarder, "web", LOCALHOST, 0,
+                                          router="%s:%d" % gate.getsockname(), backoff=(0.05, 0.2))
+            await self.watch.wait(r"^forward: cannot reach the router .*; retrying in", 10)
+            reader, writer = await self.connect(forwarder.port)
+            writer.write(b"request")
+            writer.write_eof()
+            # the router comes back, with the service on it
+            router = await self.start_router()
+            await self.start_sharer({"web": (LOCALHOST, await self.start_target(reply_handler))})
+            await SilentRelay(self, router.port).start(sock=gate)   # the address answers again
+            self.assertEqual(await read_reply(reader, 15), b"reply to request")
+            self.assertFalse(forwarder.done.done())
+        self.run_async(main())
+
+    def test_connection_waiting_through_a_router_restart_reaches_a_sharer_that_reconnects_later(self):
+        # The router comes back; the forwarder reconnects first and its sharer a moment
+        # later (its own backoff).  The connection that waited through the outage must
+        # still reach the service within pending_timeout, not be refused in between.
+        reserved = free_port_socket()
+        self.addCleanup(reserved.close)
+        router_port = reserved.getsockname()[1]
+
+        async def main():
+            where = "%s:%d" % (LOCALHOST, router_port)
+            forwarder = await self.client(Forwarder, "web", LOCALHOST, 0, router=where,
+                                          backoff=(0.05, 0.2), pending_timeout=20)
+            await self.watch.wait(r"^forward: cannot reach the router .*; retrying in", 10)
+            reader, writer = await self.connect(forwarder.port)
+            writer.write(b"request")
+            writer.write_eof()
+            reserved.close()
+            router = Router(LOCALHOST, router_port)                  # the router is back
+            await router.start()
+            self._async_cleanups.append(lambda: router.close(0))
+            await forwarder.wait_ready(10)
+            target = await self.start_target(reply_handler)
+            sharer = await self.client(Sharer, {"web": (LOCALHOST, target)}, router=where)
+            await sharer.wait_ready(10)                              # and so is the service
+            self.assertEqual(await read_reply(reader, 15), b"reply to request",
+                             "the connection that waited for the router was closed; log:\n"
+                             + "\n".join(self.watch.lines))
+        self.run_async(main())
+
+    def test_waiting_connection_is_closed_when_pending_timeout_ends(self):
+        dead = free_port_socket()          # the router never comes
+        self.addCleanup(dead.close)
+        pending = 0.6
+
+        async def main():
+            forwarder = await self.client(Forwarder, "web", LOCALHOST, 0,
+                                          router="%s:%d" % dead.getsockname(),
+                                          backoff=(0.05, 0.2), pending_timeout=pending)
+            began = self.loop.time()
+            quiet_reader, _quiet = await self.connect(forwarder.port)          # says nothing
+            asking_reader, asking = await self.connect(forwarder.port)
+            asking.write(b"GET / HTTP/1.0\r\n\r\n")                             # sends a request
+            self.assertEqual(await closed_within(quiet_reader, pending + 5), "eof")
+            self.assertIn(await closed_within(asking_reader, pending + 5), ("eof", "reset"))
+            self.assertGreaterEqual(self.loop.time() - began, pending - 0.1)    # they waited
+            expired = [l for l in self.watch.lines if "closing a waiting connection" in l]
+            self.assertEqual(len(expired), 2, self.watch.lines)
+            self.assertFalse(forwarder.done.done())
+            # still listening, and a new connection waits again
+            reader, writer = await self.connect(forwarder.port)
+            self.assertEqual(await closed_within(reader, pending + 5), "eof")
+        self.run_async(main())
+
+    # -- 6. a hundred reconnects leak nothing ---------------------------------------
+    def test_100_reconnect_cycles_leak_nothing(self):
+        cycles, warmup = 100, 10
+
+        async def echo_server():
+            async def serve(reader, writer):
+                try:
+                    await echo_handler(reader, writer)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    pass
+                finally:
+                    writer.close()
+            server = await asyncio.start_server(serve, LOCALHOST, 0)
+
+            async def close():
+                server.close()
+                try:
+                    await asyncio.wait_for(server.wait_closed(), 2)
+                except asyncio.TimeoutError:
+                    pass
+            self._async_cleanups.append(close)
+            return server.sockets[0].getsockname()[1]
+
+        async def until(predicate, what, timeout=10):
+            # a bounded poll: "both clients have a new link" has no single event
+            deadline = self.loop.time() + timeout
+            for _ in range(int(timeout / 0.005) + 2):
+                if predicate():
+                    return
+                if self.loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.005)
+            raise AssertionError("not within %s s: %s" % (timeout, what))
+
+        async def main():
+            router = await self.start_router()
+            target = await echo_server()
+            sharer = await self.start_sharer({"web": (LOCALHOST, target)}, backoff=(0.01, 0.05))
+            forwarder = await self.start_forwarder("web", backoff=(0.01, 0.05))
+            clients = (sharer, forwarder)
+
+            def linked(old):
+                return (all(c.link is not None and c.link is not o and c.link_up.is_set()
+                            and not c.link.closing for c, o in zip(clients, old))
+                        and "web" in router.services and len(router.peers) == 2)
+
+            def idle():
+                return (router.open_streams == 0 and not sharer.link.streams
+                        and not forwarder.link.streams)
+
+            async def cycle(i):
+                old = tuple(c.link for c in clients)
+                for peer in list(router.peers):
+                    peer.abort("test: cycle %d" % i)
+                await until(lambda: linked(old), "both clients linked again (cycle %d)" % i)
+                if i % 10 == 0:
+                    reader, writer = await asyncio.open_connection(LOCALHOST, forwarder.port)
+                    try:
+                        writer.write(b"x")
+                        writer.write_eof()
+                        self.assertEqual(await asyncio.wait_for(reader.read(-1), 10), b"x")
+                    finally:
+                        writer.close()
+                    await until(idle, "the stream of cycle %d to end everywhere" % i)
+
+            fd_dir = "/proc/self/fd"
+
+            def measure():
+                del self.logs[:]                 # the test's own record of log lines
+                del self.watch.lines[:]
+                gc.collect()
+                return {"tasks": len([t for t in _all_tasks(self.loop) if not t.done()]),
+                        "fds": len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else None,
+                        "bytes": tracemalloc.get_traced_memory()[0]}
+
+            # measured after cycles 10, 60 and 110: each of them pushed a byte through
+            for i in range(1, warmup + 1):
+                await cycle(i)
+            before = measure()
+            for i in range(warmup + 1, warmup + cycles // 2 + 1):
+                await cycle(i)
+            middle = measure()
+            for i in range(warmup + cycles // 2 + 1, warmup + cycles + 1):
+                await cycle(i)
+            after = measure()
+
+            self.assertEqual(after["tasks"], before["tasks"], (before, after))
+            if before["fds"] is not None:
+                self.assertLessEqual(after["fds"] - before["fds"], 2, (before, after))
+            # a leak grows in both halves; allow a fixed slack, far below 1 kB a cycle
+            slack = 48 * 1024
+            self.assertLess(middle["bytes"] - before["bytes"], slack, (before, middle, after))
+            self.assertLess(after["bytes"] - middle["bytes"], slack, (before, middle, after))
+            self.assertEqual(sorted(router.services), ["web"])
+            self.assertEqual(len(router.peers), 2)
+            local = {"%s:%d" % c.link.transport.get_extra_info("sockname")[:2] for c in clients}
+            self.assertEqual({p.peer for p in router.peers}, local)
+            self.assertFalse(sharer.done.done())
+            self.assertFalse(forwarder.done.done())
+
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        self.run_async(main(), 120)
+
+
+# ---------------------------------------------------------------------------
+# Staying up: the command line
+# ---------------------------------------------------------------------------
+
+class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
+
+    def open_stream(self, port):
+        """A connection through the forwarder at `port` to an echo, surely open."""
+        conn = socket.create_connection((LOCALHOST, port), timeout=20)
+        self.addCleanup(conn.close)
+        conn.sendall(b"echo\nopen?")
+        self.assertEqual(recv_exactly(conn, 5), b"open?")
+        return conn
+
+    def start_tunnels(self, count, target_port, extra=()):
+        """`count` separate router + share 'web' + forward trios, started side by side."""
+        extra = list(extra)
+        routers = [Proc(self, ["router", "--listen", "127.0.0.1:0"] + extra) for _ in range(count)]
+        addresses = ["127.0.0.1:" + r.wait_line(r"router listening on 127\.0\.0\.1:(\d+)").group(1)
+                     for r in routers]
+        shares = [Proc(self, ["share", "web", "127.0.0.1:%d" % target_port, "--router", a] + extra)
+                  for a in addresses]
+        for share in shares:
+            share.wait_line(r"sharing 'web' -> 127\.0\.0\.1:%d" % target_port)
+        forwards = [Proc(self, ["forward", "web", "--router", a] + extra) for a in addresses]
+        ports = [int(f.wait_line(r"forwarding 127\.0\.0\.1:(\d+) -> 'web'").group(1))
+                 for f in forwards]
+        return [{"router": r, "share": s, "forward": f, "port": p, "address": a}
+                for r, s, f, p, a in zip(routers, shares, forwards, ports, addresses)]
+
+    def finish_within(self, proc, timeout):
+        try:
+            return proc.finish(timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("%s still running %s s later; stderr:\n%s"
+                      % (" ".join(proc.argv[2:]), timeout, "\n".join(proc.lines)))
+
+    # -- 1. the router dies ----------------------------------------------------------
+    def test_router_killed_mid_transfer_then_restarted_on_its_port(self):
+        target = ThreadedServer(self, push_or_echo)
+        router, address = self.start_router()
+        share = self.start_share("web", target.port, address)
+        forward, port = self.start_forward("web", address)
+        conn = socket.create_connection((LOCALHOST, port), timeout=20)
+        self.addCleanup(conn.close)
+        conn.sendall(b"push\n")
+        self.assertGreaterEqual(recv_at_least(conn, MB), MB)        # mid-transfer
+
+        router.p.kill()
+        router.p.wait(10)
+        self.assertIn(how_it_ends(conn, 5), ("eof", "reset"))     # promptly
+        share.wait_line(r"share: .*; retrying in [\d.]+ s$")
+        forward.wait_line(r"forward: .*; retrying in [\d.]+ s$")
+
+        again = Proc(self, ["router", "--listen", address])           # same address and port
+        again.wait_line(r"router listening on %s$" % re.escape(address))
+        share.wait_line(r"sharing 'web' -> 127\.0\.0\.1:%d through the router at %s \(again\)$"
+                        % (target.port, re.escape(address)), timeout=40)
+        payload = os.urandom(512 * 1024)
+        self.assertEqual(exchange(port, payload, b"echo\n", settle=True), payload)
+        self.assertTrue(share.running() and forward.running())
+        self.assertFalse(no_tracebacks(share.lines + forward.lines))
+
+    # -- 2. the sharer dies ----------------------------------------------------------
+    def test_sharer_killed_mid_transfer_then_restarted(self):
+        target = ThreadedServer(self, push_or_echo)
+        router, address = self.start_router()
+        share = self.start_share("web", target.port, address)
+        forward, port = self.start_forward("web", address)
+        conn = socket.create_connection((LOCALHOST, port), timeout=20)
+        self.addCleanup(conn.close)
+        conn.sendall(b"push\n")
+        self.assertGreaterEqual(recv_at_least(conn, MB), MB)
+
+        share.p.kill()
+        share.p.wait(10)
+        self.assertIn(how_it_ends(conn, 5), ("eof", "reset"))
+        again = self.start_share("web", target.port, address)       # a new process, same name
+        self.assertFalse([l for l in again.lines if "already shared" in l], again.lines)
+        payload = os.urandom(512 * 1024)
+        self.assertEqual(exchange(port, payload, b"echo\n", settle=True), payload)
+        self.assertTrue(forward.running() and again.running())
+        rows = list_rows(cli("list", "--router", address))
+        self.assertEqual([r[0] for r in rows[1:]], ["web"])
+
+    # -- 4. signals ----------------------------------------------------------------
+    def test_sigterm_with_an_open_stream_exits_0_within_the_grace(self):
+        grace = 1.0
+        target = ThreadedServer(self, push_or_echo)
+        tunnels = self.start_tunnels(3, target.port, ["--grace", "%g" % grace])
+        cases = [("forward", tunnels[0]), ("share", tunnels[1]), ("router", tunnels[2])]
+        conns = {role: self.open_stream(tunnel["port"]) for role, tunnel in cases}
+        began = {}
+        for role, tunnel in cases:
+            began[role] = time.monotonic()
+            tunnel[role].p.send_signal(signal.SIGTERM)
+        for role, tunnel in cases:
+            with self.subTest(role=role):
+                self.assertIn(how_it_ends(conns[role], grace + 10), ("eof", "reset"))
+                code, lines = self.finish_within(tunnel[role], grace + 10)
+                took = time.monotonic() - began[role]
+                self.assertEqual(code, 0, lines)
+                self.assertLess(took, grace + 5, lines)
+                self.assertTrue(any("shutting down" in l for l in lines), lines)
+                self.assertFalse(no_tracebacks(lines), lines)
+        # the router said why it went (GOAWAY): its clients name it as they retry
+        for role in ("share", "forward"):
+            with self.subTest(client_of_the_router=role):
+                tunnels[2][role].wait_line(r"%s: .*shutting down.*; retrying in" % role)
+
+    def test_second_signal_exits_at_once(self):
+        grace = 30.0
+        target = ThreadedServer(self, push_or_echo)
+        tunnels = self.start_tunnels(3, target.port, ["--grace", "%g" % grace])
+        cases = [("forward", tunnels[0]), ("share", tunnels[1]), ("router", tunnels[2])]
+        conns = {role: self.open_stream(tunnel["port"]) for role, tunnel in cases}
+        for role, tunnel in cases:
+            tunnel[role].p.send_signal(signal.SIGTERM)
+        for role, tunnel in cases:
+            tunnel[role].wait_line(r"shutting down")
+            conns[role].sendall(b"still")                            # held by the grace
+            self.assertEqual(recv_exactly(conns[role], 5), b"still")
+        began = time.monotonic()
+        for role, tunnel in cases:
+            tunnel[role].p.send_signal(signal.SIGTERM)
+        for role, tunnel in cases:
+            with self.subTest(role=role):
+                code, lines = self.finish_within(tunnel[role], 10)
+                self.assertLess(time.monotonic() - began, 10)        # not the 30 s grace
+                self.assertFalse(no_tracebacks(lines), lines)
+
+    def test_sharer_in_its_grace_takes_no_new_streams(self):
+        # SIGTERM: "stop accepting, GOAWAY to peers, then up to --grace for open streams".
+        # A sharer in its grace keeps serving the open stream, but its name is released
+        # and new connections are not dialled to it.
+        target = ThreadedServer(self, push_or_echo)
+        router, address = self.start_router()
+        share = self.start_share("web", target.port, address, extra=["--grace", "5"])
+        forward, port = self.start_forward("web", address)
+        conn = self.open_stream(port)
+        share.p.send_signal(signal.SIGTERM)
+        share.wait_line(r"shutting down")
+        conn.sendall(b"still")
+        self.assertEqual(recv_exactly(conn, 5), b"still")           # the open stream lives on
+        with self.subTest("a new connection is not served by the stopping sharer"):
+            with socket.create_connection((LOCALHOST, port), timeout=20) as late:
+                late.sendall(b"echo\nlate?")
+                late.settimeout(3)
+                try:
+                    answer = late.recv(100)
+                except socket.timeout:
+                    answer = "no answer in 3 s"
+                except ConnectionResetError:
+                    answer = b""
+                self.assertEqual(answer, b"")
+        with self.subTest("its name is released"):
+            rows = list_rows(cli("list", "--router", address))
+            self.assertEqual([r[0] for r in rows[1:]], [])
+
+    # -- 7. giving up ---------------------------------------------------------------
+    def test_max_retries_gives_up_with_one_line(self):
+        dead = free_port_socket()                   # bound, not listening: refused
+        self.addCleanup(dead.close)
+        address = "127.0.0.1:%d" % dead.getsockname()[1]
+        runs = [("share", 2, Proc(self, ["share", "web", "80", "--router", address,
+                                         "--max-retries", "2"])),
+                ("forward", 1, Proc(self, ["forward", "web", "--router", address,
+                                           "--max-retries", "1"]))]
+        began = time.monotonic()
+        for command, retries, proc in runs:
+            with self.subTest(command=command):
+                code, lines = self.finish_within(proc, 20)
+                self.assertEqual(code, 1, lines)
+                self.assertLess(time.monotonic() - began, 15, lines)
+                retried = [l for l in lines if re.search(r"%s: .*; retrying in [\d.]+ s$" % command, l)]
+                self.assertEqual(len(retried), retries, lines)
+                gave_up = [l for l in lines if "giving up" in l]
+                self.assertEqual(len(gave_up), 1, lines)
+                self.assertEqual(gave_up[0], lines[-1])
+                self.assertTrue(gave_up[0].startswith("mindmeld %s: error: cannot reach the "
+                                                      "router at %s" % (command, address)), lines)
+                self.assertFalse(no_tracebacks(lines), lines)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# Security helpers
+# ---------------------------------------------------------------------------
+
+# A fixed router certificate (mindmeld.make_self_signed_cert("localhost"), valid from
+# 2024-01-01 to 2043-12-28; SANs localhost, 127.0.0.1, ::1), used through
+# --tls-cert/--tls-key so that most TLS tests pay nothing for key generation.
+FIXED_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIDRTCCAi2gAwIBAgIQYmoZ3WYBfuKyL69a3NvGOzANBgkqhkiG9w0BAQsFADAU
+MRIwEAYDVQQDEwlsb2NhbGhvc3QwHhcNMjQwMTAxMDAwMDAwWhcNNDMxMjI4MDAw
+MDAwWjAUMRIwEAYDVQQDEwlsb2NhbGhvc3QwggEiMA0GCSqGSIb3DQEBAQUAA4IB
+DwAwggEKAoIBAQDiNHABy5p7uOmqQS+r+C6wi4orOVO4Nq5kdaD0obdpZkONxsz9
+PmferR8EQUoGvN2JEEJtwTXxGNYt4FNuo7Tgtz1mdIejNI5D4uyFwagjtCijM0ns
+AFtzueXLWHxF1C591GOiCCAdb+pLdOvImgY8S7Mnr6DPJwGCLnzw386Oimmj8btL
+y18PZWkCEk7qjcSclTB7ZIQdHuElL018v+a3oa21cAC4h2XMFr5BfH8JZvHs1sez
+IQ/fD/kxQ86grkdtYVWsAzhiL/JFjjhZ7M2yH5zt/uJZniTFN+Hs2XWjVfXSXNbv
+JdSle99X9eXzKYU+wJSeto3AfMXzb/8ljxY5AgMBAAGjgZIwgY8wDwYDVR0TAQH/
+BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAoQwLAYDVR0RBCUwI4IJbG9jYWxob3N0hwR/
+AAABhxAAAAAAAAAAAAAAAAAAAAABMB0GA1UdDgQWBBQgX+6s57LtAOfHXKUV8WO4
+bIDF1TAfBgNVHSMEGDAWgBQgX+6s57LtAOfHXKUV8WO4bIDF1TANBgkqhkiG9w0B
+AQsFAAOCAQEAp8+8eIHTqSYbvpjesqXFW4jS4O5ar+vYkn9y+TOPAaKE6zO7tq6A
+enEmWj+kWo4pKmI6To6UezKEIMg7VjsvqlUsIzvUXsecfZTujntZQCpK5+toUw22
+maVKnZ+pnBcd+Pf9P0j5CPHfR04cMLRcVN49Qgtyn3UOmUBHNP78T2p6gVhroDNu
+yW7eO9Mi48oPNvcHCEEF7+W9mkl0QUgz+rqBI6W49U+/BtIO0a2qLSv96opdioqV
+i71D1HZHXVDQDdT+cel7Z+PVVWc6pWktppIwmRGP1c2NZu3LYcqHZJPQcaCzUSI/
+12qng0lPepdUfk1wY6Mr02KUQpeql1b27g==
+-----END CERTIFICATE-----
+"""
+FIXED_KEY_PEM = """\
+-----BEGIN RSA PRIVATE KEY-----
+MIIEpQIBAAKCAQEA4jRwAcuae7jpqkEvq/gusIuKKzlTuDauZHWg9KG3aWZDjcbM
+/T5n3q0fBEFKBrzdiRBCbcE18RjWLeBTbqO04Lc9ZnSHozSOQ+LshcGoI7QoozNJ
+7ABbc7nly1h8RdQufdRjogggHW/qS3TryJoGPEuzJ6+gzycBgi588N/Ojoppo/G7
+S8tfD2VpAhJO6o3EnJUwe2SEHR7hJS9NfL/mt6GttXAAuIdlzBa+QXx/CWbx7NbH
+syEP3w/5MUPOoK5HbWFVrAM4Yi/yRY44WezNsh+c7f7iWZ4kxTfh7Nl1o1X10lzW
+7yXUpXvfV/Xl8ymFPsCUnraNwHzF82//JY8WOQIDAQABAoIBAAhePK9pppa25kbp
+Om8ipQzcsfrxJjHwLM72JbTY2j3sYwJ9582qGAPTgQx16k3RD7gZAXFwp3hsR65S
+yiboxM4CeVxZYlsrRwDulJef7J8a1/mRnJroqkCKnqqIcwXOvBmQAzMdirm2ubu3
+Gc5UNiJlyL0fjUWcj8sO3hhiNkmJWbWRbdB+qPnX1EdT/8yZaXvA/IH8m62MGvTZ
+dnoifiIF3YqT/LRiVO4kOr/wI2i+Hy7kCG9foTEhOZCJOZgqFVf4K6iVrwknvwMx
+9/fKhISpC35Meww1KOx9/noGXPSxfAo8qb+FpiOCt1tSL4WF8IOg5/J6fJWcZcaZ
+fOX/u7ECgYEA6gHB9kipL1tyVGcfq2FW3Dqi2d1uMW5yutmuXtUmttaVtrudLsFz
+mrlR6ArHeKLsmhEv7ghvS5Ptbq4BpHTCpT8UPieepgz6XnLeYx26Xkvjb8aAjP7a
++b7r7xP9VABEFmAUqGpYgOYBrr31BCpi2znnFwf8jTziFnxixpSJau8CgYEA93b2
+NJhRqhayqDGD1jQY70CBuh86kf9F7lkdp11M8gTCnPcgwHfcCwj6nh2HkohLC9G9
+EneU2HCcafILvH3Yp9SNkLP6dRPfEZydSlNyOfySmqm5sp/eFHb+n7usyxrbi4Ti
+uMza/vb/lslVSheane7sorpe3sLy+jxTqwjcMVcCgYEAq9e0l2bOj09pSyAbuqAV
+yE5rDvC0HirMp/h5O3zuHDDC6tkl2ZMIkSPsSSm5SBblB1L9zqB1EpxELRYtcJap
+5e3HsMkpkSlQpxFVzJWlKeAy2f98oY36QpL48a3NR+WWGpReNzs5WRcPP0KR7ogt
+5m3EDT65MQL3yKl5Y/jqXRMCgYEAgx3A7bUW7+v+1ScHF2ObIoknMxqAygJbZyJI
+l/jTYBgtlUVLUS8wo5gqUcSLpJQaTzTd3P8HGnbwKSJaHZEATkxMhbMWrRnOQ2Kb
+5Fm6WAb/Fnt/LKmP3X//AVtK/oJIeO/7wLaqAhWU7qvWSN+gyLVjJAVjZtwcKYH1
+QtX69RkCgYEAp+u60kz/xXP739GZocyPeghIT9gjE2enoLErdmsEGJS8F6mJsoAb
+4RVMLnaIBnvZhxaVdfx+1JytEIpNo8DfF8yDGCXGTB1c3xyHSwUQS4kEm9wy1naQ
+fd9GLnZQ/wXKa2U6c404g6RNO4zDgW+3TA6S7EvmgIamrf7keh2iv3I=
+-----END RSA PRIVATE KEY-----
+"""
+
+FINGERPRINT_RE = r"router TLS certificate SHA256 fingerprint: ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})$"
+
+
+def write_file(path, text, mode=0o600):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def pem_fingerprint(pem):
+    """SHA-256 of a PEM certificate's DER as 'AB:CD:...', computed without mindmeld."""
+    der = ssl.PEM_cert_to_DER_cert(pem.decode() if isinstance(pem, bytes) else pem)
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def hex_digits(fingerprint):
+    return fingerprint.replace(":", "").lower()
+
+
+def mentions(line, address):
+    """Does a log line name this exact HOST:PORT (not a longer port that starts the same)?"""
+    return re.search(re.escape(address) + r"(?!\d)", line) is not None
+
+
+class SecurityCommandLine(CommandLineMixin):
+    """Command-line processes with their state (known_routers, certificates) in a temporary
+    directory, never in ~/.config; several short commands run at once to save time."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="mindmeld-security-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.state = os.path.join(self.tmp, "state")
+        self.env = cli_env(MINDMELD_STATE_DIR=self.state)
+
+    def env_with(self, **extra):
+        env = dict(self.env)
+        env.update(extra)
+        return env
+
+    def router(self, *extra, env=None, listen="127.0.0.1:0"):
+        proc = Proc(self, ["router", "--listen", listen] + list(extra), env=env or self.env)
+        port = int(proc.wait_line(r"router listening on 127\.0\.0\.1:(\d+)").group(1))
+        return proc, "127.0.0.1:%d" % port
+
+    def tls_router(self, cert, key, listen="127.0.0.1:0"):
+        """A router with --tls-cert/--tls-key: (process, address, the fingerprint it printed)."""
+        proc, address = self.router("--tls-cert", cert, "--tls-key", key, listen=listen)
+        printed = [m.group(1) for m in (re.search(FINGERPRINT_RE, l) for l in proc.lines) if m]
+        self.assertEqual(len(printed), 1, proc.lines)
+        return proc, address, printed[0]
+
+    def share(self, name, target_port, router, *extra, env=None):
+        proc = Proc(self, ["share", name, "127.0.0.1:%d" % target_port, "--router", router]
+                    + list(extra), env=env or self.env)
+        proc.wait_line(r"sharing '%s' -> 127\.0\.0\.1:%d" % (re.escape(name), target_port))
+        return proc
+
+    def start_forward(self, name, router, *extra, env=None):
+        return Proc(self, ["forward", name, "--router", router] + list(extra), env=env or self.env)
+
+    def forward_port(self, proc, name):
+        return int(proc.wait_line(r"forwarding 127\.0\.0\.1:(\d+) -> '%s'" % re.escape(name)).group(1))
+
+    def forward(self, name, router, *extra, env=None):
+        proc = self.start_forward(name, router, *extra, env=env)
+        return proc, self.forward_port(proc, name)
+
+    def run_many(self, commands, timeout=10):
+        """Run short commands at once: [(exit code, stdout, stderr, seconds)], in order.
+
+        Each is (args) or (args, env) or (args, env, stdin bytes).  A command still
+        running after `timeout` seconds fails the test (a retry loop, a hang)."""
+        started = []
+        for command in commands:
+            args, env, data = (list(command) + [None, None])[:3] if isinstance(command, tuple) \
+                else (command, None, None)
+            proc = subprocess.Popen([sys.executable, "-u", SCRIPT] + list(args), cwd=HERE,
+                                    env=env or self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE,
+                                    stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL)
+            started.append((args, proc, data, time.monotonic()))
+        results, late = [], []
+        for args, proc, data, began in started:
+            try:
+                out, err = proc.communicate(data, timeout=max(0.1, began + timeout - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                late.append(" ".join(args))
+            results.append((proc.returncode, out, err.decode("utf-8", "replace"),
+                            time.monotonic() - began))
+        self.assertEqual(late, [], "still running after %s s" % timeout)
+        return results
+
+    def assert_one_error_line(self, result, command, *needles):
+        """Exit 1 and one line 'mindmeld COMMAND: error: ...' (a forwarder's banner aside)."""
+        code, _out, err, _seconds = result
+        lines = [l for l in err.splitlines()
+                 if l.strip() and not re.search(r"forwarding 127\.0\.0\.1:\d+ ->", l)]
+        self.assertEqual(code, 1, err)
+        self.assertEqual(len(lines), 1, err)
+        self.assertTrue(lines[0].startswith("mindmeld %s: error: " % command), lines[0])
+        for needle in needles:
+            self.assertIn(needle, lines[0])
+        return lines[0]
+
+
+class TlsFiles:
+    """The fixed certificate, and one made once per class for 'another router'."""
+
+    @classmethod
+    def make_tls_files(cls, other=True):
+        cls.files = tempfile.mkdtemp(prefix="mindmeld-tls-")
+        cls.cert = write_file(os.path.join(cls.files, "cert.pem"), FIXED_CERT_PEM, 0o644)
+        cls.key = write_file(os.path.join(cls.files, "key.pem"), FIXED_KEY_PEM, 0o600)
+        cls.fingerprint = pem_fingerprint(FIXED_CERT_PEM)
+        if other:
+            cert_pem, key_pem = mindmeld.make_self_signed_cert("another-router")
+            cls.other_cert = write_file(os.path.join(cls.files, "other-cert.pem"), cert_pem, 0o644)
+            cls.other_key = write_file(os.path.join(cls.files, "other-key.pem"), key_pem, 0o600)
+            cls.other_fingerprint = pem_fingerprint(cert_pem)
+
+    @classmethod
+    def remove_tls_files(cls):
+        shutil.rmtree(cls.files, True)
+
+
+# ---------------------------------------------------------------------------
+# 6. TLS from the command line
+# ---------------------------------------------------------------------------
+
+class TestTlsCommandLine(SecurityCommandLine, TlsFiles, unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.make_tls_files()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.remove_tls_files()
+
+    def test_router_makes_its_certificate_once_and_reuses_it(self):
+        state = os.path.join(self.tmp, "router-state")           # does not exist yet
+        first, address = self.router("--tls", "--state-dir", state)
+        printed = [m.group(1) for m in (re.search(FINGERPRINT_RE, l) for l in first.lines) if m]
+        self.assertEqual(len(printed), 1, first.lines)
+        fingerprint = printed[0]
+        files = {name: read_bytes(os.path.join(state, name)) for name in os.listdir(state)}
+        keys = [n for n, data in files.items() if b"PRIVATE KEY-----" in data]
+        certs = [n for n, data in files.items() if b"BEGIN CERTIFICATE-----" in data]
+        self.assertEqual((len(keys), len(certs), len(files)), (1, 1, 2), sorted(files))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, keys[0])).st_mode), 0o600)
+        self.assertEqual(pem_fingerprint(files[certs[0]]), fingerprint)   # it printed its own
+        listing = self.run_many([["list", "--router", address, "--tls-fingerprint", fingerprint]])[0]
+        self.assertEqual((listing[0], listing[2]), (0, ""))
+        self.assertTrue(listing[1].startswith(b"NAME"), listing[1])
+        code, lines = first.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
+
+        # The next start, the state directory given by the environment this time: same pair
+        second, address = self.router("--tls", env=cli_env(MINDMELD_STATE_DIR=state))
+        again = [m.group(1) for m in (re.search(FINGERPRINT_RE, l) for l in second.lines) if m]
+        self.assertEqual(again, [fingerprint], second.lines)
+        self.assertEqual({n: read_bytes(os.path.join(state, n)) for n in os.listdir(state)},
+                         files)
+        listing = self.run_many([["list", "--router", address, "--tls-fingerprint", fingerprint]])[0]
+        self.assertEqual((listing[0], listing[2]), (0, ""))
+
+    def test_pinned_fingerprint_is_accepted_and_a_wrong_one_refused(self):
+        router, address, printed = self.tls_router(self.cert, self.key)
+        self.assertEqual(printed, self.fingerprint)
+        wrong = self.other_fingerprint
+        as_printed, bare, refused = self.run_many([
+            ["list", "--router", address, "--tls-fingerprint", printed],
+            ["list", "--router", address, "--tls-fingerprint", hex_digits(printed)],
+            ["list", "--router", address, "--tls-fingerprint", wrong],
+        ])
+        for result in (as_printed, bare):
+            self.assertEqual((result[0], result[2]), (0, ""))
+            self.assertTrue(result[1].startswith(b"NAME"), result[1])
+        self.assert_one_error_line(refused, "list", address, printed, wrong)
+
+        # A whole tunnel through the TLS router, both ends pinned (as printed, and bare)
+        target = ThreadedServer(self, blocking_echo)
+        self.share("pinned", target.port, address, "--tls-fingerprint", hex_digits(printed).upper())
+        _forward, port = self.forward("pinned", address, "--tls-fingerprint", printed.lower())
+        payload = os.urandom(MB)
+        self.assertEqual(exchange(port, payload), payload)
+
+    def test_ca_file_verifies_by_address_and_by_name_and_insecure_warns(self):
+        router, address, _printed = self.tls_router(self.cert, self.key)
+        port = address.rsplit(":", 1)[1]
+        by_ip, by_name, wrong_ca, insecure = self.run_many([
+            ["list", "--router", "127.0.0.1:" + port, "--tls-ca", self.cert],
+            ["list", "--router", "localhost:" + port, "--tls-ca", self.cert],
+            ["list", "--router", address, "--tls-ca", self.other_cert],
+            ["list", "--router", address, "--tls-insecure"],
+        ])
+        for result in (by_ip, by_name):
+            self.assertEqual((result[0], result[2]), (0, ""))
+            self.assertTrue(result[1].startswith(b"NAME"), result[1])
+        self.assert_one_error_line(wrong_ca, "list", address, "certificate")
+        self.assertEqual(insecure[0], 0, insecure[2])
+        self.assertTrue(insecure[1].startswith(b"NAME"), insecure[1])
+        warnings = insecure[2].splitlines()
+        self.assertEqual(len(warnings), 1, insecure[2])
+        self.assertIn("--tls-insecure", warnings[0])
+        self.assertIn("not checked", warnings[0].lower())
+        # A CA that does not match is an error, never a silent fall-back to trust on first use
+        self.assertFalse(os.path.exists(os.path.join(self.state, "known_routers")))
+
+    def test_trust_on_first_use_then_a_changed_certificate_is_refused(self):
+        router, address, fingerprint = self.tls_router(self.cert, self.key)
+        known = os.path.join(self.state, "known_routers")
+        first, = self.run_many([["list", "--router", address, "--tls"]])
+        self.assertEqual(first[0], 0, first[2])
+        lines = first[2].splitlines()
+        self.assertEqual(len(lines), 1, first[2])
+        for needle in ("first use", address, fingerprint, known):
+            self.assertIn(needle, lines[0])
+        with open(known) as f:
+            recorded = [line.split() for line in f if line.strip()]
+        self.assertEqual([(r[0], hex_digits(r[1])) for r in recorded],
+                         [(address, hex_digits(fingerprint))])
+        before = read_bytes(known)
+
+        again, = self.run_many([["list", "--router", address, "--tls"]])
+        self.assertEqual((again[0], again[2]), (0, ""))            # known now: nothing to say
+
+        # Another certificate at the same address: refused, by list and by share alike
+        code, lines = router.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
+        self.router("--tls-cert", self.other_cert, "--tls-key", self.other_key, listen=address)
+        listing, share = self.run_many([
+            ["list", "--router", address, "--tls"],
+            ["share", "web", "1", "--router", address, "--tls"],
+        ])
+        for result, command in ((listing, "list"), (share, "share")):
+            self.assert_one_error_line(result, command, address, fingerprint,
+                                       self.other_fingerprint, known)
+        self.assertEqual(read_bytes(known), before)
+
+    def test_plain_and_tls_mismatches_say_so(self):
+        plain, plain_address = self.router()
+        tls, tls_address, fingerprint = self.tls_router(self.cert, self.key)
+        plain_to_tls, tls_to_plain = self.run_many([
+            ["list", "--router", tls_address],
+            ["list", "--router", plain_address, "--tls-fingerprint", fingerprint],
+        ])
+        self.assert_one_error_line(plain_to_tls, "list", "--tls")
+        self.assert_one_error_line(tls_to_plain, "list", "TLS")
+        # share and forward may retry, but say why
+        share = Proc(self, ["share", "web", "1", "--router", tls_address], env=self.env)
+        forward = self.start_forward("web", plain_address, "--tls-fingerprint", fingerprint)
+        self.assertIn("--tls", share.wait_line(r"TLS").string)
+        self.assertIn("TLS", forward.wait_line(r"TLS").string)
+        self.assertTrue(mentions(plain.wait_line(r"TLS").string, "127.0.0.1"))
+
+
+# ---------------------------------------------------------------------------
+# 7. The router's token
+# ---------------------------------------------------------------------------
+
+class TestRouterToken(SecurityCommandLine, unittest.TestCase):
+
+    def test_token_from_a_file_or_the_environment_lets_peers_in(self):
+        token = "tok-" + os.urandom(12).hex()
+        token_file = write_file(os.path.join(self.tmp, "token"), token + "\n")
+        router, address = self.router("-v", "--token-file", token_file)
+        target = ThreadedServer(self, blocking_echo)
+        share = self.share("tokweb", target.port, address, "--token-file", token_file)
+        forward, port = self.forward("tokweb", address, env=self.env_with(MINDMELD_TOKEN=token))
+        payload = os.urandom(256 * 1024)
+        self.assertEqual(exchange(port, payload), payload)
+        listing, = self.run_many([["list", "--router", address, "--token", token]])
+        self.assertEqual(listing[0], 0, listing[2])
+        self.assertEqual([row[0] for row in list_rows_of(listing[1])[1:]], ["tokweb"])
+
+        seen = [listing[1].decode(), listing[2]]
+        for proc in (forward, share, router):
+            code, lines = proc.signal(signal.SIGTERM)
+            self.assertEqual(code, 0, lines)
+            self.assertNotIn(token, " ".join(proc.argv))             # not in `ps` either
+            seen += lines + [l for l in proc.stdout if l is not None]
+        self.assertFalse([l for l in seen if token in l])
+
+    def test_wrong_or_missing_token_is_refused_at_once_and_logged(self):
+        token, wrong = "tok-" + os.urandom(12).hex(), "bad-" + os.urandom(12).hex()
+        router, address = self.router(env=self.env_with(MINDMELD_TOKEN=token))
+        outputs = []
+        for case, extra in (("wrong token", ["--token", wrong]), ("no token", [])):
+            with self.subTest(case=case):
+                results = self.run_many([
+                    ["list", "--router", address] + extra,
+                    ["share", "tw", "1", "--router", address] + extra,
+                    ["forward", "tw", "--router", address] + extra,
+                ])
+                for result, command in zip(results, ("list", "share", "forward")):
+                    self.assert_one_error_line(result, command, address, "token")
+                    self.assertNotIn("retrying", result[2])
+                    outputs += [result[1].decode(), result[2]]
+                for _ in results:      # one line each, with the peer's address
+                    router.wait_line(r"127\.0\.0\.1:\d+\D.*token", timeout=3)
+        code, lines = router.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
+        self.assertEqual(len([l for l in lines if re.search(r"127\.0\.0\.1:\d+\D.*token", l)]), 6,
+                         lines)
+        outputs += lines + [l for l in router.stdout if l is not None]
+        self.assertFalse([l for l in outputs if token in l or wrong in l])
+
+
+def list_rows_of(stdout):
+    return [l.split() for l in stdout.decode().splitlines() if l.strip()]
+
+
+# ---------------------------------------------------------------------------
+# 8. Service secrets
+# ---------------------------------------------------------------------------
+
+def tag_handler(tag):
+    """A target that says who it is, then echoes."""
+    def handler(conn):
+        conn.sendall(tag)
+        blocking_echo(conn)
+    return handler
+
+
+def first_byte_or_close(port, timeout=5.0):
+    """Connect, send a little, return the first byte or 'eof'/'reset' (fails after timeout)."""
+    try:
+        conn = socket.create_connection((LOCALHOST, port), timeout=timeout)
+    except ConnectionResetError:                # reset before connect() even returned
+        return "reset"
+    with conn:
+        try:
+            conn.sendall(b"hello?")             # the reset may come back at once
+            data = conn.recv(1)
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset"
+        except socket.timeout:
+            raise AssertionError("the connection was neither answered nor closed in %s s" % timeout)
+        return data or "eof"
+
+
+class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
+
+    def test_secret_is_proved_end_to_end_and_never_shown(self):
+        secret, wrong = "sec-" + os.urandom(12).hex(), "bad-" + os.urandom(12).hex()
+        secret_file = write_file(os.path.join(self.tmp, "secret"), secret + "\n")
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        share = self.share("vault", target.port, address, "--secret-file", secret_file)
+        self.assertNotIn(secret, " ".join(share.argv))
+        good = self.start_forward("vault", address, "--secret", secret)
+        bad = self.start_forward("vault", address, "--secret", wrong)
+        none = self.start_forward("vault", address)
+        good_port, bad_port, none_port = [self.forward_port(p, "vault") for p in (good, bad, none)]
+
+        payload = os.urandom(512 * 1024)
+        self.assertEqual(exchange(good_port, payload), b"T" + payload)
+        for proc, port, why in ((bad, bad_port, "wrong secret"),
+                                (none, none_port, "requires a secret")):
+            with self.subTest(why=why):
+                self.assertIn(first_byte_or_close(port), ("eof", "reset"))
+                line = proc.wait_line(r"refused").string
+                self.assertIn(why, line)
+                self.assertIn("'vault'", line)
+                self.assertTrue(proc.running())
+        self.assertEqual(exchange(good_port, payload), b"T" + payload)   # still fine
+
+        listing, wrong_connect, right_connect = self.run_many([
+            ["list", "--router", address],
+            ["connect", "vault", "--router", address, "--secret", wrong],
+            (["connect", "vault", "--router", address], self.env_with(MINDMELD_SECRET=secret),
+             b"through stdin"),
+        ])
+        self.assertEqual(listing[0], 0, listing[2])
+        rows = list_rows_of(listing[1])
+        self.assertEqual(rows[0][-1], "SECRET")
+        self.assertEqual([(r[0], r[-1]) for r in rows[1:]], [("vault", "yes")])
+        self.assert_one_error_line(wrong_connect, "connect", "'vault'", "wrong secret")
+        self.assertEqual((right_connect[0], right_connect[1], right_connect[2]),
+                         (0, b"Tthrough stdin", ""))
+
+        seen = [listing[1].decode(), listing[2], wrong_connect[2]]
+        for proc in (good, bad, none, share, router):
+            code, lines = proc.signal(signal.SIGTERM)
+            self.assertEqual(code, 0, lines)
+            if proc in (bad, none):                     # one line for its one refusal
+                self.assertEqual(len([l for l in lines if "refused" in l]), 1, lines)
+            seen += lines + [l for l in proc.stdout if l is not None]
+        self.assertFalse([l for l in seen if secret in l or wrong in l])
+
+    def test_same_secret_takes_over_another_is_refused(self):
+        secret = "sec-" + os.urandom(12).hex()
+        router, address = self.router()
+        first_target = ThreadedServer(self, tag_handler(b"1"))
+        second_target = ThreadedServer(self, tag_handler(b"2"))
+        first = self.share("svc", first_target.port, address, "--secret", secret)
+        _forward, port = self.forward("svc", address, "--secret", secret)
+        self.assertEqual(exchange(port, b"x"), b"1x")
+
+        other_secret, no_secret = self.run_many([
+            ["share", "svc", "127.0.0.1:%d" % second_target.port, "--router", address,
+             "--secret", "not-" + secret],
+            ["share", "svc", "127.0.0.1:%d" % second_target.port, "--router", address],
+        ])
+        for result in (other_secret, no_secret):
+            self.assert_one_error_line(result, "share", "already shared")
+        self.assertTrue(first.running())
+        self.assertEqual(exchange(port, b"y"), b"1y")
+
+        second = self.share("svc", second_target.port, address, "--secret", secret)
+        code, lines = first.finish(10)
+        self.assertEqual(code, 1, lines)
+        self.assertIn("taken over", lines[-1])
+        self.assertTrue(lines[-1].startswith("mindmeld share: error: "), lines[-1])
+        self.assertEqual(exchange(port, b"z"), b"2z")
+        self.assertTrue(second.running())
+        seen = lines + other_secret[2].splitlines() + no_secret[2].splitlines()
+        code, router_lines = router.signal(signal.SIGTERM)
+        self.assertFalse([l for l in seen + router_lines if secret in l])
+
+
+# ---------------------------------------------------------------------------
+# 9. Hostile peers against a live router (library roles in one event loop)
+# ---------------------------------------------------------------------------
+
+class Traffic:
+    """An honest stream through the tunnel: echo round trips, every byte checked, until
+    told to stop; then a few more rounds (the link still works after whatever happened
+    meanwhile) and a clean half-close."""
+
+    def __init__(self, test, port, chunk=32 * 1024):
+        self.test, self.port, self.chunk = test, port, chunk
+        self.rounds = self.bytes = 0
+        self.task = None
+
+    async def start(self):
+        self.stop = asyncio.Event()
+        self.flowing = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run())
+        done, _ = await asyncio.wait([self.task, asyncio.ensure_future(self.flowing.wait())],
+                                     timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            self.task.result()
+        self.test.assertTrue(self.flowing.is_set(), "the honest stream did not start")
+        return self
+
+    async def _run(self):
+        reader, writer = await self.test.connect(self.port)
+        extra = None
+        for n in range(1000000):
+            if self.stop.is_set():
+                extra = self.rounds + 3 if extra is None else extra
+                if self.rounds >= extra:
+                    break
+            block = os.urandom(self.chunk)
+            writer.write(block)
+            try:
+                echoed = await asyncio.wait_for(reader.readexactly(len(block)), 10)
+            except asyncio.IncompleteReadError as exc:
+                raise AssertionError("the honest stream ended after %d bytes (round %d)"
+                                     % (self.bytes + len(exc.partial), n))
+            except ConnectionResetError:
+                raise AssertionError("the honest stream was reset after %d bytes (round %d)"
+                                     % (self.bytes, n))
+            if echoed != block:
+                raise AssertionError("round %d came back changed" % n)
+            self.rounds, self.bytes = n + 1, self.bytes + len(block)
+            self.flowing.set()
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), 10)
+        if rest != b"":
+            raise AssertionError("after EOF: %r" % rest[:40])
+
+    async def finish(self):
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+        return self.bytes
+
+
+class RawPeer:
+    """A hand-driven connection to the router: raw bytes out, frames or bytes in."""
+
+    def __init__(self, test, reader, writer):
+        self.test, self.reader, self.writer = test, reader, writer
+        self.address = "%s:%d" % writer.get_extra_info("sockname")[:2]
+        self.decoder = FrameDecoder()
+        self.frames = []
+
+    def send(self, data):
+        self.writer.write(data)
+
+    async def _read(self, deadline, what):
+        remaining = deadline - self.test.loop.time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self.reader.read(CHUNK), remaining)
+        except asyncio.TimeoutError:
+            raise AssertionError("%s: nothing within the deadline" % what)
+
+    async def frame(self, ftype, stream_id=None, timeout=5):
+        """The next frame of this type (earlier ones are skipped): (type, flags, id, payload)."""
+        deadline = self.test.loop.time() + timeout
+        for _ in range(100000):
+            for i, frame in enumerate(self.frames):
+                if frame[0] == ftype and stream_id in (None, frame[2]):
+                    del self.frames[:i + 1]
+                    return frame
+            self.frames = []
+            data = await self._read(deadline, "waiting for %s" % FRAME_NAMES_[ftype])
+            if not data:
+                raise AssertionError("closed while waiting for %s" % FRAME_NAMES_[ftype])
+            self.frames.extend(self.decoder.feed(data))
+        raise AssertionError("no %s" % FRAME_NAMES_[ftype])
+
+    async def handshake(self):
+        self.send(PREAMBLE + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION, "role": "forward",
+                                                    "agent": "test"}))
+        return json.loads((await self.frame(HELLO, 0))[3].decode())
+
+    async def open(self, stream_id=1, service="web"):
+        self.send(encode_json(OPEN, stream_id, {"service": service}))
+        await self.frame(OPEN_OK, stream_id)
+
+    async def settled(self, timeout=5):
+        """Send a PING and wait for its PONG: 'pong' once the router has dealt with everything
+        sent before, or 'closed' if it closed the connection instead."""
+        self.send(encode_frame(PING, 0, b"settled!"))
+        try:
+            await self.frame(PONG, 0, timeout)
+        except (AssertionError, ConnectionResetError) as exc:
+            if "closed" in str(exc) or isinstance(exc, ConnectionResetError):
+                return "closed"
+            raise
+        return "pong"
+
+    async def closed(self, timeout=5):
+        """Everything until the router closes: (bytes, 'eof' or 'reset')."""
+        deadline, data = self.test.loop.time() + timeout, b""
+        for _ in range(100000):
+            try:
+                chunk = await self._read(deadline, "waiting for the router to close")
+            except ConnectionResetError:
+                return data, "reset"
+            if not chunk:
+                return data, "eof"
+            data += chunk
+        raise AssertionError("endless data")
+
+    async def goaway(self, timeout=5):
+        """Read until closed; the one GOAWAY among the frames: its JSON."""
+        data, _how = await self.closed(timeout)
+        frames = self.frames + self.decoder.feed(data)
+        goaways = [json.loads(p.decode()) for t, _f, _i, p in frames if t == GOAWAY]
+        self.test.assertEqual(len(goaways), 1, "frames: %r" % [(t, i) for t, _f, i, _p in frames])
+        return goaways[0]
+
+
+FRAME_NAMES_ = mindmeld.FRAME_NAMES
+
+
+def tls_client_hello():
+    """The first flight of a real TLS client."""
+    context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+async def until(loop, condition, timeout, interval=0.01):
+    """Poll a condition that has no event of its own, up to a deadline: True if it held."""
+    deadline = loop.time() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        if condition():
+            return True
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(interval)      # a bounded poll of router state
+    return condition()
+
+
+class HostileTestCase(LoopTestCase):
+    """A router with a short handshake timeout, an echo service 'web' shared through it and
+    an honest stream running through it while an offender does its worst."""
+
+    async def honest(self, secret=None, tls=None, **router_options):
+        router_options.setdefault("handshake_timeout", 0.5)
+        self.router = await self.start_router(**router_options)
+        target = await self.start_target(echo_handler)
+        client = {"secret": secret} if secret else {}
+        if tls is not None:
+            client["tls"] = tls
+        self.sharer = await self.start_sharer({"web": (LOCALHOST, target)}, **client)
+        self.forwarder = await self.start_forwarder("web", **client)
+        traffic = Traffic(self, self.forwarder.port)
+
+        async def stop():                  # a failed test leaves it running: end it quietly
+            if traffic.task is not None and not traffic.task.done():
+                traffic.task.cancel()
+            if traffic.task is not None:
+                await asyncio.wait([traffic.task], timeout=5)
+                if not traffic.task.cancelled():
+                    traffic.task.exception()
+        self._async_cleanups.append(stop)
+        return await traffic.start()
+
+    async def raw_peer(self, handshake=True):
+        reader, writer = await self.connect(self.router.port)
+        peer = RawPeer(self, reader, writer)
+        if handshake:
+            await peer.handshake()
+        return peer
+
+    async def after(self, traffic):
+        """The honest stream finishes byte-exact; only the honest peers are left."""
+        await traffic.finish()
+        self.assertTrue(await until(self.loop, lambda: len(self.router.peers) == 2, 5),
+                        "router peers: %r" % [p.peer for p in self.router.peers])
+        self.assertEqual(self.router.handshaking, 0)
+        self.assertEqual(sorted(self.router.services), ["web"])
+        self.assertFalse([l for l in self.logs if "internal error" in l], self.logs)
+
+    def logged_about(self, peer, since=0):
+        return [l for l in self.logs[since:] if mentions(l, peer.address)]
+
+
+class TestHostilePeers(HostileTestCase):
+
+    def test_silent_peer_is_dropped_after_the_handshake_timeout(self):
+        async def main():
+            traffic = await self.honest(handshake_timeout=0.5)
+            peer = await self.raw_peer(handshake=False)
+            began = self.loop.time()
+            goaway = await peer.goaway(timeout=5)
+            elapsed = self.loop.time() - began
+            self.assertEqual(goaway["code"], "timeout")
+            self.assertGreaterEqual(elapsed, 0.4)
+            self.assertLess(elapsed, 3.0)
+            lines = self.logged_about(peer)
+            self.assertEqual(len(lines), 1, self.logs)
+            self.assertIn("handshake", lines[0])
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_garbage_and_wrong_version_are_refused_in_one_line(self):
+        async def main():
+            traffic = await self.honest()
+            for data, logged in ((b"\x00\xffnot mindmeld at all\r\n", "not a mindmeld client"),
+                                 (b"MINDMELX\x01", "not a mindmeld client"),
+                                 (mindmeld.MAGIC + bytes([PROTOCOL_VERSION + 1])
+                                  + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION + 1}),
+                                  "version %d" % (PROTOCOL_VERSION + 1))):
+                with self.subTest(data=data[:12]):
+                    peer = await self.raw_peer(handshake=False)
+                    peer.send(data)
+                    reply, _how = await peer.closed()
+                    if data.startswith(mindmeld.MAGIC):     # a mindmeld of another version
+                        frames = FrameDecoder().feed(reply)  # reads a GOAWAY that says so
+                        self.assertEqual([f[0] for f in frames], [GOAWAY], reply)
+                        self.assertEqual(json.loads(frames[0][3].decode())["code"], "version")
+                    else:
+                        self.assertTrue(reply.startswith(b"mindmeld router: this port speaks the "
+                                                         b"mindmeld protocol"), reply)
+                        self.assertEqual(reply.count(b"\n"), 1, reply)
+                        self.assertTrue(reply.endswith(b"\n"), reply)
+                    lines = self.logged_about(peer)
+                    self.assertEqual(len(lines), 1, self.logs)
+                    self.assertIn(logged, lines[0])
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_http_requests_are_answered(self):
+        async def main():
+            traffic = await self.honest()
+            for path, body in (("/", b"mindmeld router"), ("/healthz", b"ok\n")):
+                with self.subTest(path=path):
+                    peer = await self.raw_peer(handshake=False)
+                    peer.send(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode())
+                    reply, how = await peer.closed()
+                    self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply)
+                    self.assertIn(body, reply.split(b"\r\n\r\n", 1)[1])
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_tls_client_hello_to_a_plain_router_is_closed(self):
+        async def main():
+            traffic = await self.honest()
+            peer = await self.raw_peer(handshake=False)
+            hello = tls_client_hello()
+            self.assertEqual(hello[:1], b"\x16")
+            peer.send(hello)
+            reply, _how = await peer.closed()
+            self.assertEqual(reply, b"")          # nothing a TLS client could misread
+            lines = self.logged_about(peer)
+            self.assertEqual(len(lines), 1, self.logs)
+            self.assertIn("TLS", lines[0])
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_oversized_frames_get_goaway_frame_size(self):
+        async def main():
+            traffic = await self.honest()
+            cases = [(False, HEADER.pack(MAX_CONTROL + 1, HELLO, 0, 0)),      # before HELLO
+                     (True, HEADER.pack(MAX_DATA + 1, DATA, 0, 1)),
+                     (True, HEADER.pack(0xFFFFFFFF, OPEN, 0, 1)),
+                     (True, HEADER.pack(9, PING, 0, 0))]
+            for after_hello, header in cases:
+                with self.subTest(header=header):
+                    peer = await self.raw_peer(handshake=after_hello)
+                    peer.send(header if after_hello else PREAMBLE + header)
+                    goaway = await peer.goaway()
+                    self.assertEqual(goaway["code"], "frame-size", goaway)
+                    self.assertEqual(len(self.logged_about(peer)), 1, self.logs)
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_unknown_type_and_second_hello_get_goaway_protocol(self):
+        async def main():
+            traffic = await self.honest()
+            for frame, words in ((HEADER.pack(0, 99, 0, 0), "unknown frame type 99"),
+                                 (HEADER.pack(0, 0, 0, 0), "unknown frame type 0"),
+                                 (encode_json(HELLO, 0, {"version": PROTOCOL_VERSION}), "HELLO")):
+                with self.subTest(words=words):
+                    peer = await self.raw_peer()
+                    peer.send(frame)
+                    goaway = await peer.goaway()
+                    self.assertEqual(goaway["code"], "protocol", goaway)
+                    self.assertIn(words, goaway["message"])
+                    lines = self.logged_about(peer)
+                    self.assertEqual(len(lines), 1, self.logs)
+                    self.assertIn(words, lines[0])
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_frames_for_a_stream_never_opened_get_goaway_protocol(self):
+        async def main():
+            traffic = await self.honest()
+            cases = [encode_frame(DATA, 7, b"x"), encode_frame(WINDOW, 7, struct.pack("!I", 1000)),
+                     encode_frame(EOF, 7), encode_json(RESET, 7, {"reason": "x"}),
+                     encode_frame(DATA, 8, b"x"), encode_json(OPEN_OK, 8, {})]
+            for frame in cases:
+                with self.subTest(type=FRAME_NAMES_[frame[4]], id=frame[9]):
+                    peer = await self.raw_peer()
+                    peer.send(frame)
+                    goaway = await peer.goaway()
+                    self.assertEqual(goaway["code"], "protocol", goaway)
+                    self.assertIn("never opened", goaway["message"])
+                    self.assertEqual(len(self.logged_about(peer)), 1, self.logs)
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_data_beyond_the_window_gets_goaway_flow_control(self):
+        # A hand-driven sharer accepts a stream and never grants more credit, so the
+        # window is exactly INITIAL_WINDOW each way; a byte more is the sender's offence.
+        async def main():
+            traffic = await self.honest()
+            for offender in ("opener", "acceptor"):
+                with self.subTest(offender=offender):
+                    name = "trap-" + offender
+                    sharer = await self.raw_peer()
+                    sharer.send(encode_json(REGISTER, 1, {"name": name, "owner": "raw"}))
+                    await sharer.frame(REGISTERED, 1)
+                    opener = await self.raw_peer()
+                    opener.send(encode_json(OPEN, 1, {"service": name}))
+                    there = (await sharer.frame(OPEN))[2]
+                    sharer.send(encode_frame(OPEN_OK, there))
+                    await opener.frame(OPEN_OK, 1)
+                    guilty, innocent, ids = ((opener, sharer, (1, there)) if offender == "opener"
+                                             else (sharer, opener, (there, 1)))
+                    block, mark = os.urandom(64 * 1024), len(self.logs)
+                    for _ in range(INITIAL_WINDOW // len(block)):     # the whole window: fine
+                        guilty.send(encode_frame(DATA, ids[0], block))
+                    guilty.send(encode_frame(DATA, ids[0], b"!"))     # one byte more
+                    goaway = await guilty.goaway(timeout=10)
+                    self.assertEqual(goaway["code"], "flow-control", goaway)
+                    lines = self.logged_about(guilty, mark)
+                    self.assertEqual(len(lines), 1, self.logs)
+                    self.assertIn("window", lines[0])
+                    reset = await innocent.frame(RESET, ids[1], timeout=10)   # told, not dropped
+                    self.assertEqual(await innocent.settled(), "pong")
+                    innocent.writer.close()
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_register_with_an_invalid_name_gets_goaway_protocol(self):
+        async def main():
+            traffic = await self.honest()
+            for name in ("a b", "", "x" * 65, "caf\u00e9", "a/b", 5, None, ["web"]):
+                with self.subTest(name=name):
+                    peer = await self.raw_peer()
+                    peer.send(encode_json(REGISTER, 1, {"name": name, "owner": "x"}))
+                    goaway = await peer.goaway()
+                    self.assertEqual(goaway["code"], "protocol", goaway)
+                    self.assertIn("invalid service name", goaway["message"])
+                    self.assertEqual(len(self.logged_about(peer)), 1, self.logs)
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_malformed_window_frames_get_goaway_not_an_internal_error(self):
+        # README: "A peer that breaks the protocol gets a GOAWAY saying why, one log line,
+        # and is disconnected".  A WINDOW frame's payload is a u32: shorter is malformed.
+        async def main():
+            traffic = await self.honest()
+            for payload in (struct.pack("!I", 0), b"", b"\x00\x01", b"\x00\x00\x01"):
+                with self.subTest(payload=payload):
+                    peer = await self.raw_peer()
+                    await peer.open(1)
+                    peer.send(encode_frame(WINDOW, 1, payload))
+                    data, _how = await peer.closed()
+                    lines = self.logged_about(peer)
+                    self.assertEqual(len(lines), 1, self.logs)
+                    self.assertNotIn("internal error", lines[0])
+                    goaways = [json.loads(p.decode()) for t, _f, _i, p in peer.decoder.feed(data)
+                               if t == GOAWAY]
+                    self.assertEqual(len(goaways), 1, data)
+                    self.assertIn(goaways[0]["code"], ("protocol", "flow-control", "frame-size"))
+            await self.after(traffic)
+        self.run_async(main())
+
+    def test_proof_from_a_forwarder_cannot_break_a_sharer_without_a_secret(self):
+        # PROOF travels from the opening side to the sharer, which never asked for one here.
+        # Whatever becomes of the offender's stream, the sharer's link (with every other
+        # stream on it) must not suffer for it.
+        async def main():
+            traffic = await self.honest()
+            owner = self.router.services["web"].peer
+            for payload in (b"not json", b'{"proof": "00", "nonce": "%s"}' % (b"00" * 16)):
+                with self.subTest(payload=payload):
+                    peer = await self.raw_peer()
+                    peer.send(encode_json(OPEN, 1, {"service": "web"})
+                              + encode_frame(PROOF, 1, payload))
+                    await peer.settled()
+                    peer.writer.close()
+            await self.after(traffic)      # the sharer has read the PROOF before these rounds
+            self.assertIs(self.router.services["web"].peer, owner, "the sharer lost its link")
+        self.run_async(main())
+
+    def test_malformed_proof_cannot_break_a_sharer_with_a_secret(self):
+        async def main():
+            traffic = await self.honest(secret="s3cret-" + os.urandom(8).hex())
+            owner = self.router.services["web"].peer
+            for payload in (b"not json", b"[1, 2]", b'{"proof": 5}'):
+                with self.subTest(payload=payload):
+                    peer = await self.raw_peer()
+                    peer.send(encode_json(OPEN, 1, {"service": "web"})
+                              + encode_frame(PROOF, 1, payload))
+                    await peer.settled()
+                    peer.writer.close()
+            await self.after(traffic)
+            self.assertIs(self.router.services["web"].peer, owner, "the sharer lost its link")
+        self.run_async(main())
+
+    def test_refused_handshakes_do_not_lock_out_later_peers(self):
+        # Past MAX_PENDING_HANDSHAKES unfinished handshakes a new connection is dropped at once.
+        # Once the flood is gone, new peers must get in again.  (The limit is lowered for
+        # the test so that a flood takes 2 x 4 connections rather than 2 x 256.)
+        limit = 4
+        saved = mindmeld.MAX_PENDING_HANDSHAKES
+        mindmeld.MAX_PENDING_HANDSHAKES = limit
+        self.addCleanup(setattr, mindmeld, "MAX_PENDING_HANDSHAKES", saved)
+
+        async def main():
+            traffic = await self.honest(handshake_timeout=10)
+            silent = [await self.raw_peer(handshake=False) for _ in range(limit)]
+            self.assertTrue(await until(self.loop, lambda: self.router.handshaking == limit, 5))
+            for _ in range(limit):                  # one too many, each time: dropped at once
+                try:
+                    peer = await self.raw_peer(handshake=False)
+                except ConnectionResetError:        # before connect() even returned
+                    continue
+                reply, _how = await peer.closed(timeout=3)
+                self.assertEqual(reply, b"")
+            self.assertTrue(any("too many unfinished handshakes" in l for l in self.logs))
+            for peer in silent:
+                peer.writer.close()
+            self.assertTrue(await until(self.loop, lambda: len(self.router.peers) == 2, 5))
+            try:                                    # the flood is over: new peers get in again
+                services = await list_services(router=self.router_address)
+            except MindmeldError as exc:
+                self.fail("after the flood, a new peer is still turned away: %s" % exc)
+            self.assertEqual([s["name"] for s in services], ["web"])
+            await self.after(traffic)
+        self.run_async(main())
+
+
+class TestHostileTls(HostileTestCase, TlsFiles):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.make_tls_files(other=False)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.remove_tls_files()
+
+    @unittest.skipIf(sys.version_info < (3, 7), "3.6's asyncio cannot bound a TLS handshake")
+    def test_silent_peer_on_a_tls_router_is_dropped_after_the_handshake_timeout(self):
+        # The handshake timeout (README: "15 s to finish a handshake") must hold on a TLS
+        # router too: a connection that never starts TLS is an unfinished handshake.
+        async def main():
+            context, fingerprint = router_tls_context(self.cert, self.key)
+            self.assertEqual(fingerprint, self.fingerprint)
+            known = os.path.join(self.files, "known_routers-%d" % os.getpid())
+            tls = TlsOptions(fingerprint=fingerprint, known_routers=known)
+            traffic = await self.honest(tls=tls, ssl_context=context, handshake_timeout=0.5)
+            peer = await self.raw_peer(handshake=False)
+            began = self.loop.time()
+            try:
+                await peer.closed(timeout=3)
+            except AssertionError:
+                self.fail("a TCP peer that never started TLS was still connected after %.1f s "
+                          "(handshake_timeout=0.5)" % (self.loop.time() - began))
+            self.assertGreaterEqual(self.loop.time() - began, 0.4)
+            await self.after(traffic)
+            self.assertFalse(os.path.exists(known))       # a pin records nothing
+        self.run_async(main())
+
+
+# ---------------------------------------------------------------------------
+# 10. A seeded fuzz against a live router
+# ---------------------------------------------------------------------------
+
+FUZZ_SEED = 20240611
+FUZZ_SECONDS = 3.0
+FUZZ_WORKERS = 8
+FUZZ_CASES_PER_WORKER = 2000            # the time limit normally ends it first
+FUZZ_NAMES = ["web", "fz0", "fz1", "a b", "", "x" * 70, "caf\u00e9"]
+FUZZ_KEYS = ["name", "service", "owner", "verifier", "reason", "nonce", "proof", "mac",
+             "code", "message", "version", "role", "ok", "peer"]
+STREAM_TYPES = [DATA, DATA, DATA, WINDOW, WINDOW, EOF, RESET, OPEN_OK, OPEN_REFUSED,
+                CHALLENGE, PROOF, PING, PONG]
+ANY_TYPE = list(range(1, 19)) + [0, 19, 99, 255]
+
+
+def fuzz_bytes(rng, n):
+    return bytes(rng.getrandbits(8) for _ in range(n))
+
+
+def fuzz_json(rng):
+    value = lambda: rng.choice([rng.choice(FUZZ_NAMES), rng.randrange(-5, 1 << 33), None, True,
+                                [1, "x"], {"k": "v"}, "00" * 16, "zz", rng.random(), "x" * 300])
+    return json.dumps({k: value() for k in rng.sample(FUZZ_KEYS, rng.randrange(0, 5))}).encode()
+
+
+def sane_payload(rng, ftype):
+    """A payload of the right shape for the type (the values may still be wrong)."""
+    if ftype == DATA:
+        return fuzz_bytes(rng, rng.choice([0, 1, 100, 3000]))
+    if ftype == WINDOW:
+        return struct.pack("!I", rng.choice([1, 4096, INITIAL_WINDOW, 0, 1 << 31]))
+    if ftype == EOF:
+        return b""
+    if ftype in (PING, PONG):
+        return fuzz_bytes(rng, 8)
+    nonce = rng.choice(["00" * 16, fuzz_bytes(rng, 16).hex(), "zz"])
+    obj = {REGISTER: {"name": rng.choice(FUZZ_NAMES), "owner": "fuzz"},
+           OPEN: {"service": rng.choice(FUZZ_NAMES)},
+           RESET: {"reason": "fuzz"}, OPEN_REFUSED: {"reason": "fuzz"},
+           OPEN_OK: rng.choice([{}, {"proof": "00"}]),
+           CHALLENGE: {"nonce": nonce}, PROOF: {"proof": "00" * 32, "nonce": nonce},
+           GOAWAY: {"code": "shutdown", "message": "fuzz"}, LIST: {}}.get(ftype)
+    return fuzz_json(rng) if obj is None else json.dumps(obj).encode()
+
+
+def fuzz_frame(rng, types=ANY_TYPE, ids=(0, 1, 2, 3, 5, 7), sane=0.5):
+    ftype = rng.choice(types)
+    stream_id = rng.choice(list(ids) + [rng.getrandbits(32)] * (not sane))
+    if rng.random() < sane and ftype in FRAME_NAMES_:
+        payload = sane_payload(rng, ftype)
+    else:
+        payload = rng.choice([b"", fuzz_bytes(rng, rng.randrange(1, 64)), fuzz_json(rng),
+                              b"[1, 2]", b"null", b"{", b"\xff\xfe", struct.pack("!I", 0)])
+    length, roll = len(payload), rng.random()
+    if roll < 0.03:                             # a length over every limit
+        length, payload = rng.choice([MAX_DATA + 1, MAX_CONTROL + 1, 0xFFFFFFFF]), b""
+    elif roll < 0.06:                           # a frame that claims more than it carries
+        length += rng.randrange(1, 20)
+    return HEADER.pack(length, ftype, rng.choice([0, 0, 0, 0, 1, 255]), stream_id) + payload
+
+
+def fuzz_case(rng, tag):
+    """One hostile connection: (kind, steps, pieces, ending).
+
+    steps: [(bytes, frame type to wait for or None)] sent first, to get a stream open;
+    pieces: the bytes thrown afterwards; ending: 'eof' (then read until the router
+    closes), 'abort' (RST) or 'close'."""
+    hello = PREAMBLE + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION, "agent": "fuzz",
+                                              "role": rng.choice(["forward", "share", "list"])})
+    name = rng.choice(["fz0", "fz-%s" % tag])
+    kind, steps = rng.randrange(10), []
+    if kind == 0:                                   # noise
+        data = fuzz_bytes(rng, rng.randrange(1, 300))
+    elif kind == 1:                                 # a preamble cut short, then noise
+        data = PREAMBLE[:rng.randrange(1, len(PREAMBLE) + 1)] + fuzz_bytes(rng, rng.randrange(0, 40))
+    elif kind == 2:                                 # frames where HELLO should be
+        data = PREAMBLE + b"".join(fuzz_frame(rng) for _ in range(rng.randrange(1, 6)))
+    elif kind == 3:                                 # a handshake, then anything
+        data = hello + b"".join(fuzz_frame(rng) for _ in range(rng.randrange(1, 10)))
+    elif kind == 4:                                 # streams to the honest service, all at once
+        data = (hello + encode_json(OPEN, 1, {"service": "web"})
+                + encode_json(OPEN, 3, {"service": "web"})
+                + b"".join(fuzz_frame(rng, STREAM_TYPES, (1, 3), 0.9)
+                           for _ in range(rng.randrange(1, 8))))
+    elif kind in (5, 6):                            # a stream to the honest service, once open
+        steps = [(hello + encode_json(OPEN, 1, {"service": "web"}), OPEN_OK)]
+        data = b"".join(fuzz_frame(rng, STREAM_TYPES + [OPEN, LIST, GOAWAY], (1, 1, 1, 3), 0.9)
+                        for _ in range(rng.randrange(1, 12)))
+    elif kind == 7:                                 # its own service, a stream to itself
+        steps = [(hello + encode_json(REGISTER, 1, {"name": name, "owner": "fuzz"}), REGISTERED),
+                 (encode_json(OPEN, 1, {"service": name}), OPEN)]
+        data = b"".join(fuzz_frame(rng, STREAM_TYPES, (1, 2, 2), 0.9)
+                        for _ in range(rng.randrange(1, 12)))
+    elif kind == 8:                                 # well-formed frames, out of order
+        frames = [hello[len(PREAMBLE):], encode_json(OPEN, 1, {"service": "web"}),
+                  encode_frame(DATA, 1, b"abc"), encode_frame(EOF, 1),
+                  encode_frame(WINDOW, 1, struct.pack("!I", 4096)),
+                  encode_json(RESET, 1, {"reason": "fuzz"}), encode_json(LIST, 3, {}),
+                  encode_frame(PING, 0, b"12345678"), encode_json(AUTH, 0, {"mac": "00"}),
+                  encode_json(REGISTER, 5, {"name": name, "owner": "fuzz"})]
+        rng.shuffle(frames)
+        data = PREAMBLE + b"".join(frames[:rng.randrange(2, len(frames) + 1)])
+    else:                                           # other protocols, half-spoken
+        data = rng.choice([b"GET /", b"GET / HTTP/1.1\r\nHost: x", b"\x16\x03\x01\x02\x00",
+                           b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc",
+                           b"GET /healthz HTTP/1.0\r\n\r\n"]) + fuzz_bytes(rng, rng.randrange(0, 20))
+    data = bytearray(data)
+    if rng.random() < 0.2 and len(data) > 1:        # truncated
+        del data[rng.randrange(1, len(data)):]
+    if rng.random() < 0.15 and data:                # a few bits flipped
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 3)))
+    pieces = [bytes(data[a:b]) for a, b in zip([0] + cuts, cuts + [len(data)])]
+    return kind, steps, pieces, rng.choice(["eof", "eof", "eof", "abort", "close"])
+
+
+async def until_closed(reader, timeout):
+    """Read until EOF or reset: True, or False if still open after `timeout` s."""
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + timeout
+    for _ in range(100000):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            data = await asyncio.wait_for(reader.read(CHUNK), remaining)
+        except asyncio.TimeoutError:
+            return False
+        except (ConnectionError, OSError):
+            return True
+        if not data:
+            return True
+    return False
+
+
+async def until_frame(reader, decoder, ftype, timeout):
+    """Read frames until one of this type arrives: True, or False (closed, timed out)."""
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + timeout
+    for _ in range(100000):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            data = await asyncio.wait_for(reader.read(CHUNK), remaining)
+            frames = decoder.feed(data)
+        except (asyncio.TimeoutError, ConnectionError, OSError, ProtocolError):
+            return False
+        if not data:
+            return False
+        if any(f[0] == ftype for f in frames):
+            return True
+    return False
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self):
+        logging.Handler.__init__(self, logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+class TestFuzz(HostileTestCase):
+
+    def test_seeded_fuzz_against_a_live_router(self):
+        # asyncio's own warnings ("socket.send() raised exception") are expected here; its
+        # errors (an exception escaping a protocol callback or a task) are not.
+        asyncio_log, errors = logging.getLogger("asyncio"), _ErrorRecords()
+        saved = (asyncio_log.level, asyncio_log.propagate, list(asyncio_log.handlers))
+        asyncio_log.handlers[:], asyncio_log.propagate = [errors], False
+        asyncio_log.setLevel(logging.ERROR)
+
+        def restore():
+            asyncio_log.setLevel(saved[0])
+            asyncio_log.propagate = saved[1]
+            asyncio_log.handlers[:] = saved[2]
+        self.addCleanup(restore)
+
+        async def main():
+            traffic = await self.honest(liveness_probe=0.3)
+            deadline = self.loop.time() + FUZZ_SECONDS
+            done, hung, unanswered = collections.Counter(), [], []
+
+            async def worker(index):
+                rng = random.Random(FUZZ_SEED * 100 + index)
+                for number in range(FUZZ_CASES_PER_WORKER):
+                    if self.loop.time() >= deadline:
+                        return
+                    kind, steps, pieces, ending = fuzz_case(rng, "%d-%d" % (index, number))
+                    try:
+                        reader, writer = await asyncio.open_connection(LOCALHOST, self.router.port)
+                    except ConnectionError:
+                        done["refused at connect"] += 1
+                        continue
+                    try:
+                        decoder = FrameDecoder()
+                        for data, awaited in steps:
+                            writer.write(data)
+                            if not await until_frame(reader, decoder, awaited, 3.0):
+                                if awaited == OPEN_OK:   # the honest service answers everyone
+                                    unanswered.append((index, number, kind))
+                                break
+                        for piece in pieces:
+                            writer.write(piece)
+                        if ending == "abort":
+                            writer.transport.abort()
+                        elif ending == "eof":
+                            writer.write_eof()
+                            if not await until_closed(reader, 3.0):
+                                hung.append((index, number, kind))
+                    except (ConnectionError, OSError):
+                        pass
+                    finally:
+                        writer.close()
+                    done[kind] += 1
+
+            await asyncio.gather(*[worker(i) for i in range(FUZZ_WORKERS)])
+            await self.after(traffic)
+            self.assertEqual(hung, [], "connections the router left open after their EOF")
+            self.assertEqual(unanswered, [], "OPENs of the honest service left unanswered")
+            self.assertGreaterEqual(sum(done.values()), 100, done)
+            # nothing left behind: no legs, no streams, on either side of the honest link
+            leftovers = lambda: ([(p.peer, sorted(p.legs)) for p in self.router.peers if p.legs]
+                                 + [("sharer", sorted(self.sharer.link.streams))]
+                                 * bool(self.sharer.link.streams)
+                                 + [("forwarder", sorted(self.forwarder.link.streams))]
+                                 * bool(self.forwarder.link.streams))
+            self.assertTrue(await until(self.loop, lambda: not leftovers(), 5), leftovers())
+            self.assertEqual(self.router.services["web"].streams, 0)
+            # and the router still serves new peers
+            services = await list_services(router=self.router_address)
+            self.assertEqual([(s["name"], s["streams"]) for s in services], [("web", 0)])
+            newcomer = await self.start_forwarder("web")
+            await echo_exchange(self, newcomer.port, Pattern(), 512 * 1024)
+            self.assertEqual(errors.records, [])
+        self.run_async(main(), 60)
 
 
 if __name__ == "__main__":
