@@ -139,9 +139,8 @@ async def _close_server(server):
     server.close()
     try:
         await asyncio.wait_for(server.wait_closed(), 0.5)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
-        if not PY38 and _current_task() is not None and _current_task().cancelled():
-            raise
+    except asyncio.TimeoutError:
+        pass
 
 
 def _dual_stack_socket(port):
@@ -269,7 +268,7 @@ MAX_WINDOW = 16 * 1024 * 1024       # auto-tuning stops here
 PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all streams of a link
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
-PEER_BUFFER_LIMIT = PEER_WINDOW_BUDGET + 8 * 1024 * 1024  # router: more than this queued means a peer that does not read
+PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
 
 HANDSHAKE_TIMEOUT = 15.0            # preamble + hello (+ auth) must complete in this time
 DIAL_TIMEOUT = 10.0                 # sharer dialling its target
@@ -283,6 +282,7 @@ BACKOFF_RESET_AFTER = 60.0          # a link that stayed up this long resets the
 LIVENESS_PROBE = 3.0                # router: how long a name's owner has to answer a ping
 
 MAX_STREAMS_PER_PEER = 16384
+MAX_STREAM_ID = 2 ** 32 - 3
 MAX_SERVICES_PER_PEER = 64
 MAX_PENDING_HANDSHAKES = 256
 
@@ -816,6 +816,7 @@ class Link(BufferedProtocol):
         self.rtt = 0.001
         self.dispatch = {PING: self.on_ping, PONG: self.on_pong}
         self._rx_count = self._rx_seen = self._silent = 0
+        self._rx_waiter = None          # a future for "anything arrived" (liveness probes)
         self._keepalive_timer = None
         self._close_reason = None
 
@@ -836,10 +837,30 @@ class Link(BufferedProtocol):
 
     def buffer_updated(self, nbytes):
         self._rx_count += 1
+        if self._rx_waiter is not None:
+            self._heard()
         if self.closing:
             return
         self.frames.advance(nbytes)
         self.process_frames()
+
+    def _heard(self):
+        if not self._rx_waiter.done():
+            self._rx_waiter.set_result(True)
+        self._rx_waiter = None
+
+    async def answers(self, timeout):
+        """Does the peer still answer?  One PING, and anything back within `timeout`.
+        Concurrent callers share one probe."""
+        if self.closing:
+            return False
+        if self._rx_waiter is None:
+            self._rx_waiter = self.loop.create_future()
+            self.ping()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._rx_waiter), timeout)
+        except asyncio.TimeoutError:
+            return False
 
     def data_received(self, data):
         """3.6 (no BufferedProtocol): copy into the frame buffer."""
@@ -1617,6 +1638,8 @@ class RouterPeer(Link):
         self.agent = "?"
         self.tasks = set()
         self.draining = False           # sent GOAWAY: close when its last stream ends
+        self.registering = set()        # names with a REGISTER in progress
+        self.refused_names = set()      # names already refused (logged once)
         self._handshake_timer = None
         self.ready_dispatch = {
             PING: self.on_ping, PONG: self.on_pong, REGISTER: self.on_register,
@@ -1654,6 +1677,8 @@ class RouterPeer(Link):
         if self.phase != "preamble":
             return Link.buffer_updated(self, nbytes)
         self._rx_count += 1
+        if self._rx_waiter is not None:
+            self._heard()
         self.frames.advance(nbytes)
         first = self.frames.peek()
         try:
@@ -1691,6 +1716,8 @@ class RouterPeer(Link):
         log.debug("router: HTTP %s from %s", line[:80], self.peer)
         if path == self.router.ws_path and "websocket" in headers.get("upgrade", "").lower():
             key = headers.get("sec-websocket-key", "")
+            if not all(32 < ord(c) < 127 for c in key):
+                key = ""                        # not a base64 key: a 400 below
             if parts[0] == "GET" and key and headers.get("sec-websocket-version") == "13":
                 self.send(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                            "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
@@ -1760,9 +1787,13 @@ class RouterPeer(Link):
                 "ok": False, "code": "limit",
                 "message": "a sharer may register at most %d services" % MAX_SERVICES_PER_PEER})
             return
+        if name in self.registering or len(self.registering) >= MAX_SERVICES_PER_PEER:
+            raise ProtocolError("REGISTER for %r while an earlier one is unanswered" % name)
         owner, verifier = str(info.get("owner", ""))[:128], info.get("verifier")
         verifier = str(verifier)[:128] if verifier else None
-        _spawn(self.router.register(self, request_id, name, owner, verifier), self.tasks)
+        self.registering.add(name)
+        task = _spawn(self.router.register(self, request_id, name, owner, verifier), self.tasks)
+        task.add_done_callback(lambda _task: self.registering.discard(name))
 
     def on_list(self, request_id, _payload):
         now = time.time()
@@ -1803,6 +1834,10 @@ class RouterPeer(Link):
             self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
             return
         sharer = registration.peer
+        if sharer.next_id > MAX_STREAM_ID:         # after 2**31 streams: the sharer relinks
+            sharer.close("ids-exhausted", "stream ids are used up; reconnect")
+            self.send_json(OPEN_REFUSED, stream_id, {"reason": "the sharer is reconnecting"})
+            return
         here = Leg(self, stream_id, False, registration)
         there = Leg(sharer, sharer.next_id, True, registration)
         sharer.next_id += 2
@@ -1906,9 +1941,21 @@ class RouterPeer(Link):
         if self.closing:
             return
         _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
-        if self.write_paused and self.transport.get_write_buffer_size() > PEER_BUFFER_LIMIT:
-            log.warning("router: %s is not reading (%d bytes queued); dropping it",
-                        self.peer, self.transport.get_write_buffer_size())
+        if self.write_paused:
+            self._check_backlog()
+
+    def send(self, frame):
+        Link.send(self, frame)
+        if self.write_paused and not self.closing:
+            self._check_backlog()
+
+    def _check_backlog(self):
+        """What a peer may make us queue: the windows it granted (its streams' initial
+        windows plus its growth budget) and some control frames.  More means it does
+        not read (a LIST or PING flood, say): drop it."""
+        queued = self.transport.get_write_buffer_size()
+        if queued > PEER_WINDOW_BUDGET + len(self.legs) * INITIAL_WINDOW + PEER_BUFFER_SLACK:
+            log.warning("router: %s is not reading (%d bytes queued); dropping it", self.peer, queued)
             self.abort("peer stopped reading")
 
     def on_lost(self, reason):
@@ -1980,7 +2027,7 @@ class Router:
                 why = "its sharer reconnected"
             elif same_secret:
                 why = "a new sharer proved the service secret"
-            elif not await self._alive(current.peer):
+            elif not await current.peer.answers(self.liveness_probe):
                 why = "its previous sharer stopped answering"
             else:
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
@@ -1988,8 +2035,9 @@ class Router:
                     "ok": False, "code": "name-taken",
                     "message": "the name %r is already shared by %s since %s"
                                % (name, current.peer.peer, since)})
-                log.info("router: %s asked for %r, which %s holds; refused",
-                         peer.peer, name, current.peer.peer)
+                (log.debug if name in peer.refused_names else log.info)(
+                    "router: %s asked for %r, which %s holds; refused", peer.peer, name, current.peer.peer)
+                peer.refused_names.add(name)
                 return
             if self.services.get(name) is current:
                 log.info("router: %r taken over by %s: %s", name, peer.peer, why)
@@ -2010,19 +2058,6 @@ class Router:
             peer.registrations.append(registration)
             log.info("router: %s registered %r", peer.peer, name)
         peer.send_json(REGISTERED, request_id, {"ok": True, "name": name})
-
-    async def _alive(self, peer):
-        """Does this peer still answer?  A ping, and any bytes back within the probe time."""
-        if peer.closing:
-            return False
-        seen = peer._rx_count
-        peer.ping()
-        deadline = _get_loop().time() + self.liveness_probe
-        while _get_loop().time() < deadline and not peer.closing:
-            if peer._rx_count != seen:
-                return True
-            await asyncio.sleep(0.02)   # a bounded poll of a counter; the link has no event for it
-        return False
 
     def unregister(self, registration, reason, reset_streams=True):
         if self.services.get(registration.name) is registration:
@@ -2244,6 +2279,8 @@ class ClientLink(Link):
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self, stream, info):
+        if self.next_id > MAX_STREAM_ID:          # after 2**31 streams: a fresh link
+            self.close("ids-exhausted", "stream ids are used up; reconnecting")
         stream.attach(self, self.next_id)
         self.next_id += 2
         self.send_json(OPEN, stream.id, info)
@@ -2449,6 +2486,13 @@ class _Client:
             raise LinkLost("the router at %s did not answer within %.0f s" % (where, HANDSHAKE_TIMEOUT))
         except socket.gaierror as exc:
             raise LinkLost("cannot resolve the router's host %r: %s" % (self.router_host, exc.strerror))
+        except UnicodeError:
+            raise PermanentError("bad router host name %r" % self.router_host)
+        except getattr(ssl, "CertificateError", ()) as exc:     # not an OSError on 3.6
+            if not isinstance(exc, OSError):
+                raise PermanentError("the router at %s failed certificate verification: %s"
+                                     % (where, exc))
+            raise _tls_failure(exc, where)
         except OSError as exc:
             if ssl is not None and isinstance(exc, ssl.SSLError):
                 raise _tls_failure(exc, where)
@@ -2521,6 +2565,13 @@ class _Client:
                 return
             except (LinkLost, MindmeldError, asyncio.TimeoutError) as exc:
                 reason = str(exc) or "timed out"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:    # a bug or an odd platform error: say it, do not hang
+                log.debug("traceback", exc_info=True)
+                self._finish(MindmeldError("%s: unexpected %s: %s (run with -v for details)"
+                                           % (self.command, type(exc).__name__, exc)))
+                return
             finally:
                 self.link_up.clear()
                 self.outages += 1
@@ -2586,6 +2637,49 @@ def _tls_failure(exc, where):
     return LinkLost("TLS with the router at %s failed: %s" % (where, reason))
 
 
+class Target:
+    """Where a service's streams are dialled.  The name is resolved again after
+    RESOLVE_TTL, and the address that answered last is tried first (so 'localhost'
+    does not try ::1 and fail before 127.0.0.1 on every stream)."""
+
+    RESOLVE_TTL = 30.0
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+        self.addresses, self.resolved_at = [], None
+
+    def __str__(self):
+        return format_hostport(self.host, self.port)
+
+    async def connect(self, protocol_factory):
+        loop = _get_loop()
+        if self.resolved_at is None or loop.time() - self.resolved_at > self.RESOLVE_TTL:
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            addresses = []
+            for family, _type, _proto, _name, address in infos:
+                if (family, address) not in addresses:
+                    addresses.append((family, address))
+            self.addresses, self.resolved_at = addresses, loop.time()
+        failure = OSError(errno.EHOSTUNREACH, "no address to connect to")
+        for family, address in list(self.addresses):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if self.addresses and self.addresses[0] != (family, address):
+                self.addresses.remove((family, address))
+                self.addresses.insert(0, (family, address))
+            return await loop.create_connection(protocol_factory, sock=sock)
+        raise failure
+
+
 class SharedStream(LocalStream):
     """A stream the router opened to a sharer: dialled to the service's target."""
 
@@ -2643,14 +2737,14 @@ class Sharer(_Client):
             check_name(name)
             if isinstance(target, str):
                 target = parse_hostport(target, "localhost", None, "target")
-            self.services[name] = (target[0] or "localhost", target[1])
+            self.services[name] = Target(target[0] or "localhost", target[1])
         if not self.services:
             raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
         self.owner = os.urandom(16).hex()   # proves a reconnect is the same process
         self._registered_once = False
 
     async def link_established(self, link):
-        for name, (host, port) in self.services.items():
+        for name, target in self.services.items():
             request = {"name": name, "owner": self.owner}
             if self.secret:
                 request["verifier"] = _secret_mac(self.secret, "owner", name)
@@ -2660,7 +2754,7 @@ class Sharer(_Client):
                 if reply.get("code") == "name-taken":
                     raise PermanentError("%s; choose another name, or stop the other sharer" % message)
                 raise PermanentError("the router refused to register %r: %s" % (name, message))
-            log.info("sharing %r -> %s through the router at %s%s", name, format_hostport(host, port),
+            log.info("sharing %r -> %s through the router at %s%s", name, target,
                      self.router, " (again)" if self._registered_once else "")
         self._registered_once = True
 
@@ -2683,18 +2777,23 @@ class Sharer(_Client):
             _spawn(self._dial(link, stream, target), self.tasks)
 
     async def _dial(self, link, stream, target):
-        host, port = target
+        host, port = target.host, target.port
         where = format_hostport(host, port)
+        loop = _get_loop()
+        task, expired = _current_task(), []
+        timer = loop.call_later(DIAL_TIMEOUT, lambda: expired.append(True) or task.cancel())
         try:
-            await asyncio.wait_for(_get_loop().create_connection(lambda: stream, host, port),
-                                   DIAL_TIMEOUT)
-        except asyncio.TimeoutError:
+            await target.connect(lambda: stream)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
             reason = "target %s did not answer within %.0f s" % (where, DIAL_TIMEOUT)
         except socket.gaierror as exc:
             reason = "target host %r cannot be resolved: %s" % (host, exc.strerror)
         except OSError as exc:
             reason = "target %s: %s" % (where, _os_error_text(exc))
         else:
+            timer.cancel()
             if stream.closed:                 # reset while we dialled
                 stream.transport.abort()
             else:
@@ -2704,6 +2803,8 @@ class Sharer(_Client):
                 link.send_json(OPEN_OK, stream.id, accept)
                 stream.on_accepted()
             return
+        finally:
+            timer.cancel()
         log.warning("share: stream to %r refused: %s", stream.service, reason)
         stream.refuse(reason)
 
@@ -3098,6 +3199,9 @@ async def list_services(router=None, **options):
     link = await client.connect_link()
     try:
         reply = await link.request(LIST, {})
+    except asyncio.TimeoutError:
+        raise LinkLost("the router at %s did not answer the list request within %.0f s"
+                       % (client.router, HANDSHAKE_TIMEOUT))
     finally:
         link.close()
     return reply.get("services", [])

@@ -2973,8 +2973,8 @@ class TestStayingUp(LoopTestCase):
         async def main():
             router = await self.start_router()
             target = await echo_server()
-            sharer = await self.start_sharer({"web": (LOCALHOST, target)}, backoff=(0.01, 0.05))
-            forwarder = await self.start_forwarder("web", backoff=(0.01, 0.05))
+            sharer = await self.start_sharer({"web": (LOCALHOST, target)}, backoff=(0.001, 0.003))
+            forwarder = await self.start_forwarder("web", backoff=(0.001, 0.003))
             clients = (sharer, forwarder)
 
             def linked(old):
@@ -4227,7 +4227,7 @@ class TestHostileTls(HostileTestCase, TlsFiles):
 # ---------------------------------------------------------------------------
 
 FUZZ_SEED = 20240611
-FUZZ_SECONDS = 3.0
+FUZZ_SECONDS = 2.0
 FUZZ_WORKERS = 8
 FUZZ_CASES_PER_WORKER = 2000            # the time limit normally ends it first
 FUZZ_NAMES = ["web", "fz0", "fz1", "a b", "", "x" * 70, "caf\u00e9"]
