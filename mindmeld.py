@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import collections
 import datetime
 import errno
 import hashlib
@@ -128,11 +127,6 @@ async def _cancel_all(tasks):
         await asyncio.wait(tasks)
 
 
-def _is_cancelled(exc):
-    """True for a cancellation, which `except Exception` catches on 3.6 and 3.7."""
-    return isinstance(exc, asyncio.CancelledError)
-
-
 async def _close_server(server):
     """Stop listening.  Server.wait_closed() waits for every client from 3.12.1 on,
     so it is bounded here; our own sessions are closed by their owners."""
@@ -228,20 +222,6 @@ def _os_error_text(exc):
     return str(exc) or type(exc).__name__
 
 
-def _rss_mb():
-    """This process's resident memory in MB (Linux /proc, else the peak from rusage)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except (OSError, ValueError, AttributeError):
-        try:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return peak / (1e6 if sys.platform == "darwin" else 1e3)
-        except Exception:  # pragma: no cover - no resource module (Windows)
-            return 0.0
-
-
 # ###########################################################################
 # ### 2. Constants and errors
 # ###########################################################################
@@ -330,10 +310,6 @@ class LinkLost(MindmeldError):
 # ###########################################################################
 # ### 3. Protocol core: frames, windows and stream states.  No I/O here.
 # ###########################################################################
-
-def encode_header(ftype, stream_id, length, flags=0):
-    return HEADER.pack(length, ftype, flags, stream_id)
-
 
 def encode_frame(ftype, stream_id=0, payload=b""):
     """A whole frame as bytes (control frames; DATA goes out as header + payload)."""
@@ -3428,11 +3404,12 @@ def _proc_cpu_seconds(pid):
         return None
 
 
-def _proc_peak_rss_mb(pid):
+def _proc_memory_mb(pid, field="VmRSS"):
+    """A process's memory from /proc/PID/status: VmRSS (now) or VmHWM (peak); None elsewhere."""
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except (OSError, ValueError):
         pass
@@ -3600,7 +3577,7 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
         result["cpu_s_per_GB"] = None
         if pids and None not in cpu_before + cpu_after:
             result["cpu_s_per_GB"] = (sum(cpu_after) - sum(cpu_before)) / (result["bytes_moved"] / 1e9)
-        result["router_peak_rss_MB"] = _proc_peak_rss_mb(router_pid) if router_pid else None
+        result["router_peak_rss_MB"] = _proc_memory_mb(router_pid, "VmHWM") if router_pid else None
         if scale and pids:
             results["scale"] = _run(_bench_scale(port, pids, say))
     finally:
@@ -3619,17 +3596,6 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
     return 0
 
 
-def _proc_rss_mb(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 async def _bench_scale(port, pids, say):
     """Memory and scale: 1,000 idle streams, 5,000 concurrent verified streams,
     100 stalled readers.  pids are the router's, the sharer's and the forwarder's."""
@@ -3644,15 +3610,15 @@ async def _bench_scale(port, pids, say):
         return reader, writer
 
     say("scale: 1000 idle streams")
-    rss_before = [_proc_rss_mb(p) for p in pids]
+    rss_before = [_proc_memory_mb(p) for p in pids]
     gate = asyncio.Semaphore(200)
 
     async def gated(coro_factory):
         async with gate:
             return await coro_factory()
     idle = await asyncio.gather(*[gated(open_echo) for _ in range(1000)])
-    result["router_rss_1000_idle_MB"] = _proc_rss_mb(pids[0])
-    result["rss_growth_1000_idle_MB"] = [a - b for a, b in zip([_proc_rss_mb(p) for p in pids], rss_before)]
+    result["router_rss_1000_idle_MB"] = _proc_memory_mb(pids[0])
+    result["rss_growth_1000_idle_MB"] = [a - b for a, b in zip([_proc_memory_mb(p) for p in pids], rss_before)]
     for _reader, writer in idle:
         writer.close()
 
@@ -3672,7 +3638,7 @@ async def _bench_scale(port, pids, say):
     result["streams_5000_s"] = loop.time() - began
 
     say("scale: 100 stalled readers pushed at")
-    rss_before = [_proc_rss_mb(p) for p in pids]
+    rss_before = [_proc_memory_mb(p) for p in pids]
     stalled = []
     for _ in range(100):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -3682,7 +3648,7 @@ async def _bench_scale(port, pids, say):
     deadline = loop.time() + 15
     while loop.time() < deadline:       # until memory stops moving for 1 s (bounded)
         await asyncio.sleep(0.2)
-        now = [_proc_rss_mb(p) for p in pids]
+        now = [_proc_memory_mb(p) for p in pids]
         if previous is None or max(abs(a - b) for a, b in zip(now, previous)) > 0.5:
             previous, steady_since = now, loop.time()
         elif loop.time() - steady_since > 1.0:
