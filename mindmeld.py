@@ -3570,6 +3570,8 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             say("router%s, sharer and forwarder started (pids %s)" % (
                 " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:])))
             port, pids, router_pid = forwarder.port, [c.process.pid for c in children[1:]], router.process.pid
+        if scale and pids:      # first, while the router is fresh: its idle footprint
+            results["scale"] = _run(_bench_scale(port, pids, say))
         cpu_before = [_proc_cpu_seconds(p) for p in pids]
         results["mindmeld"] = result = _bench_measure(
             port, sizes, pattern, lambda t: say("  mindmeld: " + t))
@@ -3578,8 +3580,6 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
         if pids and None not in cpu_before + cpu_after:
             result["cpu_s_per_GB"] = (sum(cpu_after) - sum(cpu_before)) / (result["bytes_moved"] / 1e9)
         result["router_peak_rss_MB"] = _proc_memory_mb(router_pid, "VmHWM") if router_pid else None
-        if scale and pids:
-            results["scale"] = _run(_bench_scale(port, pids, say))
     finally:
         stop.set()
         if in_process is not None:
