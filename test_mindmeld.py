@@ -3901,6 +3901,18 @@ class HostileTestCase(LoopTestCase):
     """A router with a short handshake timeout, an echo service 'web' shared through it and
     an honest stream running through it while an offender does its worst."""
 
+    async def dropped(self, frame, code, words=""):
+        """A fresh peer sends `frame`: it gets GOAWAY `code` whose message names `words`,
+        and the router logs one line about it, which is returned."""
+        peer = await self.raw_peer()
+        peer.send(frame)
+        goaway = await peer.goaway()
+        self.assertEqual(goaway["code"], code, goaway)
+        self.assertIn(words, goaway["message"])
+        lines = self.logged_about(peer)
+        self.assertEqual(len(lines), 1, self.logs)
+        return lines
+
     async def honest(self, secret=None, tls=None, **router_options):
         router_options.setdefault("handshake_timeout", 0.5)
         self.router = await self.start_router(**router_options)
@@ -4039,13 +4051,7 @@ class TestHostilePeers(HostileTestCase):
                                  (HEADER.pack(0, 0, 0, 0), "unknown frame type 0"),
                                  (encode_json(HELLO, 0, {"version": PROTOCOL_VERSION}), "HELLO")):
                 with self.subTest(words=words):
-                    peer = await self.raw_peer()
-                    peer.send(frame)
-                    goaway = await peer.goaway()
-                    self.assertEqual(goaway["code"], "protocol", goaway)
-                    self.assertIn(words, goaway["message"])
-                    lines = self.logged_about(peer)
-                    self.assertEqual(len(lines), 1, self.logs)
+                    lines = await self.dropped(frame, "protocol", words)
                     self.assertIn(words, lines[0])
             await self.after(traffic)
         self.run_async(main())
@@ -4058,12 +4064,7 @@ class TestHostilePeers(HostileTestCase):
                      encode_frame(DATA, 8, b"x"), encode_json(OPEN_OK, 8, {})]
             for frame in cases:
                 with self.subTest(type=FRAME_NAMES_[frame[4]], id=frame[9]):
-                    peer = await self.raw_peer()
-                    peer.send(frame)
-                    goaway = await peer.goaway()
-                    self.assertEqual(goaway["code"], "protocol", goaway)
-                    self.assertIn("never opened", goaway["message"])
-                    self.assertEqual(len(self.logged_about(peer)), 1, self.logs)
+                    await self.dropped(frame, "protocol", "never opened")
             await self.after(traffic)
         self.run_async(main())
 
@@ -4105,12 +4106,8 @@ class TestHostilePeers(HostileTestCase):
             traffic = await self.honest()
             for name in ("a b", "", "x" * 65, "caf\u00e9", "a/b", 5, None, ["web"]):
                 with self.subTest(name=name):
-                    peer = await self.raw_peer()
-                    peer.send(encode_json(REGISTER, 1, {"name": name, "owner": "x"}))
-                    goaway = await peer.goaway()
-                    self.assertEqual(goaway["code"], "protocol", goaway)
-                    self.assertIn("invalid service name", goaway["message"])
-                    self.assertEqual(len(self.logged_about(peer)), 1, self.logs)
+                    await self.dropped(encode_json(REGISTER, 1, {"name": name, "owner": "x"}),
+                                       "protocol", "invalid service name")
             await self.after(traffic)
         self.run_async(main())
 
