@@ -159,12 +159,9 @@ def _dual_stack_socket(port):
         raise
 
 
-async def _create_server(factory, host, port, handshake_timeout=None, **options):
-    """loop.create_server, with '::' meaning dual-stack and '' meaning every interface.
-    A TLS handshake is bounded by handshake_timeout (3.7+; 3.6's asyncio cannot)."""
+async def _create_server(factory, host, port, **options):
+    """loop.create_server, with '::' meaning dual-stack and '' meaning every interface."""
     loop = _get_loop()
-    if options.get("ssl") is not None and handshake_timeout and PY37:
-        options["ssl_handshake_timeout"] = handshake_timeout
     if host == "::":
         sock = _dual_stack_socket(port)
         if sock is not None:
@@ -738,6 +735,11 @@ def format_hostport(host, port):
 PING_PAYLOAD = struct.Struct("!d")
 
 
+def _peer_name(transport):
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return format_hostport(peer[0], peer[1]) if isinstance(peer, tuple) else "?"
+
+
 def _write_parts(transport, sock, header, payload):
     """Write header + payload, copying as little as possible.
 
@@ -745,7 +747,10 @@ def _write_parts(transport, sock, header, payload):
     socket (what transport.write() would do, without joining the parts).  What
     the kernel does not take is queued as a copy if the transport would keep a
     reference (`sock is None` means "maybe"), since payloads may be views of a
-    receive buffer that is about to be reused."""
+    receive buffer that is about to be reused.  A TlsLayer encrypts at once."""
+    if sock is None and isinstance(transport, TlsLayer):
+        transport.write_parts(header, payload)
+        return
     if sock is not None and not transport.get_write_buffer_size() and not transport.is_closing():
         try:
             sent = sock.sendmsg((header, payload)) if header else sock.send(payload)
@@ -799,9 +804,7 @@ class Link(BufferedProtocol):
     # -- asyncio.Protocol ------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = format_hostport(peer[0], peer[1])
+        self.peer = _peer_name(transport)
         _set_nodelay(transport)
         self.sock = _raw_socket(transport)
         transport.set_write_buffer_limits(LINK_HIGH_WATER, LINK_LOW_WATER)
@@ -956,7 +959,38 @@ class Link(BufferedProtocol):
         self.close(getattr(exc, "code", "protocol"), str(exc))
 
 
-class WebSocketLayer(asyncio.Protocol):
+class _Layer:
+    """What a layer (WebSocket, TLS) passes straight to the transport under it; it is
+    the protocol of that transport and the transport of the Link above."""
+
+    transport = None
+    closing = False
+
+    def abort(self):
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def is_closing(self):
+        return self.closing or self.transport.is_closing()
+
+    def get_write_buffer_size(self):
+        return self.transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.transport.set_write_buffer_limits(high, low)
+
+    def pause_reading(self):
+        self.transport.pause_reading()
+
+    def resume_reading(self):
+        self.transport.resume_reading()
+
+    def get_extra_info(self, name, default=None):
+        return self.transport.get_extra_info(name, default)
+
+
+class WebSocketLayer(_Layer, asyncio.Protocol):
     """Puts a Link inside a WebSocket: the protocol of the real transport, and the
     transport the Link writes to.  Binary messages carry the mindmeld byte
     stream; pings are answered; a close is answered and ends the link."""
@@ -1008,28 +1042,6 @@ class WebSocketLayer(asyncio.Protocol):
             self.closing = True
             self.transport.write(ws_encode(WS_CLOSE, struct.pack("!H", 1000), self.masked))
             self.transport.close()
-
-    def abort(self):
-        self.closing = True
-        self.transport.abort()
-
-    def is_closing(self):
-        return self.closing or self.transport.is_closing()
-
-    def get_write_buffer_size(self):
-        return self.transport.get_write_buffer_size()
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        self.transport.set_write_buffer_limits(high, low)
-
-    def pause_reading(self):
-        self.transport.pause_reading()
-
-    def resume_reading(self):
-        self.transport.resume_reading()
-
-    def get_extra_info(self, name, default=None):
-        return self.transport.get_extra_info(name, default)
 
 
 class LocalStream(asyncio.Protocol):
@@ -1536,6 +1548,238 @@ def _colons(hexdigits):
     return ":".join(hexdigits[i:i + 2] for i in range(0, len(hexdigits), 2)).upper()
 
 
+TLS_CHUNK = 256 * 1024              # most ciphertext read at once
+TLS_FIRST_CHUNK = 16 * 1024         # ... and to begin with (handshakes are small)
+TLS_RECORD_SIZE = 16 * 1024         # the most plaintext one TLS record holds
+
+
+class TlsLayer(_Layer, BufferedProtocol):
+    """TLS done by hand with ssl.SSLObject and memory BIOs: the protocol of the TCP
+    transport, and the transport of the Link (or WebSocketLayer) above.
+
+    Rather than asyncio's own TLS transport: plaintext is decrypted straight into
+    the Link's frame buffer, ciphertext goes straight to the socket, and 3.6 to 3.13
+    behave alike.  A server's app is connected at once, so that its own handshake
+    deadline covers TLS too (3.6's asyncio cannot bound a TLS handshake); a client's
+    app is connected once the handshake is done, so it can check the certificate.
+
+    `handshake` is a future whose result is None once the handshake is done, or the
+    exception that ended it (a result, not an exception: a router awaits nobody)."""
+
+    def __init__(self, app, context, server_side, server_hostname=None):
+        self.app = app
+        self._app_buffered = hasattr(app, "get_buffer")
+        self._app_connected = False
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.context = context
+        self.server_side = server_side
+        self.handshake = _get_loop().create_future()
+        self.transport = self.sock = None
+        self.closing = False
+        self.reading = True
+        self.error = None
+        self._ciphertext = memoryview(bytearray(TLS_FIRST_CHUNK))
+
+    # -- protocol of the TCP transport ------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        self.sock = _raw_socket(transport)
+        _set_nodelay(transport)
+        if self.server_side:
+            self._connect_app()
+        if not self.closing:
+            self._shake()
+
+    def get_buffer(self, sizehint):
+        return self._ciphertext
+
+    def buffer_updated(self, nbytes):
+        buf = self._ciphertext
+        self.incoming.write(buf[:nbytes])
+        if nbytes == len(buf) and nbytes < TLS_CHUNK:   # busy: read more at once
+            self._ciphertext = memoryview(bytearray(min(2 * nbytes, TLS_CHUNK)))
+        self._received()
+
+    def data_received(self, data):      # 3.6: no BufferedProtocol
+        self.incoming.write(data)
+        self._received()
+
+    def _received(self):
+        if self.closing:
+            return
+        if self.handshake.done():
+            self._read_app()
+        else:
+            self._shake()
+
+    def eof_received(self):
+        if self._app_connected:
+            return self.app.eof_received()
+        return False
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self._end_handshake(exc or ConnectionResetError("the connection closed during the TLS handshake"))
+        if self._app_connected:
+            self.app.connection_lost(exc or self.error)
+
+    def pause_writing(self):
+        if self._app_connected:
+            self.app.pause_writing()
+
+    def resume_writing(self):
+        if self._app_connected:
+            self.app.resume_writing()
+
+    # -- TLS ----------------------------------------------------------------------
+    def _connect_app(self):
+        self._app_connected = True
+        self.app.connection_made(self)
+
+    def _shake(self):
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, getattr(ssl, "CertificateError", ValueError), OSError) as exc:
+            self._flush()               # the alert tells the peer why
+            self.error = exc
+            self._end_handshake(exc)
+            self.closing = True
+            self.transport.close()
+            return
+        self._flush()
+        self._end_handshake(None)
+        if not self._app_connected:
+            self._connect_app()
+        if self.incoming.pending and not self.closing:
+            self._read_app()            # application data that came with the last flight
+
+    def _end_handshake(self, exc):
+        if not self.handshake.done():
+            self.handshake.set_result(exc)
+
+    def _read_app(self):
+        tls = self.tls
+        try:
+            while self.reading and not self.closing:
+                app = self.app          # which may change as it reads (a WebSocket upgrade)
+                if self._app_buffered:  # fill the app's buffer record by record, then hand it up
+                    space = app.get_buffer(-1)
+                    size, filled = len(space), 0
+                    try:
+                        while filled < size:
+                            count = tls.read(size - filled, space[filled:])
+                            if not count:
+                                break
+                            filled += count
+                    finally:
+                        if filled:
+                            app.buffer_updated(filled)
+                    if filled < size:
+                        break
+                else:
+                    data = tls.read(TLS_CHUNK)
+                    if not data:
+                        break
+                    app.data_received(data)
+            else:
+                return
+        except ssl.SSLWantReadError:
+            self._flush()               # post-handshake messages may want an answer
+            return
+        except ssl.SSLZeroReturnError:
+            pass
+        except ssl.SSLError as exc:     # a damaged or forged record
+            self._fail(exc)
+            return
+        self._flush()                   # close_notify: the peer has finished
+        if not self.app.eof_received():
+            self.close()
+
+    def _fail(self, exc):
+        app = getattr(self.app, "link", self.app)       # under a WebSocketLayer, its Link
+        log.warning("%s %s: TLS error (%s); disconnecting", getattr(app, "role", "link"),
+                    _peer_name(self.transport), getattr(exc, "reason", None) or exc)
+        self.error = exc
+        self.abort()
+
+    def _flush(self):
+        data = self.outgoing.read()
+        if data and self.transport is not None:
+            _write_parts(self.transport, self.sock, b"", data)
+
+    # -- transport of the app -------------------------------------------------------
+    def write(self, data):
+        if self.closing or not self.handshake.done():
+            return                      # nothing to say before TLS is up
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        self._flush()
+
+    def writelines(self, parts):
+        self.write(b"".join(parts))
+
+    def write_parts(self, header, payload):
+        """A large payload goes as records of its own: cheaper than joining it to its header."""
+        if len(payload) < TLS_RECORD_SIZE:
+            self.write(header + bytes(payload))
+        elif not self.closing and self.handshake.done():
+            try:
+                self.tls.write(header)
+                self.tls.write(payload)
+            except ssl.SSLError as exc:
+                self._fail(exc)
+                return
+            self._flush()
+
+    def close(self):
+        if self.closing:
+            return
+        self.closing = True
+        if self.handshake.done() and self.error is None:
+            try:
+                self.tls.unwrap()       # queues close_notify
+            except (ssl.SSLError, ValueError):
+                pass
+            self._flush()
+        self.transport.close()
+
+    def pause_reading(self):
+        self.reading = False
+        self.transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+            _get_loop().call_soon(self._received)       # what the BIO already holds
+
+    def set_protocol(self, protocol):
+        self.app = protocol
+        self._app_buffered = hasattr(protocol, "get_buffer")
+
+    def get_protocol(self):
+        return self.app
+
+    def get_extra_info(self, name, default=None):
+        if name == "ssl_object":
+            return self.tls
+        if name == "sslcontext":
+            return self.context
+        if name == "peercert":
+            return self.tls.getpeercert()
+        if name == "cipher":
+            return self.tls.cipher()
+        return _Layer.get_extra_info(self, name, default)
+
+
 # ###########################################################################
 # ### 5. Roles: the router, and the clients (share, forward, list, connect)
 # ###########################################################################
@@ -1978,8 +2222,7 @@ class Router:
         loop = _get_loop()
         self.done = loop.create_future()
         try:
-            self.server = await _create_server(lambda: RouterPeer(self), self.host, self.port,
-                                               self.handshake_timeout, ssl=self.ssl_context)
+            self.server = await _create_server(self._accept, self.host, self.port)
         except OSError as exc:
             raise MindmeldError("cannot listen on %s: %s" % (
                 format_hostport(self.host or "*", self.port), exc.strerror or exc))
@@ -1988,6 +2231,20 @@ class Router:
         log.info("router listening on %s%s", ", ".join(format_hostport(h, p) for h, p in self.addresses),
                  " (TLS)" if self.ssl_context else "")
         return self
+
+    def _accept(self):
+        peer = RouterPeer(self)
+        if self.ssl_context is None:
+            return peer
+        layer = TlsLayer(peer, self.ssl_context, server_side=True)
+        layer.handshake.add_done_callback(lambda done: self._tls_failed(peer, done.result()))
+        return layer
+
+    @staticmethod
+    def _tls_failed(peer, exc):
+        if isinstance(exc, ssl.SSLError):
+            log.warning("router: %s failed the TLS handshake (%s; clients of this router need "
+                        "--tls); disconnecting", peer.peer, exc.reason or exc)
 
     @property
     def open_streams(self):
@@ -2454,10 +2711,18 @@ class _Client:
                 where_to = dict(sock=sock)
             else:
                 where_to = dict(host=self.router_host, port=self.router_port)
-            _transport, link = await asyncio.wait_for(loop.create_connection(
-                lambda: ClientLink(self, self.hello(), pin), ssl=context,
-                server_hostname=self.router_host if context else None, **where_to),
-                HANDSHAKE_TIMEOUT)
+            link = ClientLink(self, self.hello(), pin)
+            protocol = link if context is None else TlsLayer(
+                link, context, server_side=False, server_hostname=self.router_host)
+            await asyncio.wait_for(loop.create_connection(lambda: protocol, **where_to), HANDSHAKE_TIMEOUT)
+            if context is not None:
+                try:
+                    failure = await asyncio.wait_for(asyncio.shield(protocol.handshake), HANDSHAKE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    protocol.abort()
+                    raise
+                if failure is not None:
+                    raise failure
         except asyncio.TimeoutError:
             raise LinkLost("the router at %s did not answer within %.0f s" % (where, HANDSHAKE_TIMEOUT))
         except socket.gaierror as exc:

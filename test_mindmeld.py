@@ -3564,6 +3564,8 @@ class TestTlsCommandLine(SecurityCommandLine, TlsFiles, unittest.TestCase):
         self.assertIn("--tls", share.wait_line(r"TLS").string)
         self.assertIn("TLS", forward.wait_line(r"TLS").string)
         self.assertTrue(mentions(plain.wait_line(r"TLS").string, "127.0.0.1"))
+        refusal = tls.wait_line(r"failed the TLS handshake").string
+        self.assertTrue(mentions(refusal, "127.0.0.1") and "--tls" in refusal, refusal)
 
 
 # ---------------------------------------------------------------------------
@@ -4208,7 +4210,6 @@ class TestHostileTls(HostileTestCase, TlsFiles):
     def tearDownClass(cls):
         cls.remove_tls_files()
 
-    @unittest.skipIf(sys.version_info < (3, 7), "3.6's asyncio cannot bound a TLS handshake")
     def test_silent_peer_on_a_tls_router_is_dropped_after_the_handshake_timeout(self):
         # The handshake timeout (README: "15 s to finish a handshake") must hold on a TLS
         # router too: a connection that never starts TLS is an unfinished handshake.
@@ -4228,6 +4229,40 @@ class TestHostileTls(HostileTestCase, TlsFiles):
             self.assertGreaterEqual(self.loop.time() - began, 0.4)
             await self.after(traffic)
             self.assertFalse(os.path.exists(known))       # a pin records nothing
+        self.run_async(main())
+
+
+    def test_a_tampered_tls_record_drops_only_that_peer(self):
+        # TLS from here by hand, so that one byte of a record can be changed on the way
+        async def main():
+            context, fingerprint = router_tls_context(self.cert, self.key)
+            known = os.path.join(self.files, "known_routers-%d" % os.getpid())
+            traffic = await self.honest(tls=TlsOptions(fingerprint=fingerprint, known_routers=known),
+                                        ssl_context=context, handshake_timeout=5)
+            peer = await self.raw_peer(handshake=False)
+            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client.wrap_bio(incoming, outgoing)
+            for _ in range(10):
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    peer.send(outgoing.read())
+                    incoming.write(await peer._read(self.loop.time() + 5, "TLS handshake"))
+            else:
+                self.fail("no TLS handshake in 10 flights")
+            peer.send(outgoing.read())
+            tls.write(PREAMBLE + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION}))
+            record = bytearray(outgoing.read())
+            record[-1] ^= 1                         # the last byte of the record's tag
+            peer.send(bytes(record))
+            await peer.closed()
+            lines = self.logged_about(peer)
+            self.assertEqual(len(lines), 1, self.logs)
+            self.assertIn("TLS", lines[0])
+            await self.after(traffic)
         self.run_async(main())
 
 
