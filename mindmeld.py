@@ -1445,7 +1445,7 @@ def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_nam
                 raise MindmeldError("cannot write the TLS certificate under %s: %s (choose another "
                                     "place with --state-dir)" % (state_dir, exc.strerror or exc))
     context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_SERVER", ssl.PROTOCOL_SSLv23))
-    _tls12_at_least(context)
+    _tls_policy(context)
     try:
         context.load_cert_chain(cert_file, key_file)
         with open(cert_file) as f:
@@ -1456,7 +1456,9 @@ def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_nam
     return context, cert_fingerprint(der)
 
 
-def _tls12_at_least(context):
+def _tls_policy(context):
+    """TLS 1.2 or newer, and no renegotiation (OpenSSL 1.1.0h and newer can refuse it)."""
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     if hasattr(context, "minimum_version"):
         context.minimum_version = ssl.TLSVersion.TLSv1_2
     else:  # 3.6
@@ -1495,15 +1497,17 @@ class TlsOptions:
 
     def _verified(self, ca_file):
         try:
-            return ssl.create_default_context(cafile=ca_file)
+            context = ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise PermanentError("cannot load the CA file %s: %s" % (ca_file, getattr(exc, "strerror", None) or exc))
+        _tls_policy(context)
+        return context
 
     def _unverified(self):
         context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        _tls12_at_least(context)
+        _tls_policy(context)
         return context
 
     def recorded(self, router):
@@ -1752,8 +1756,9 @@ class TlsLayer(_Layer, BufferedProtocol):
         self.transport.close()
 
     def pause_reading(self):
-        self.reading = False
-        self.transport.pause_reading()
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
 
     def resume_reading(self):
         if not self.reading:
@@ -2242,9 +2247,14 @@ class Router:
 
     @staticmethod
     def _tls_failed(peer, exc):
-        if isinstance(exc, ssl.SSLError):
+        if not isinstance(exc, ssl.SSLError):
+            return
+        reason = exc.reason or str(exc)
+        if "ALERT" in reason.upper():   # the client refused us (trust on first use starts so): it says why
+            log.debug("router: %s ended the TLS handshake: %s", peer.peer, reason)
+        else:
             log.warning("router: %s failed the TLS handshake (%s; clients of this router need "
-                        "--tls); disconnecting", peer.peer, exc.reason or exc)
+                        "--tls); disconnecting", peer.peer, reason)
 
     @property
     def open_streams(self):
@@ -2714,11 +2724,13 @@ class _Client:
             link = ClientLink(self, self.hello(), pin)
             protocol = link if context is None else TlsLayer(
                 link, context, server_side=False, server_hostname=self.router_host)
+            deadline = loop.time() + HANDSHAKE_TIMEOUT      # for TCP and TLS together
             await asyncio.wait_for(loop.create_connection(lambda: protocol, **where_to), HANDSHAKE_TIMEOUT)
             if context is not None:
                 try:
-                    failure = await asyncio.wait_for(asyncio.shield(protocol.handshake), HANDSHAKE_TIMEOUT)
-                except asyncio.TimeoutError:
+                    failure = await asyncio.wait_for(asyncio.shield(protocol.handshake),
+                                                     max(0.0, deadline - loop.time()))
+                except BaseException:   # timed out, or cancelled: drop the half-made connection
                     protocol.abort()
                     raise
                 if failure is not None:

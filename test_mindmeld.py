@@ -3539,6 +3539,8 @@ class TestTlsCommandLine(SecurityCommandLine, TlsFiles, unittest.TestCase):
         # Another certificate at the same address: refused, by list and by share alike
         code, lines = router.signal(signal.SIGTERM)
         self.assertEqual(code, 0, lines)
+        # the client's first, verified attempt ends in an alert; that is not the router's problem
+        self.assertEqual([line for line in lines if "TLS handshake" in line], [])
         self.router("--tls-cert", self.other_cert, "--tls-key", self.other_key, listen=address)
         listing, share = self.run_many([
             ["list", "--router", address, "--tls"],
@@ -4231,6 +4233,33 @@ class TestHostileTls(HostileTestCase, TlsFiles):
             self.assertFalse(os.path.exists(known))       # a pin records nothing
         self.run_async(main())
 
+
+    def test_a_client_closed_during_the_tls_handshake_drops_its_connection(self):
+        async def main():
+            accepted, ended = [], self.loop.create_future()
+
+            async def silent(reader, writer):   # a "router" that never answers the ClientHello
+                accepted.append(writer)
+                try:
+                    await reader.read()
+                except ConnectionError:
+                    pass
+                ended.set_result(True)
+                writer.close()
+            server = await asyncio.start_server(silent, LOCALHOST, 0)
+            self.addCleanup(server.close)
+            known = os.path.join(self.files, "known_routers-%d" % os.getpid())
+            address = "%s:%d" % (LOCALHOST, server.sockets[0].getsockname()[1])
+            sharer = Sharer({"web": (LOCALHOST, 9)}, router=address,
+                            tls=TlsOptions(fingerprint=self.fingerprint, known_routers=known))
+            await sharer.start()
+            self.assertTrue(await until(self.loop, lambda: accepted, 5), "the sharer never connected")
+            await sharer.close(0)
+            try:
+                await asyncio.wait_for(ended, 5)
+            except asyncio.TimeoutError:
+                self.fail("the sharer closed, but its half-made TLS connection stayed open")
+        self.run_async(main())
 
     def test_a_tampered_tls_record_drops_only_that_peer(self):
         # TLS from here by hand, so that one byte of a record can be changed on the way
