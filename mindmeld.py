@@ -57,7 +57,6 @@ log = logging.getLogger("mindmeld")
 # ###########################################################################
 
 PY37 = sys.version_info >= (3, 7)   # get_running_loop, create_task, BufferedProtocol
-PY38 = sys.version_info >= (3, 8)   # CancelledError is a BaseException
 
 if PY37:
     _get_loop = asyncio.get_running_loop
@@ -276,8 +275,6 @@ FRAME_NAMES = {
 FRAME_LIMITS = {t: MAX_CONTROL for t in FRAME_NAMES}
 FRAME_LIMITS.update({DATA: MAX_DATA, LIST_REPLY: MAX_LIST_REPLY, WINDOW: 4, EOF: 0,
                      PING: 8, PONG: 8})
-JSON_FRAMES = frozenset(FRAME_NAMES) - {DATA, WINDOW, EOF, PING, PONG}
-STREAM_FRAMES = frozenset({OPEN_OK, OPEN_REFUSED, DATA, WINDOW, EOF, RESET, CHALLENGE, PROOF})
 
 
 class MindmeldError(Exception):
@@ -747,8 +744,8 @@ def _write_parts(transport, sock, header, payload):
     socket (what transport.write() would do, without joining the parts).  What
     the kernel does not take is queued as a copy if the transport would keep a
     reference (`sock is None` means "maybe"), since payloads may be views of a
-    receive buffer that is about to be reused.  A TlsLayer encrypts at once."""
-    if sock is None and isinstance(transport, TlsLayer):
+    receive buffer that is about to be reused.  A layer (WebSocket, TLS) encodes at once."""
+    if sock is None and isinstance(transport, _Layer):
         transport.write_parts(header, payload)
         return
     if sock is not None and not transport.get_write_buffer_size() and not transport.is_closing():
@@ -963,8 +960,9 @@ class _Layer:
     """What a layer (WebSocket, TLS) passes straight to the transport under it; it is
     the protocol of that transport and the transport of the Link above."""
 
-    transport = None
-    closing = False
+    def write_parts(self, header, payload):
+        """What _write_parts() asks of a layer: it encodes (copies) at once."""
+        self.write(b"".join((header, payload)))
 
     def abort(self):
         self.closing = True
@@ -1577,7 +1575,6 @@ class TlsLayer(_Layer, BufferedProtocol):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=server_hostname)
-        self.context = context
         self.server_side = server_side
         self.handshake = _get_loop().create_future()
         self.transport = self.sock = None
@@ -1717,31 +1714,29 @@ class TlsLayer(_Layer, BufferedProtocol):
             _write_parts(self.transport, self.sock, b"", data)
 
     # -- transport of the app -------------------------------------------------------
-    def write(self, data):
+    def _encrypt(self, *parts):
         if self.closing or not self.handshake.done():
             return                      # nothing to say before TLS is up
         try:
-            self.tls.write(data)
+            for part in parts:
+                self.tls.write(part)
         except ssl.SSLError as exc:
             self._fail(exc)
             return
         self._flush()
 
+    def write(self, data):
+        self._encrypt(data)
+
     def writelines(self, parts):
-        self.write(b"".join(parts))
+        self._encrypt(b"".join(parts))
 
     def write_parts(self, header, payload):
         """A large payload goes as records of its own: cheaper than joining it to its header."""
-        if len(payload) < TLS_RECORD_SIZE:
-            self.write(header + bytes(payload))
-        elif not self.closing and self.handshake.done():
-            try:
-                self.tls.write(header)
-                self.tls.write(payload)
-            except ssl.SSLError as exc:
-                self._fail(exc)
-                return
-            self._flush()
+        if header and len(payload) >= TLS_RECORD_SIZE:
+            self._encrypt(header, payload)
+        else:
+            self._encrypt(b"".join((header, payload)))
 
     def close(self):
         if self.closing:
@@ -1770,18 +1765,9 @@ class TlsLayer(_Layer, BufferedProtocol):
         self.app = protocol
         self._app_buffered = hasattr(protocol, "get_buffer")
 
-    def get_protocol(self):
-        return self.app
-
     def get_extra_info(self, name, default=None):
         if name == "ssl_object":
             return self.tls
-        if name == "sslcontext":
-            return self.context
-        if name == "peercert":
-            return self.tls.getpeercert()
-        if name == "cipher":
-            return self.tls.cipher()
         return _Layer.get_extra_info(self, name, default)
 
 

@@ -3913,9 +3913,7 @@ class HostileTestCase(LoopTestCase):
         goaway = await peer.goaway()
         self.assertEqual(goaway["code"], code, goaway)
         self.assertIn(words, goaway["message"])
-        lines = self.logged_about(peer)
-        self.assertEqual(len(lines), 1, self.logs)
-        return lines
+        return self.one_line_about(peer)
 
     async def honest(self, secret=None, tls=None, **router_options):
         router_options.setdefault("handshake_timeout", 0.5)
@@ -3954,8 +3952,13 @@ class HostileTestCase(LoopTestCase):
         self.assertEqual(sorted(self.router.services), ["web"])
         self.assertFalse([l for l in self.logs if "internal error" in l], self.logs)
 
-    def logged_about(self, peer, since=0):
-        return [l for l in self.logs[since:] if mentions(l, peer.address)]
+    def one_line_about(self, peer, words="", since=0):
+        """The router logged exactly one line about this peer (from log line `since` on),
+        naming `words`: that line."""
+        lines = [l for l in self.logs[since:] if mentions(l, peer.address)]
+        self.assertEqual(len(lines), 1, self.logs)
+        self.assertIn(words, lines[0])
+        return lines[0]
 
 
 class TestHostilePeers(HostileTestCase):
@@ -3970,9 +3973,7 @@ class TestHostilePeers(HostileTestCase):
             self.assertEqual(goaway["code"], "timeout")
             self.assertGreaterEqual(elapsed, 0.4)
             self.assertLess(elapsed, 3.0)
-            lines = self.logged_about(peer)
-            self.assertEqual(len(lines), 1, self.logs)
-            self.assertIn("handshake", lines[0])
+            self.one_line_about(peer, "handshake")
             await self.after(traffic)
         self.run_async(main())
 
@@ -3997,9 +3998,7 @@ class TestHostilePeers(HostileTestCase):
                                                          b"mindmeld protocol"), reply)
                         self.assertEqual(reply.count(b"\n"), 1, reply)
                         self.assertTrue(reply.endswith(b"\n"), reply)
-                    lines = self.logged_about(peer)
-                    self.assertEqual(len(lines), 1, self.logs)
-                    self.assertIn(logged, lines[0])
+                    self.one_line_about(peer, logged)
             await self.after(traffic)
         self.run_async(main())
 
@@ -4025,9 +4024,7 @@ class TestHostilePeers(HostileTestCase):
             peer.send(hello)
             reply, _how = await peer.closed()
             self.assertEqual(reply, b"")          # nothing a TLS client could misread
-            lines = self.logged_about(peer)
-            self.assertEqual(len(lines), 1, self.logs)
-            self.assertIn("TLS", lines[0])
+            self.one_line_about(peer, "TLS")
             await self.after(traffic)
         self.run_async(main())
 
@@ -4044,7 +4041,7 @@ class TestHostilePeers(HostileTestCase):
                     peer.send(header if after_hello else PREAMBLE + header)
                     goaway = await peer.goaway()
                     self.assertEqual(goaway["code"], "frame-size", goaway)
-                    self.assertEqual(len(self.logged_about(peer)), 1, self.logs)
+                    self.one_line_about(peer)
             await self.after(traffic)
         self.run_async(main())
 
@@ -4055,8 +4052,8 @@ class TestHostilePeers(HostileTestCase):
                                  (HEADER.pack(0, 0, 0, 0), "unknown frame type 0"),
                                  (encode_json(HELLO, 0, {"version": PROTOCOL_VERSION}), "HELLO")):
                 with self.subTest(words=words):
-                    lines = await self.dropped(frame, "protocol", words)
-                    self.assertIn(words, lines[0])
+                    line = await self.dropped(frame, "protocol", words)
+                    self.assertIn(words, line)
             await self.after(traffic)
         self.run_async(main())
 
@@ -4096,9 +4093,7 @@ class TestHostilePeers(HostileTestCase):
                     guilty.send(encode_frame(DATA, ids[0], b"!"))     # one byte more
                     goaway = await guilty.goaway(timeout=10)
                     self.assertEqual(goaway["code"], "flow-control", goaway)
-                    lines = self.logged_about(guilty, mark)
-                    self.assertEqual(len(lines), 1, self.logs)
-                    self.assertIn("window", lines[0])
+                    self.one_line_about(guilty, "window", mark)
                     reset = await innocent.frame(RESET, ids[1], timeout=10)   # told, not dropped
                     self.assertEqual(await innocent.settled(), "pong")
                     innocent.writer.close()
@@ -4126,9 +4121,7 @@ class TestHostilePeers(HostileTestCase):
                     await peer.open(1)
                     peer.send(encode_frame(WINDOW, 1, payload))
                     data, _how = await peer.closed()
-                    lines = self.logged_about(peer)
-                    self.assertEqual(len(lines), 1, self.logs)
-                    self.assertNotIn("internal error", lines[0])
+                    self.assertNotIn("internal error", self.one_line_about(peer))
                     goaways = [json.loads(p.decode()) for t, _f, _i, p in peer.decoder.feed(data)
                                if t == GOAWAY]
                     self.assertEqual(len(goaways), 1, data)
@@ -4288,9 +4281,7 @@ class TestHostileTls(HostileTestCase, TlsFiles):
             record[-1] ^= 1                         # the last byte of the record's tag
             peer.send(bytes(record))
             await peer.closed()
-            lines = self.logged_about(peer)
-            self.assertEqual(len(lines), 1, self.logs)
-            self.assertIn("TLS", lines[0])
+            self.one_line_about(peer, "TLS")
             await self.after(traffic)
         self.run_async(main())
 
