@@ -1086,11 +1086,21 @@ class LocalStream(asyncio.Protocol):
         self.sock = _raw_socket(transport)
         _set_nodelay(transport)
         transport.set_write_buffer_limits(0, 0)
-        if self.state.state == OPENING or self.link is None:
+        if self._unaccepted():
             if PAUSE_IN_CONNECTION_MADE_HOLDS:
                 self.pause_reading()
             else:
-                asyncio.get_event_loop().call_soon(self.pause_reading)
+                asyncio.get_event_loop().call_soon(self._hold_until_accepted)
+
+    def _unaccepted(self):
+        return self.state.state == OPENING or self.link is None
+
+    def _hold_until_accepted(self):
+        """Before 3.11 the pause comes a callback late, and by then the stream may have
+        been accepted (a link read already queued in this loop turn can bring OPEN_OK):
+        pausing then would stop it for good."""
+        if self._unaccepted() and not self.closed and not self.transport.is_closing():
+            self.pause_reading()
 
     def data_received(self, data):
         if self.pending is not None or self.state.state == OPENING:

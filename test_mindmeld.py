@@ -748,6 +748,51 @@ class TestTunnel(LoopTestCase):
             self.assertEqual([(s["name"], s["streams"]) for s in services], [("web", 0)])
         self.run_async(main(), 60)
 
+    def test_stream_accepted_as_its_connection_arrives_still_reads(self):
+        """A link read already queued in the loop turn that runs connection_made() can bring
+        the stream's OPEN_OK: the bytes the client then sends must still go upstream (before
+        3.11 they stayed unread for good, and the client hung)."""
+        class RecordingLink:        # what a LocalStream asks of its link
+            def __init__(self):
+                self.budget, self.streams, self.blocked = WindowBudget(), {}, []
+                self.write_paused, self.closing, self.rtt = False, False, 0.001
+                self.upstream, self.arrived = b"", asyncio.Event()
+
+            def send_data(self, _stream_id, payload):
+                self.upstream += bytes(payload)
+                self.arrived.set()
+
+            def send(self, _frame):
+                pass
+
+            send_json = stream_closed = lambda *args: None
+
+        class AcceptedAtOnce(mindmeld.LocalStream):
+            def connection_made(self, transport):
+                mindmeld.LocalStream.connection_made(self, transport)
+                self.on_accepted()      # OPEN_OK handled in the same loop turn
+
+        async def main():
+            link = RecordingLink()
+            server = await self.loop.create_server(lambda: AcceptedAtOnce(link, 1), LOCALHOST, 0)
+
+            async def close():
+                server.close()
+            self._async_cleanups.append(close)
+            _, writer = await self.connect(server.sockets[0].getsockname()[1])
+            writer.write(b"first bytes")
+            deadline = self.loop.time() + 5
+            for _ in range(100):
+                if link.upstream == b"first bytes" or self.loop.time() >= deadline:
+                    break
+                link.arrived.clear()
+                try:
+                    await asyncio.wait_for(link.arrived.wait(), deadline - self.loop.time())
+                except asyncio.TimeoutError:
+                    break
+            self.assertEqual(link.upstream, b"first bytes", "the client's bytes were never read")
+        self.run_async(main(), 30)
+
     def test_half_close_client_first(self):
         got = []
 
