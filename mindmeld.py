@@ -3486,11 +3486,16 @@ class _PatternCheck:
         self.count += len(data)
 
 
-def _send_pattern(sock, pattern, n):
+def _send_pattern(sock, pattern, n, quietly=False):
+    """quietly: in a thread of its own, where the receiver reports a shortfall."""
     size, doubled, sent = len(pattern[0]), memoryview(pattern[1]), 0
-    while sent < n:
-        start = sent % size
-        sent += sock.send(doubled[start:start + min(n - sent, 256 * 1024)])
+    try:
+        while sent < n:
+            start = sent % size
+            sent += sock.send(doubled[start:start + min(n - sent, 256 * 1024)])
+    except OSError:
+        if not quietly:
+            raise
 
 
 def _recv_exact(sock, n):
@@ -3532,7 +3537,8 @@ def _bench_target_connection(conn, pattern):
             sender = None
             if command in (b"D", b"B"):
                 import threading
-                sender = threading.Thread(target=_send_pattern, args=(conn, pattern, n), daemon=True)
+                sender = threading.Thread(target=_send_pattern, args=(conn, pattern, n, True),
+                                          daemon=True)
                 sender.start()
             if command == b"D":
                 sender.join()
@@ -3578,8 +3584,11 @@ def _bench_transfer(port, pattern, command, n):
         sender = None
         if command in (b"U", b"B"):
             def send():
-                _send_pattern(sock, pattern, n)
-                sock.shutdown(socket.SHUT_WR)
+                _send_pattern(sock, pattern, n, quietly=True)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass        # the count the target sends back tells
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
         if command in (b"D", b"B"):
@@ -3599,10 +3608,13 @@ def _bench_transfer(port, pattern, command, n):
         sock.close()
 
 
-def _bench_measure(port, sizes, pattern, say):
+def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
+    """`cpu_seconds()`: the relays' CPU so far, read around the phases that move data
+    (round trips and new streams cost CPU per stream, not per byte)."""
     import threading
     single, per_stream, round_trips, stream_seconds = sizes
     result = {}
+    cpu_before = cpu_seconds() if cpu_seconds else None
     for key, command in (("upload_MBps", b"U"), ("download_MBps", b"D")):
         say("%s %d MB" % (key.split("_")[0], single // 10 ** 6))
         began = time.perf_counter()
@@ -3625,6 +3637,10 @@ def _bench_measure(port, sizes, pattern, say):
     if errors:
         raise MindmeldError("bench: %d of 100 concurrent streams failed: %s" % (len(errors), errors[0]))
     result["concurrent_MBps"] = 2 * 100 * per_stream / (time.perf_counter() - began) / 1e6
+    result["bytes_moved"] = 2 * single + 2 * 100 * per_stream
+    cpu_after = cpu_seconds() if cpu_seconds else None
+    if cpu_before is not None and cpu_after is not None:
+        result["cpu_s_per_GB"] = (cpu_after - cpu_before) / (result["bytes_moved"] / 1e9)
     say("%d round trips of 64 bytes" % round_trips)
     sock = _bench_connect(port)
     try:
@@ -3642,19 +3658,22 @@ def _bench_measure(port, sizes, pattern, say):
     result["rtt_p50_us"] = times[len(times) // 2] * 1e6
     result["rtt_p99_us"] = times[int(len(times) * 0.99)] * 1e6
     say("new streams for %.1f s" % stream_seconds)
-    counts = []
+    counts, errors = [], []
 
     def opener(deadline):
         n = 0
-        while time.perf_counter() < deadline:
-            s = _bench_connect(port)
-            try:
-                s.sendall(b"P")
-                if s.recv(1) != b"p":
-                    raise MindmeldError("bench: a new stream got no answer")
-            finally:
-                s.close()
-            n += 1
+        try:
+            while time.perf_counter() < deadline:
+                s = _bench_connect(port)
+                try:
+                    s.sendall(b"P")
+                    if s.recv(1) != b"p":
+                        raise MindmeldError("a new stream got no answer")
+                finally:
+                    s.close()
+                n += 1
+        except Exception as exc:   # reported below, for the whole phase
+            errors.append(exc)
         counts.append(n)
     began = time.perf_counter()
     threads = [threading.Thread(target=opener, args=(began + stream_seconds,), daemon=True)
@@ -3663,8 +3682,10 @@ def _bench_measure(port, sizes, pattern, say):
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise MindmeldError("bench: %d of 8 threads opening new streams failed: %s"
+                            % (len(errors), errors[0] or type(errors[0]).__name__))
     result["streams_per_s"] = sum(counts) / (time.perf_counter() - began)
-    result["bytes_moved"] = 2 * single + 2 * 100 * per_stream
     return result
 
 
@@ -3845,13 +3866,13 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             port, pids, router_pid = forwarder.port, [c.process.pid for c in children[1:]], router.process.pid
         if scale and pids:      # first, while the router is fresh: its idle footprint
             results["scale"] = _run(_bench_scale(port, pids, say))
-        cpu_before = [_proc_cpu_seconds(p) for p in pids]
+
+        def relays_cpu():
+            seconds = [_proc_cpu_seconds(p) for p in pids]
+            return sum(seconds) if pids and None not in seconds else None
         results["mindmeld"] = result = _bench_measure(
-            port, sizes, pattern, lambda t: say("  mindmeld: " + t))
-        cpu_after = [_proc_cpu_seconds(p) for p in pids]
-        result["cpu_s_per_GB"] = None
-        if pids and None not in cpu_before + cpu_after:
-            result["cpu_s_per_GB"] = (sum(cpu_after) - sum(cpu_before)) / (result["bytes_moved"] / 1e9)
+            port, sizes, pattern, lambda t: say("  mindmeld: " + t), relays_cpu)
+        result.setdefault("cpu_s_per_GB", None)
         result["router_peak_rss_MB"] = _proc_memory_mb(router_pid, "VmHWM") if router_pid else None
     finally:
         stop.set()

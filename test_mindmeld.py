@@ -1558,6 +1558,29 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
                 self.assertTrue(any("shutting down" in l for l in lines), lines)
                 self.assertFalse([l for l in lines if "Traceback" in l], lines)
 
+    def test_bench_quick_moves_verified_data_and_writes_json(self):
+        """Figures are not judged here (timing belongs to the benchmark); that it runs the
+        three roles as processes, checks every byte, shows progress and writes its JSON is."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bench.json")
+            done = cli("bench", "--quick", "--json", path, timeout=120)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            with open(path) as f:
+                report = json.load(f)
+        progress = [l for l in done.stderr.splitlines() if l.startswith("bench: ")]
+        self.assertIn("router, sharer and forwarder started", "\n".join(progress))
+        self.assertGreaterEqual(len(progress), 10, done.stderr)
+        self.assertIn("100 streams both ways, MB/s", done.stdout)
+        keys = ["upload_MBps", "download_MBps", "concurrent_MBps", "rtt_p50_us", "rtt_p99_us",
+                "streams_per_s"]
+        measured_in_proc = ["cpu_s_per_GB", "router_peak_rss_MB"] if os.path.exists("/proc/self/stat") else []
+        for side, extra in (("direct", []), ("mindmeld", measured_in_proc)):
+            for key in keys + extra:
+                with self.subTest(side=side, key=key):
+                    self.assertGreater(report[side][key], 0)
+        self.assertLessEqual(report["mindmeld"]["rtt_p50_us"], report["mindmeld"]["rtt_p99_us"])
+        self.assertFalse(report["in_process"])
+
     def test_script_piped_on_stdin(self):
         target = ThreadedServer(self, blocking_echo)
         router, address = self.start_router()
