@@ -1217,7 +1217,10 @@ class LocalStream(asyncio.Protocol):
         if self.state.fire("recv_eof") == CLOSED:
             self._finish()
         elif self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:             # the local peer reset, and its reset is not read yet
+                self.reset("local connection reset")
 
     def on_reset(self, payload):
         self.state.state = CLOSED

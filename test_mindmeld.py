@@ -691,6 +691,36 @@ async def echo_exchange(test, port, pattern, total, first=b"", settle=False):
     test.assertEqual(digest, pattern.digest(total))
 
 
+class RecordingLink:
+    """What a LocalStream asks of its link, recording what the stream sends upstream."""
+
+    def __init__(self):
+        self.budget, self.streams, self.blocked = WindowBudget(), {}, []
+        self.write_paused, self.closing, self.rtt = False, False, 0.001
+        self.upstream, self.arrived, self.frames = b"", asyncio.Event(), []
+
+    def send_data(self, _stream_id, payload):
+        self.upstream += bytes(payload)
+        self.arrived.set()
+
+    def send(self, frame):
+        self.frames.append(frame)
+
+    def send_json(self, ftype, stream_id, obj):
+        self.frames.append(encode_json(ftype, stream_id, obj))
+
+    def stream_closed(self, _stream):
+        pass
+
+
+class AcceptedAtOnce(mindmeld.LocalStream):
+    """A stream whose OPEN_OK is handled in the same loop turn as its connection_made()."""
+
+    def connection_made(self, transport):
+        mindmeld.LocalStream.connection_made(self, transport)
+        self.on_accepted()
+
+
 class TestTunnel(LoopTestCase):
 
     def test_upload_20mb_byte_exact(self):
@@ -752,26 +782,6 @@ class TestTunnel(LoopTestCase):
         """A link read already queued in the loop turn that runs connection_made() can bring
         the stream's OPEN_OK: the bytes the client then sends must still go upstream (before
         3.11 they stayed unread for good, and the client hung)."""
-        class RecordingLink:        # what a LocalStream asks of its link
-            def __init__(self):
-                self.budget, self.streams, self.blocked = WindowBudget(), {}, []
-                self.write_paused, self.closing, self.rtt = False, False, 0.001
-                self.upstream, self.arrived = b"", asyncio.Event()
-
-            def send_data(self, _stream_id, payload):
-                self.upstream += bytes(payload)
-                self.arrived.set()
-
-            def send(self, _frame):
-                pass
-
-            send_json = stream_closed = lambda *args: None
-
-        class AcceptedAtOnce(mindmeld.LocalStream):
-            def connection_made(self, transport):
-                mindmeld.LocalStream.connection_made(self, transport)
-                self.on_accepted()      # OPEN_OK handled in the same loop turn
-
         async def main():
             link = RecordingLink()
             server = await self.loop.create_server(lambda: AcceptedAtOnce(link, 1), LOCALHOST, 0)
@@ -791,6 +801,33 @@ class TestTunnel(LoopTestCase):
                 except asyncio.TimeoutError:
                     break
             self.assertEqual(link.upstream, b"first bytes", "the client's bytes were never read")
+        self.run_async(main(), 30)
+
+    def test_eof_after_an_unread_local_reset_resets_that_stream_only(self):
+        """The far side's EOF can arrive after the local peer reset but before that reset was
+        read: shutting the socket's writing half then fails, and that must end this stream
+        with a RESET (it used to drop the whole link, every stream on it)."""
+        async def main():
+            link, connected = RecordingLink(), self.loop.create_future()
+
+            class Connected(AcceptedAtOnce):
+                def connection_made(self, transport):
+                    AcceptedAtOnce.connection_made(self, transport)
+                    connected.set_result(self)
+            server = await self.loop.create_server(lambda: Connected(link, 1), LOCALHOST, 0)
+
+            async def close():
+                server.close()
+            self._async_cleanups.append(close)
+            client = socket.create_connection((LOCALHOST, server.sockets[0].getsockname()[1]))
+            stream = await asyncio.wait_for(connected, 5)
+            stream.pause_reading()          # as when its credit ran out: the reset stays unread
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            stream.on_eof(b"")              # the link hands over the far side's EOF
+            self.assertTrue(stream.closed)
+            sent = [FrameDecoder().feed(frame)[0] for frame in link.frames]
+            self.assertEqual([(ftype, stream_id) for ftype, _, stream_id, _ in sent], [(RESET, 1)])
         self.run_async(main(), 30)
 
     def test_half_close_client_first(self):
