@@ -3178,14 +3178,24 @@ class Forwarder(_Client):
                  ", ".join(format_hostport(h, p) for h, p in self.addresses), self.service, self.router)
         return await _Client.start(self)
 
+    def _link_for_new_streams(self):
+        """The link, unless it is down or going: a router that said GOAWAY (shutdown) lets
+        open streams finish, and new ones wait for the next link."""
+        link = self.link
+        if link is not None and self.link_up.is_set() and not link.closing and link.goaway is None:
+            return link
+        return None
+
     def arrived(self, stream):
+        link = self._link_for_new_streams()
         if self.closing:
             stream.transport.close()
-        elif self.link is not None and self.link_up.is_set() and not self.link.closing:
-            self._open(self.link, stream)
+        elif link is not None:
+            self._open(link, stream)
         else:
             loop = _get_loop()
-            if self.outages:    # after an outage the router may come back before the sharer
+            if self.outages or self.link is not None:
+                # the router is away, or going: it may come back before the sharer
                 stream.wait_until = loop.time() + self.pending_timeout
             self.waiting.append(stream)
             stream.timer = loop.call_later(self.pending_timeout, self._expire, stream)
@@ -3205,9 +3215,10 @@ class Forwarder(_Client):
         loop = _get_loop()
         if loop.time() >= stream.wait_until:
             return self._expire(stream)
-        if self.link is not None and self.link_up.is_set() and not self.link.closing:
+        link = self._link_for_new_streams()
+        if link is not None:
             self.waiting.remove(stream)
-            self._open(self.link, stream)
+            self._open(link, stream)
         else:
             stream.timer = loop.call_later(stream.wait_until - loop.time(), self._expire, stream)
 

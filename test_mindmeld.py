@@ -3029,6 +3029,41 @@ class TestStayingUp(LoopTestCase):
                              + "\n".join(self.watch.lines))
         self.run_async(main())
 
+    def test_connection_made_while_the_router_drains_waits_for_the_next_router(self):
+        # A router shutting down lets open streams finish for its grace period, then resets
+        # what is left.  A connection made after its GOAWAY must not be opened there (it
+        # would be reset within seconds) but wait, and go through the restarted router.
+        async def main():
+            router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            await self.client(Sharer, {"web": (LOCALHOST, target)}, router=self.router_address,
+                              backoff=(0.05, 0.2))
+            forwarder = await self.client(Forwarder, "web", LOCALHOST, 0,
+                                          router=self.router_address, backoff=(0.05, 0.2))
+            await forwarder.wait_ready(10)
+            told = asyncio.Event()
+            on_goaway = forwarder.link.dispatch[GOAWAY]
+            forwarder.link.dispatch[GOAWAY] = lambda *args: (on_goaway(*args), told.set())
+            early_reader, early = await self.connect(forwarder.port)    # open before: finishes
+            early.write(b"a")
+            self.assertEqual(await asyncio.wait_for(early_reader.readexactly(1), 10), b"a")
+
+            closing = asyncio.ensure_future(router.close(grace=3))
+            await asyncio.wait_for(told.wait(), 10)
+            late_reader, late = await self.connect(forwarder.port)      # made during the drain
+            late.write(b"b")
+            early.close()
+            await asyncio.wait_for(closing, 10)
+            restarted = Router(LOCALHOST, router.port)
+            await restarted.start()
+            self._async_cleanups.append(lambda: restarted.close(0))
+            self.assertEqual(await asyncio.wait_for(late_reader.readexactly(1), 15), b"b")
+            late.write(b"c")
+            late.write_eof()
+            count, _, head = await read_to_end(late_reader, 10)
+            self.assertEqual((count, head), (1, b"c"))
+        self.run_async(main())
+
     def test_waiting_connection_is_closed_when_pending_timeout_ends(self):
         dead = free_port_socket()          # the router never comes
         self.addCleanup(dead.close)
