@@ -261,6 +261,7 @@ MAX_STREAMS_PER_PEER = 16384
 MAX_STREAM_ID = 2 ** 32 - 3
 MAX_SERVICES_PER_PEER = 64
 MAX_PENDING_HANDSHAKES = 256
+MAX_DISPLACED_OWNERS = 1024         # router: sharers told "taken over", refused if they return
 
 # Frame types.  Stream frames are relayed end to end by the router.
 HELLO, AUTH, REGISTER, REGISTERED, OPEN, OPEN_OK, OPEN_REFUSED, DATA, WINDOW, \
@@ -2216,6 +2217,7 @@ class Router:
         self.liveness_probe = liveness_probe
         self.ws_path = ws_path
         self.services = {}
+        self.displaced = {}             # (name, owner key) of sharers a same-secret sharer replaced
         self.peers = set()
         self.handshaking = 0
         self.server = None
@@ -2260,6 +2262,12 @@ class Router:
         return sum(r.streams for r in self.services.values())
 
     async def register(self, peer, request_id, name, owner, verifier):
+        if owner and (name, owner) in self.displaced:
+            # It was told to stop, but may have missed it (frozen, then its connection
+            # reset before it read the GOAWAY): it must not take the name back.
+            peer.send_json(REGISTERED, request_id, {
+                "ok": False, "code": "taken-over", "message": self.displaced[(name, owner)]})
+            return
         current = self.services.get(name)
         if current is not None and current.peer is not peer:
             same_owner = owner and hmac.compare_digest(current.owner.encode(), owner.encode())
@@ -2285,8 +2293,11 @@ class Router:
                 log.info("router: %r taken over by %s: %s", name, peer.peer, why)
                 self.unregister(current, "service %r was taken over" % name)
                 if same_secret and not same_owner:
-                    current.peer.close("taken-over", "service %r was taken over by a sharer "
-                                                     "that proved the same secret" % name)
+                    message = "service %r was taken over by a sharer that proved the same secret" % name
+                    if len(self.displaced) >= MAX_DISPLACED_OWNERS:
+                        del self.displaced[next(iter(self.displaced))]     # the oldest
+                    self.displaced[(name, current.owner)] = message
+                    current.peer.close("taken-over", message)
                 elif not same_owner:
                     current.peer.abort("did not answer a liveness probe")
             if peer.closing:
@@ -3005,6 +3016,8 @@ class Sharer(_Client):
                 message = reply.get("message", "refused")
                 if reply.get("code") == "name-taken":
                     raise PermanentError("%s; choose another name, or stop the other sharer" % message)
+                if reply.get("code") == "taken-over":
+                    raise PermanentError(PERMANENT_GOAWAY["taken-over"] % {"message": message})
                 raise PermanentError("the router refused to register %r: %s" % (name, message))
             log.info("sharing %r -> %s through the router at %s%s", name, target,
                      self.router, " (again)" if self._registered_once else "")

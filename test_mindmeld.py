@@ -3029,6 +3029,33 @@ class TestStayingUp(LoopTestCase):
                              + "\n".join(self.watch.lines))
         self.run_async(main())
 
+    def test_a_sharer_replaced_through_its_secret_cannot_take_the_name_back(self):
+        # A sharer frozen while another took its name with the secret can miss the GOAWAY
+        # (its connection is reset before it reads it) and come back with its owner key:
+        # the router refuses it for good, and the replacement keeps the name.
+        async def main():
+            router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            services = {"svc": (LOCALHOST, target)}
+            first = await self.client(Sharer, services, router=self.router_address,
+                                      secret="s3cret", backoff=(0.05, 0.2))
+            await first.wait_ready(10)
+            second = await self.client(Sharer, services, router=self.router_address,
+                                       secret="s3cret")
+            await second.wait_ready(10)
+            with self.assertRaises(PermanentError):
+                await asyncio.wait_for(first.done, 10)          # told: taken over
+            returning = Sharer(services, router=self.router_address, secret="s3cret")
+            returning.owner = first.owner                       # the first process, back
+            self._async_cleanups.append(lambda: returning.close(0))
+            await returning.start()
+            with self.assertRaises(PermanentError) as refused:
+                await asyncio.wait_for(returning.done, 10)
+            self.assertIn("'svc' was taken over", str(refused.exception))
+            self.assertEqual(router.services["svc"].owner, second.owner)
+            self.assertFalse(second.done.done())
+        self.run_async(main())
+
     def test_connection_made_while_the_router_drains_waits_for_the_next_router(self):
         # A router shutting down lets open streams finish for its grace period, then resets
         # what is left.  A connection made after its GOAWAY must not be opened there (it
