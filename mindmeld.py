@@ -2293,7 +2293,8 @@ class Router:
                 log.info("router: %r taken over by %s: %s", name, peer.peer, why)
                 self.unregister(current, "service %r was taken over" % name)
                 if same_secret and not same_owner:
-                    message = "service %r was taken over by a sharer that proved the same secret" % name
+                    message = ("service %r was taken over by a sharer that proved the same "
+                               "secret" % name)
                     if len(self.displaced) >= MAX_DISPLACED_OWNERS:
                         del self.displaced[next(iter(self.displaced))]     # the oldest
                     self.displaced[(name, current.owner)] = message
@@ -3711,7 +3712,7 @@ def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
         t.join()
     if errors:
         raise MindmeldError("bench: %d of 8 threads opening new streams failed: %s"
-                            % (len(errors), errors[0] or type(errors[0]).__name__))
+                            % (len(errors), str(errors[0]) or type(errors[0]).__name__))
     result["streams_per_s"] = sum(counts) / (time.perf_counter() - began)
     return result
 
