@@ -1636,7 +1636,8 @@ class TlsLayer(_Layer, BufferedProtocol):
 
     def connection_lost(self, exc):
         self.closing = True
-        self._end_handshake(exc or ConnectionResetError("the connection closed during the TLS handshake"))
+        self._end_handshake(exc or ConnectionResetError(
+            "the connection closed during the TLS handshake"))
         if self._app_connected:
             self.app.connection_lost(exc or self.error)
 
@@ -2251,7 +2252,7 @@ class Router:
         if not isinstance(exc, ssl.SSLError):
             return
         reason = exc.reason or str(exc)
-        if "ALERT" in reason.upper():   # the client refused us (trust on first use starts so): it says why
+        if "ALERT" in reason.upper():   # the client refused us (as trust on first use starts)
             log.debug("router: %s ended the TLS handshake: %s", peer.peer, reason)
         else:
             log.warning("router: %s failed the TLS handshake (%s; clients of this router need "
@@ -2736,7 +2737,8 @@ class _Client:
             protocol = link if context is None else TlsLayer(
                 link, context, server_side=False, server_hostname=self.router_host)
             deadline = loop.time() + HANDSHAKE_TIMEOUT      # for TCP and TLS together
-            await asyncio.wait_for(loop.create_connection(lambda: protocol, **where_to), HANDSHAKE_TIMEOUT)
+            await asyncio.wait_for(loop.create_connection(lambda: protocol, **where_to),
+                                   HANDSHAKE_TIMEOUT)
             if context is not None:
                 try:
                     failure = await asyncio.wait_for(asyncio.shield(protocol.handshake),
@@ -3636,10 +3638,29 @@ def _bench_transfer(port, pattern, command, n):
         sock.close()
 
 
+def _in_threads(count, work, what):
+    """work() in `count` threads at once; any failure ends the phase with one line."""
+    import threading
+    errors = []
+
+    def run():
+        try:
+            work()
+        except Exception as exc:   # reported below, for the whole phase
+            errors.append(exc)
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        first = str(errors[0]) or type(errors[0]).__name__
+        raise MindmeldError("bench: %d of %d %s failed: %s" % (len(errors), count, what, first))
+
+
 def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
     """`cpu_seconds()`: the relays' CPU so far, read around the phases that move data
     (round trips and new streams cost CPU per stream, not per byte)."""
-    import threading
     single, per_stream, round_trips, stream_seconds = sizes
     result = {}
     cpu_before = cpu_seconds() if cpu_seconds else None
@@ -3649,21 +3670,8 @@ def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
         _bench_transfer(port, pattern, command, single)
         result[key] = single / (time.perf_counter() - began) / 1e6
     say("100 streams x %d MB both ways" % (per_stream // 10 ** 6))
-    errors = []
-
-    def one():
-        try:
-            _bench_transfer(port, pattern, b"B", per_stream)
-        except Exception as exc:   # reported below, for the whole phase
-            errors.append(exc)
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(100)]
     began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise MindmeldError("bench: %d of 100 concurrent streams failed: %s" % (len(errors), errors[0]))
+    _in_threads(100, lambda: _bench_transfer(port, pattern, b"B", per_stream), "concurrent streams")
     result["concurrent_MBps"] = 2 * 100 * per_stream / (time.perf_counter() - began) / 1e6
     result["bytes_moved"] = 2 * single + 2 * 100 * per_stream
     cpu_after = cpu_seconds() if cpu_seconds else None
@@ -3686,33 +3694,23 @@ def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
     result["rtt_p50_us"] = times[len(times) // 2] * 1e6
     result["rtt_p99_us"] = times[int(len(times) * 0.99)] * 1e6
     say("new streams for %.1f s" % stream_seconds)
-    counts, errors = [], []
+    counts = []
 
-    def opener(deadline):
+    def opener():
         n = 0
-        try:
-            while time.perf_counter() < deadline:
-                s = _bench_connect(port)
-                try:
-                    s.sendall(b"P")
-                    if s.recv(1) != b"p":
-                        raise MindmeldError("a new stream got no answer")
-                finally:
-                    s.close()
-                n += 1
-        except Exception as exc:   # reported below, for the whole phase
-            errors.append(exc)
+        while time.perf_counter() < deadline:
+            s = _bench_connect(port)
+            try:
+                s.sendall(b"P")
+                if s.recv(1) != b"p":
+                    raise MindmeldError("a new stream got no answer")
+            finally:
+                s.close()
+            n += 1
         counts.append(n)
     began = time.perf_counter()
-    threads = [threading.Thread(target=opener, args=(began + stream_seconds,), daemon=True)
-               for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise MindmeldError("bench: %d of 8 threads opening new streams failed: %s"
-                            % (len(errors), str(errors[0]) or type(errors[0]).__name__))
+    deadline = began + stream_seconds
+    _in_threads(8, opener, "threads opening new streams")
     result["streams_per_s"] = sum(counts) / (time.perf_counter() - began)
     return result
 

@@ -1613,7 +1613,8 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         self.assertIn("100 streams both ways, MB/s", done.stdout)
         keys = ["upload_MBps", "download_MBps", "concurrent_MBps", "rtt_p50_us", "rtt_p99_us",
                 "streams_per_s"]
-        measured_in_proc = ["cpu_s_per_GB", "router_peak_rss_MB"] if os.path.exists("/proc/self/stat") else []
+        measured_in_proc = (["cpu_s_per_GB", "router_peak_rss_MB"]
+                            if os.path.exists("/proc/self/stat") else [])
         for side, extra in (("direct", []), ("mindmeld", measured_in_proc)):
             for key in keys + extra:
                 with self.subTest(side=side, key=key):
