@@ -242,6 +242,9 @@ REASON_MAX = 200
 INITIAL_WINDOW = 256 * 1024         # credit each side grants a new stream, per direction
 MAX_WINDOW = 16 * 1024 * 1024       # auto-tuning stops here
 PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all streams of a link
+MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the granter's error
+MIN_GROWTH_INTERVAL = 0.002         # s: on loopback's tiny RTT, "fast updates" means this fast
+HTTP_HEAD_MAX = 8192               # bytes: an HTTP request head the router reads at most
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
@@ -296,6 +299,10 @@ class ProtocolError(MindmeldError):
 
 class UsageError(MindmeldError):
     """The command line is wrong: usage and exit 2, like argparse's own errors."""
+
+
+class LocalProtocolError(MindmeldError):
+    """We misused the protocol (h11's LocalProtocolError): a bug in this file, never the peer's."""
 
 
 class LinkLost(MindmeldError):
@@ -574,39 +581,40 @@ def short_reason(text):
     return text if len(text) <= REASON_MAX else text[:REASON_MAX - 3] + "..."
 
 
-# Stream states, one row per state: the events allowed there and where they lead.
-# "send_*" are things this side does, "recv_*" what the peer did.  Anything not
-# in the table is a protocol error (received) or a bug (sent).
-OPENING, OPEN_STATE, LOCAL_EOF, REMOTE_EOF, CLOSED = (
-    "opening", "open", "local-eof", "remote-eof", "closed")
+# ---------------------------------------------------------------------------
+# 3c. One end of a stream (h2's H2Stream): state, credit and window, no I/O.
+# ---------------------------------------------------------------------------
+# One row per state: the frames this end may send or receive there, and the
+# state each leads to.  The opener starts in OPEN_SENT, the acceptor (and the
+# router's leg toward the opener) in OPEN_RECEIVED.  Anything not in the table
+# is the peer's protocol error (received) or our own bug (sent).
+OPEN_SENT, OPEN_RECEIVED, OPEN_STATE, LOCAL_EOF, REMOTE_EOF, CLOSED = (
+    "open-sent", "open-received", "open", "local-eof", "remote-eof", "closed")
+SEND, RECV = "send", "recv"
+_RESETS = {(SEND, RESET): CLOSED, (RECV, RESET): CLOSED}
 STREAM_TRANSITIONS = {
-    OPENING: {"accept": OPEN_STATE, "refuse": CLOSED, "send_reset": CLOSED,
-              "recv_reset": CLOSED},
-    OPEN_STATE: {"send_data": OPEN_STATE, "recv_data": OPEN_STATE, "send_eof": LOCAL_EOF,
-                 "recv_eof": REMOTE_EOF, "send_reset": CLOSED, "recv_reset": CLOSED},
-    LOCAL_EOF: {"recv_data": LOCAL_EOF, "recv_eof": CLOSED, "send_reset": CLOSED,
-                "recv_reset": CLOSED},
-    REMOTE_EOF: {"send_data": REMOTE_EOF, "send_eof": CLOSED, "send_reset": CLOSED,
-                 "recv_reset": CLOSED},
+    OPEN_SENT: {
+        **_RESETS, (RECV, OPEN_OK): OPEN_STATE, (RECV, OPEN_REFUSED): CLOSED,
+        (RECV, CHALLENGE): OPEN_SENT, (SEND, PROOF): OPEN_SENT},
+    OPEN_RECEIVED: {
+        **_RESETS, (SEND, OPEN_OK): OPEN_STATE, (SEND, OPEN_REFUSED): CLOSED,
+        (SEND, CHALLENGE): OPEN_RECEIVED, (RECV, PROOF): OPEN_RECEIVED},
+    OPEN_STATE: {
+        **_RESETS, (SEND, DATA): OPEN_STATE, (RECV, DATA): OPEN_STATE,
+        (SEND, WINDOW): OPEN_STATE, (RECV, WINDOW): OPEN_STATE,
+        (SEND, EOF): LOCAL_EOF, (RECV, EOF): REMOTE_EOF},
+    LOCAL_EOF: {                    # we sent EOF: we still receive, and grant credit
+        **_RESETS, (RECV, DATA): LOCAL_EOF, (SEND, WINDOW): LOCAL_EOF, (RECV, WINDOW): LOCAL_EOF,
+        (RECV, EOF): CLOSED},
+    REMOTE_EOF: {                   # the peer sent EOF: we still send
+        **_RESETS, (SEND, DATA): REMOTE_EOF, (SEND, WINDOW): REMOTE_EOF, (RECV, WINDOW): REMOTE_EOF,
+        (SEND, EOF): CLOSED},
     CLOSED: {},
 }
-
-
-class StreamState:
-    """The state of one stream as one side sees it (STREAM_TRANSITIONS)."""
-    __slots__ = ("state",)
-
-    def __init__(self, state=OPENING):
-        self.state = state
-
-    def fire(self, event):
-        new = STREAM_TRANSITIONS[self.state].get(event)
-        if new is None:
-            if event.startswith("recv"):
-                raise ProtocolError("%s not allowed on a stream in state %s" % (event[5:], self.state))
-            raise MindmeldError("bug: %s on a stream in state %s" % (event, self.state))
-        self.state = new
-        return new
+OPENING_STATES = frozenset((OPEN_SENT, OPEN_RECEIVED))
+# The data path asks these instead of the table; they are read off the table.
+CAN_SEND_DATA = frozenset(s for s, row in STREAM_TRANSITIONS.items() if (SEND, DATA) in row)
+CAN_RECV_DATA = frozenset(s for s, row in STREAM_TRANSITIONS.items() if (RECV, DATA) in row)
 
 
 class WindowBudget:
@@ -655,7 +663,7 @@ class ReceiveWindow:
             return 0
         increment = self.unreturned
         if (self.size < MAX_WINDOW and self.budget is not None
-                and now - self.last_update < max(4 * rtt, 0.002)
+                and now - self.last_update < max(4 * rtt, MIN_GROWTH_INTERVAL)
                 and self.budget.take(self.size)):
             increment += self.size
             self.size *= 2
@@ -674,9 +682,142 @@ class ReceiveWindow:
 def add_credit(credit, increment):
     """Sender-side credit after a WINDOW frame; absurd totals are a protocol error."""
     credit += increment
-    if increment == 0 or credit > 2 * MAX_WINDOW:
+    if increment == 0 or credit > MAX_CREDIT:
         raise ProtocolError("invalid window increment %d" % increment, "flow-control")
     return credit
+
+
+class StreamEnd:
+    """One end of one stream, as one side of a link sees it: no I/O.
+
+    `receive(type)` and the recv_* methods take what the peer sent and raise
+    ProtocolError when it broke the rules; `send(type)` and the send_* methods
+    account for a frame and return its bytes (DATA excepted: the link writes its
+    header and payload itself).  `credit` is what this end may still send,
+    `window` what the other end may still send here."""
+    __slots__ = ("id", "state", "credit", "window")
+
+    def __init__(self, stream_id, state, window=None):
+        self.id = stream_id
+        self.state = state
+        self.credit = INITIAL_WINDOW
+        self.window = window if window is not None else ReceiveWindow()
+
+    def __repr__(self):
+        return "<StreamEnd %d %s credit=%d window=%d>" % (
+            self.id, self.state, self.credit, self.window.available)
+
+    def allows(self, direction, ftype):
+        return (direction, ftype) in STREAM_TRANSITIONS[self.state]
+
+    def _fire(self, direction, ftype):
+        new = STREAM_TRANSITIONS[self.state].get((direction, ftype))
+        if new is None:
+            what = "%s on stream %d in state %s" % (FRAME_NAMES[ftype], self.id, self.state)
+            if direction == RECV:
+                raise ProtocolError(what)
+            raise LocalProtocolError("bug: sending " + what)
+        self.state = new
+        return new
+
+    # -- what the peer sent -------------------------------------------------------
+    def receive(self, ftype):
+        """A control frame arrived (OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF, EOF); the new state."""
+        return self._fire(RECV, ftype)
+
+    def recv_data(self, n):
+        if self.state not in CAN_RECV_DATA:
+            raise ProtocolError("DATA on stream %d in state %s" % (self.id, self.state))
+        self.window.received(n)
+
+    def recv_window(self, payload):
+        """A WINDOW frame: the credit it adds (checked: 4 bytes, non-zero, no overflow)."""
+        if len(payload) != WINDOW_INCREMENT.size:
+            raise ProtocolError("WINDOW frame of %d bytes (must be 4)" % len(payload))
+        self._fire(RECV, WINDOW)
+        increment = WINDOW_INCREMENT.unpack(payload)[0]
+        self.credit = add_credit(self.credit, increment)
+        return increment
+
+    def recv_reset(self, payload):
+        """A RESET: its reason, as text."""
+        self._fire(RECV, RESET)
+        return short_reason(decode_json(RESET, payload).get("reason", "reset") if payload else "reset")
+
+    # -- what this end sends ------------------------------------------------------
+    def send(self, ftype, payload=b""):
+        self._fire(SEND, ftype)
+        return encode_frame(ftype, self.id, payload)
+
+    def send_json(self, ftype, obj):
+        return self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+    def send_data(self, n):
+        if self.state not in CAN_SEND_DATA or n > self.credit:
+            raise LocalProtocolError("bug: %d bytes of DATA on %r" % (n, self))
+        self.credit -= n
+
+    def send_reset(self, reason):
+        """RESET with a reason, or b"" if this end has already closed."""
+        if self.state == CLOSED:
+            return b""
+        return self.send_json(RESET, {"reason": short_reason(reason)})
+
+    def delivered(self, n, now, rtt):
+        """n received bytes were handed on: a WINDOW frame returning credit, or b""."""
+        increment = self.window.delivered(n, now, rtt)
+        if not increment or not self.allows(SEND, WINDOW):
+            return b""
+        self._fire(SEND, WINDOW)
+        return encode_frame(WINDOW, self.id, WINDOW_INCREMENT.pack(increment))
+
+    def grant(self, increment):
+        """A relay passes on credit the far end granted: a WINDOW frame, or b"" once closed."""
+        if not self.allows(SEND, WINDOW):
+            return b""
+        self.window.available += increment
+        return self.send(WINDOW, WINDOW_INCREMENT.pack(increment))
+
+    def release(self):
+        """The stream is gone: its window's growth goes back to the link's budget."""
+        self.window.release()
+
+
+class StreamIds:
+    """Who opens which stream ids on one link.  The side that connected opens odd
+    ids, the router even ones, each in increasing order; an id is never reused."""
+    __slots__ = ("next_local", "highest_remote")
+
+    def __init__(self, odd):
+        self.next_local = 1 if odd else 2
+        self.highest_remote = 0
+
+    @property
+    def exhausted(self):
+        return self.next_local > MAX_STREAM_ID
+
+    def allocate(self):
+        stream_id = self.next_local
+        self.next_local += 2
+        return stream_id
+
+    def opened_by_peer(self, stream_id):
+        """Check the id of an OPEN the peer sent, and remember it."""
+        if stream_id % 2 == self.next_local % 2 or stream_id <= self.highest_remote:
+            raise ProtocolError("OPEN with stream id %d (must be %s and increasing)"
+                                % (stream_id, "even" if self.next_local % 2 else "odd"))
+        self.highest_remote = stream_id
+
+    def check_unknown(self, stream_id, ftype):
+        """A frame for an id with no live stream: late frames of ended streams are normal;
+        a stream that was never opened is a protocol error."""
+        if stream_id % 2 == self.next_local % 2:
+            opened = 0 < stream_id < self.next_local
+        else:
+            opened = 0 < stream_id <= self.highest_remote
+        if not opened:
+            raise ProtocolError("%s for stream %d, which was never opened"
+                                % (FRAME_NAMES[ftype], stream_id))
 
 
 def backoff_delays(first=BACKOFF_FIRST, cap=BACKOFF_MAX, rng=random.random):
@@ -1046,21 +1187,20 @@ class WebSocketLayer(_Layer, asyncio.Protocol):
 class LocalStream(asyncio.Protocol):
     """One local TCP connection joined to one stream of a ClientLink.
 
+    The stream's rules live in `end` (a StreamEnd); this class does the I/O.
     Local -> link: reads are sent as DATA while credit lasts; beyond it the rest
     waits in `pending` and reading pauses.  Link -> local: credit goes back only
     when the local write buffer has drained (write buffer limits are 0, so
     resume_writing() means "everything written has been handed to the kernel")."""
 
-    def __init__(self, link=None, stream_id=0, state=OPENING):
+    def __init__(self, link=None, stream_id=0):
         self.link = None
+        self.end = None                 # a StreamEnd once attached to a link
         self.id = stream_id
-        self.state = StreamState(state)
         self.transport = None
         self.sock = None
-        self.credit = INITIAL_WINDOW
-        self.window = None
-        if link is not None:
-            self.attach(link, stream_id)
+        if link is not None:            # the router opened it: we accept
+            self.attach(link, stream_id, OPEN_RECEIVED)
         self.pending = None
         self.reading = True
         self.local_eof = False       # the local side sent FIN
@@ -1069,17 +1209,18 @@ class LocalStream(asyncio.Protocol):
         self.label = ""
         self.closed = False
 
-    def attach(self, link, stream_id):
+    def attach(self, link, stream_id, state):
         self.link, self.id = link, stream_id
-        self.window = ReceiveWindow(link.budget)
+        self.end = StreamEnd(stream_id, state, ReceiveWindow(link.budget))
         link.streams[stream_id] = self
 
     def detach(self):
-        """Back to unattached and opening, for another OPEN later (never after data flowed)."""
+        """Back to unattached, for another OPEN later (never after data flowed)."""
         if self.link is not None and self.link.streams.get(self.id) is self:
             del self.link.streams[self.id]
-        self.link, self.window = None, None
-        self.state, self.credit = StreamState(OPENING), INITIAL_WINDOW
+        if self.end is not None:
+            self.end.release()
+        self.link = self.end = None
 
     # -- local socket ------------------------------------------------------
     def connection_made(self, transport):
@@ -1091,10 +1232,10 @@ class LocalStream(asyncio.Protocol):
             if PAUSE_IN_CONNECTION_MADE_HOLDS:
                 self.pause_reading()
             else:
-                asyncio.get_event_loop().call_soon(self._hold_until_accepted)
+                _get_loop().call_soon(self._hold_until_accepted)
 
     def _unaccepted(self):
-        return self.state.state == OPENING or self.link is None
+        return self.end is None or self.end.state in OPENING_STATES
 
     def _hold_until_accepted(self):
         """Before 3.11 the pause comes a callback late, and by then the stream may have
@@ -1104,7 +1245,9 @@ class LocalStream(asyncio.Protocol):
             self.pause_reading()
 
     def data_received(self, data):
-        if self.pending is not None or self.state.state == OPENING:
+        if self.closed:
+            return
+        if self.pending is not None or self._unaccepted():
             # A read that raced pause_reading() (3.6's connection_made, stdio threads)
             self.pending = data if self.pending is None else bytes(self.pending) + data
             self.pause_reading()
@@ -1113,15 +1256,14 @@ class LocalStream(asyncio.Protocol):
 
     def eof_received(self):
         self.local_eof = True
-        if self.pending is None and self.state.state in (OPEN_STATE, REMOTE_EOF):
+        if self.pending is None and self.end is not None and self.end.allows(SEND, EOF):
             self._send_eof()
         return True             # keep our writing half open: half-close
 
     def connection_lost(self, exc):
-        if not self.closed and self.state.state != CLOSED:
+        if not self.closed and self.end is not None:
             why = "local connection reset" if exc else "local connection closed"
-            self.state.state = CLOSED
-            self.link.send_json(RESET, self.id, {"reason": why})
+            self.link.send(self.end.send_reset(why))
         self._forget()
 
     def pause_writing(self):
@@ -1147,17 +1289,17 @@ class LocalStream(asyncio.Protocol):
 
     # -- local -> link ------------------------------------------------------
     def send_upstream(self, data):
-        link = self.link
+        link, end = self.link, self.end
         n = len(data)
-        if n <= self.credit and n <= MAX_DATA and not link.write_paused:
-            self.credit -= n                # the common case: one read, one frame
+        if n <= end.credit and n <= MAX_DATA and not link.write_paused:
+            end.send_data(n)                # the common case: one read, one frame
             link.send_data(self.id, data)
             return
         view = memoryview(data)
-        while view and self.credit and not link.write_paused:
-            n = min(len(view), self.credit, MAX_DATA)
+        while view and end.credit and not link.write_paused:
+            n = min(len(view), end.credit, MAX_DATA)
+            end.send_data(n)
             link.send_data(self.id, view[:n])
-            self.credit -= n
             view = view[n:]
         if view:
             self.pending = view
@@ -1171,7 +1313,7 @@ class LocalStream(asyncio.Protocol):
             self.send_upstream(data)
         if self.pending is None:
             if self.local_eof:
-                if self.state.state in (OPEN_STATE, REMOTE_EOF):
+                if self.end.allows(SEND, EOF):
                     self._send_eof()
             else:
                 self.resume_reading()
@@ -1181,17 +1323,14 @@ class LocalStream(asyncio.Protocol):
             self._flush_pending()
 
     def _send_eof(self):
-        self.link.send(encode_frame(EOF, self.id))
-        if self.state.fire("send_eof") == CLOSED:
+        self.link.send(self.end.send(EOF))
+        if self.end.state == CLOSED:
             self._finish()
 
     # -- link -> local (called by ClientLink) -------------------------------
     def on_data(self, payload):
-        state = self.state.state
-        if state != OPEN_STATE and state != LOCAL_EOF:
-            raise ProtocolError("DATA on a stream in state %s" % state)
         n = len(payload)
-        self.window.received(n)
+        self.end.recv_data(n)
         _write_parts(self.transport, self.sock, b"", payload)
         if self.write_paused:
             self.undelivered += n
@@ -1199,23 +1338,21 @@ class LocalStream(asyncio.Protocol):
             self._delivered(n)
 
     def _delivered(self, n):
-        window = self.window
+        window = self.end.window
         if window.unreturned + n < window.size // 2:
             window.unreturned += n          # the common case: not yet worth a WINDOW frame
             return
-        increment = window.delivered(n, self.link.loop.time(), self.link.rtt)
-        if increment and not self.closed:
-            self.link.send(encode_frame(WINDOW, self.id, WINDOW_INCREMENT.pack(increment)))
+        frame = self.end.delivered(n, self.link.loop.time(), self.link.rtt)
+        if frame and not self.closed:
+            self.link.send(frame)
 
     def on_window(self, payload):
-        if len(payload) != WINDOW_INCREMENT.size:
-            raise ProtocolError("WINDOW frame of %d bytes (must be 4)" % len(payload))
-        self.credit = add_credit(self.credit, WINDOW_INCREMENT.unpack(payload)[0])
+        self.end.recv_window(payload)
         if self.pending is not None:
             self._flush_pending()           # or joins link.blocked if the link is paused
 
     def on_eof(self, _payload):
-        if self.state.fire("recv_eof") == CLOSED:
+        if self.end.receive(EOF) == CLOSED:
             self._finish()
         elif self.transport.can_write_eof():
             try:
@@ -1224,22 +1361,44 @@ class LocalStream(asyncio.Protocol):
                 self.reset("local connection reset")
 
     def on_reset(self, payload):
-        self.state.state = CLOSED
-        reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
-        log.debug("stream %s reset by the peer: %s", self.label, reason)
+        self.reset_by_peer(self.end.recv_reset(payload))
         self._forget()
         if self.transport is not None:
             _abort_with_reset(self.transport)
 
-    def on_accepted(self):
-        self.state.fire("accept")
+    def reset_by_peer(self, reason):
+        log.debug("stream %s reset by the peer: %s", self.label, reason)
+
+    # The opening frames.  Each role overrides the ones it expects; the rest are
+    # refused by the state table (an acceptor never receives OPEN_OK, say).
+    def on_open_ok(self, _payload):
+        self.end.receive(OPEN_OK)
+        self._flush_pending()
+
+    def on_open_refused(self, _info):
+        self.end.receive(OPEN_REFUSED)
+
+    def on_challenge(self, _info):
+        self.end.receive(CHALLENGE)
+
+    def on_proof(self, _info):
+        self.end.receive(PROOF)
+
+    def accept(self, info):
+        """The acceptor's side: tell the opener (OPEN_OK), then let data flow."""
+        self.link.send(self.end.send_json(OPEN_OK, info))
         self._flush_pending()
 
     def reset(self, reason):
         """Abort from this side: RESET upstream, RST locally."""
-        if self.state.state != CLOSED:
-            self.state.state = CLOSED
-            self.link.send_json(RESET, self.id, {"reason": short_reason(reason)})
+        if not self.closed:
+            self.link.send(self.end.send_reset(reason))
+        self._forget()
+        if self.transport is not None:
+            _abort_with_reset(self.transport)
+
+    def link_lost(self, _reason):
+        """The link is gone, and every stream on it: RST locally."""
         self._forget()
         if self.transport is not None:
             _abort_with_reset(self.transport)
@@ -1254,9 +1413,9 @@ class LocalStream(asyncio.Protocol):
     def _forget(self):
         if not self.closed:
             self.closed = True
-            self.window.release()
-            self.link.stream_closed(self)
-
+            if self.end is not None:
+                self.end.release()
+                self.link.stream_closed(self)
 
 
 # --- 4b. TLS without a PKI: a self-signed certificate, pins, trust on first use ---
@@ -1812,7 +1971,9 @@ def _nonce_from(info):
     return nonce
 
 
-# --- 5a. The router ----------------------------------------------------------
+# ###########################################################################
+# ### 5a. The router: front door, session, relayed streams, registry
+# ###########################################################################
 
 def _checked_secret_frame(ftype, payload, fields):
     """A CHALLENGE or PROOF reduced to its hex string fields; anything else is an error."""
@@ -1826,15 +1987,191 @@ def _checked_secret_frame(ftype, payload, fields):
     return out
 
 
-class Leg:
-    """One side of a relayed stream: which peer, its id there, its credit."""
-    __slots__ = ("peer", "id", "other", "credit", "state", "acceptor", "registration")
+class FrontDoor:
+    """What arrives on a router connection before it is a mindmeld session: the
+    preamble, or an HTTP request (health check, a WebSocket upgrade, anything else)."""
 
-    def __init__(self, peer, stream_id, acceptor, registration):
-        self.peer, self.id, self.acceptor, self.registration = peer, stream_id, acceptor, registration
+    def __init__(self, peer):
+        self.peer = peer
+        self.router = peer.router
+
+    def sniff(self):
+        """Look at the bytes so far: True once the preamble is consumed and frames follow."""
+        peer = self.peer
+        first = peer.frames.peek()
+        try:
+            kind = classify_preamble(first)
+        except PreambleError as exc:
+            self._refuse(exc, first)
+            return False
+        if kind == "http":
+            if b"\r\n\r\n" in first or len(first) > HTTP_HEAD_MAX:
+                peer.phase = "http"
+                self._answer_http(first)
+            else:
+                peer.frames.need = len(first) + 1
+            return False
+        if kind is None:
+            return False
+        peer.frames.skip(len(PREAMBLE))
+        return True
+
+    def _refuse(self, exc, first):
+        peer = self.peer
+        log.warning("router: %s sent %s; closing", peer.peer, exc)
+        peer.phase = "refused"
+        if getattr(exc, "version", None) is not None:     # frames look alike in every version
+            peer.close("version", "this router speaks mindmeld protocol %d, the client %d: use "
+                                  "the same version of mindmeld.py on both" % (PROTOCOL_VERSION, exc.version))
+            return
+        if not first.startswith(b"\x16"):
+            peer.send(b"mindmeld router: this port speaks the mindmeld protocol "
+                      b"(python3 mindmeld.py forward/share/list --router HOST:PORT)\n")
+        peer.close()
+
+    def _answer_http(self, request):
+        head = request[:request.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in request else request
+        line, headers = parse_http_head(head)
+        parts = line.split()
+        path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+        log.debug("router: HTTP %s from %s", line[:80], self.peer.peer)
+        if path == self.router.ws_path and "websocket" in headers.get("upgrade", "").lower():
+            if self._upgrade_websocket(parts[0], headers, request[len(head):]):
+                return
+            status, body = "400 Bad Request", "a WebSocket upgrade needs GET, a key and version 13\n"
+        elif path == self.router.ws_path:
+            status, body = "426 Upgrade Required", "this path takes a WebSocket upgrade\n"
+        elif path == "/healthz":
+            status, body = "200 OK", "ok\n"
+        elif path == "/":
+            status, body = "200 OK", ("mindmeld router %s\nprotocol %d\nservices %d\n"
+                                      % (__version__, PROTOCOL_VERSION, len(self.router.services)))
+        else:
+            status, body = "404 Not Found", "not found: this is a mindmeld router\n"
+        body = body.encode()
+        self.peer.send(("HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        "Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
+                        ).encode() + (b"" if parts[:1] == ["HEAD"] else body))
+        self.peer.close()
+
+    def _upgrade_websocket(self, method, headers, leftover):
+        """Answer 101 and put the session inside a WebSocket; False if the request is bad."""
+        key = headers.get("sec-websocket-key", "")
+        if not all(32 < ord(c) < 127 for c in key):
+            key = ""                            # not a base64 key: a 400
+        if method != "GET" or not key or headers.get("sec-websocket-version") != "13":
+            return False
+        peer = self.peer
+        peer.send(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                   % ws_accept_key(key)).encode())
+        peer.frames.skip(peer.frames.buffered)
+        peer.transport = WebSocketLayer(peer, peer.transport, client_side=False)
+        peer.sock = None
+        peer.phase = "preamble"                 # the mindmeld preamble comes inside
+        if leftover:
+            peer.transport.data_received(leftover)
+        return True
+
+
+class Leg:
+    """The router's end of a relayed stream on one peer's link."""
+    __slots__ = ("peer", "end", "other", "relay")
+
+    def __init__(self, peer, end, relay):
+        self.peer, self.end, self.relay = peer, end, relay
         self.other = None
-        self.credit = INITIAL_WINDOW      # what this peer may still send on the stream
-        self.state = StreamState(OPENING)
+        peer.legs[end.id] = self
+
+
+class RelayedStream:
+    """One stream between an opener and a sharer.  It owns both legs, so every frame
+    that crosses the router, and every edit to both sides, happens here."""
+    __slots__ = ("router", "registration", "opener", "acceptor")
+
+    def __init__(self, router, registration, opener, opener_id, sharer):
+        self.router, self.registration = router, registration
+        self.opener = Leg(opener, StreamEnd(opener_id, OPEN_RECEIVED), self)
+        self.acceptor = Leg(sharer, StreamEnd(sharer.ids.allocate(), OPEN_SENT), self)
+        self.opener.other, self.acceptor.other = self.acceptor, self.opener
+        registration.streams += 1
+        router.relayed += 1
+
+    def open(self, info):
+        """Pass the OPEN on to the sharer, with who asked."""
+        forwarded = {k: v for k, v in info.items() if k in ("service", "nonce")}
+        forwarded["peer"] = self.opener.peer.peer
+        self.acceptor.peer.send_json(OPEN, self.acceptor.end.id, forwarded)
+
+    # -- frames from one leg, passed to the other ---------------------------------
+    def data(self, leg, payload):
+        n = len(payload)
+        leg.end.recv_data(n)
+        other = leg.other
+        other.end.send_data(n)
+        other.peer.relay_data(other.end.id, payload)
+
+    def window(self, leg, payload):
+        increment = leg.end.recv_window(payload)
+        other = leg.other
+        other.peer.send(other.end.grant(increment))
+
+    def eof(self, leg, _payload):
+        leg.end.receive(EOF)
+        other = leg.other
+        other.peer.send(other.end.send(EOF))
+        if leg.end.state == CLOSED:
+            self.end()
+
+    def reset(self, leg, payload):
+        self.abort(leg, leg.end.recv_reset(payload))
+
+    def open_ok(self, leg, payload):
+        leg.end.receive(OPEN_OK)
+        other = leg.other
+        other.peer.send(other.end.send(OPEN_OK, bytes(payload)))
+
+    def open_refused(self, leg, payload):
+        leg.end.receive(OPEN_REFUSED)
+        reason = decode_json(OPEN_REFUSED, payload).get("reason", "refused")
+        other = leg.other
+        other.peer.send(other.end.send_json(OPEN_REFUSED, {"reason": short_reason(reason)}))
+        self.end()
+
+    def challenge(self, leg, payload):
+        leg.end.receive(CHALLENGE)
+        info = _checked_secret_frame(CHALLENGE, payload, ("nonce",))
+        other = leg.other
+        other.peer.send(other.end.send_json(CHALLENGE, info))
+
+    def proof(self, leg, payload):
+        """Checked here, so that a forwarder's bad PROOF costs it its link, not the sharer's."""
+        if not self.registration.verifier:
+            raise ProtocolError("PROOF for %r, which has no secret" % self.registration.name)
+        leg.end.receive(PROOF)
+        info = _checked_secret_frame(PROOF, payload, ("proof", "nonce"))
+        other = leg.other
+        other.peer.send(other.end.send_json(PROOF, info))
+
+    # -- ending ---------------------------------------------------------------------
+    def abort(self, gone, reason):
+        """`gone`'s side ended the stream (RESET, or its link or name went): RESET the other."""
+        other = gone.other
+        other.peer.send(other.end.send_reset(reason))
+        self.end()
+
+    def end(self):
+        """Both legs are done: forget them, and close peers that waited for their last stream."""
+        opener, acceptor = self.opener, self.acceptor
+        if opener.peer.legs.pop(opener.end.id, None) is None:
+            return                              # already ended
+        acceptor.peer.legs.pop(acceptor.end.id, None)
+        self.registration.streams -= 1
+        self.router.relayed -= 1
+        for peer in (opener.peer, acceptor.peer):
+            if peer.draining and not peer.legs:
+                peer.close()
+        self.router.stream_ended()
 
 
 class Registration:
@@ -1846,20 +2183,32 @@ class Registration:
         self.streams = 0
 
 
+# Router-side handshake phases: which frames a peer may send in each (others are errors).
+PEER_PHASES = {
+    "hello": (HELLO,),
+    "auth": (AUTH, PING),
+    "ready": (PING, PONG, REGISTER, OPEN, LIST, GOAWAY, DATA, WINDOW, EOF, RESET,
+              OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF),
+}
+# Stream frames the router relays: (frame type, RelayedStream method).
+RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, "open_ok"),
+                  (OPEN_REFUSED, "open_refused"), (CHALLENGE, "challenge"), (PROOF, "proof"))
+
+
 class RouterPeer(Link):
-    """The router's end of one peer's link: handshake, registry calls, relaying."""
+    """The router's session with one peer: handshake, registry requests, and the
+    stream frames it hands to their RelayedStream."""
 
     role = "router: peer"
 
     def __init__(self, router):
         Link.__init__(self, router.keepalive)
         self.router = router
+        self.door = FrontDoor(self)
         self.phase = "preamble"
-        self.first = b""
-        self.legs = {}
+        self.legs = {}                  # stream id on this link -> Leg
+        self.ids = StreamIds(odd=False)  # the router opens even ids here
         self.registrations = []
-        self.next_id = 2                # ids the router opens here are even
-        self.highest_peer_id = 0        # ids the peer opens are odd and increasing
         self.nonce = os.urandom(16)
         self.agent = "?"
         self.tasks = set()
@@ -1867,14 +2216,17 @@ class RouterPeer(Link):
         self.registering = set()        # names with a REGISTER in progress
         self.refused_names = set()      # names already refused (logged once)
         self._handshake_timer = None
-        self.ready_dispatch = {
-            PING: self.on_ping, PONG: self.on_pong, REGISTER: self.on_register,
-            OPEN: self.on_open, LIST: self.on_list, GOAWAY: self.on_goaway,
-            DATA: self.on_data, WINDOW: self.on_window, EOF: self.on_eof, RESET: self.on_reset,
-            OPEN_OK: self.on_open_ok, OPEN_REFUSED: self.on_open_refused,
-            CHALLENGE: self.on_challenge, PROOF: self.on_proof,
-        }
-        self.dispatch = {HELLO: self.on_hello}
+        self.handlers = {
+            HELLO: self.on_hello, AUTH: self.on_auth, PING: self.on_ping, PONG: self.on_pong,
+            REGISTER: self.on_register, OPEN: self.on_open, LIST: self.on_list,
+            GOAWAY: self.on_goaway, DATA: self.on_data}
+        for ftype, method in RELAYED_FRAMES:
+            self.handlers[ftype] = self._relay_handler(ftype, method)
+        self._enter("preamble")
+
+    def _enter(self, phase):
+        self.phase = phase
+        self.dispatch = {t: self.handlers[t] for t in PEER_PHASES.get(phase, ())}
 
     def connection_made(self, transport):
         Link.connection_made(self, transport)
@@ -1906,71 +2258,9 @@ class RouterPeer(Link):
         if self._rx_waiter is not None:
             self._heard()
         self.frames.advance(nbytes)
-        first = self.frames.peek()
-        try:
-            kind = classify_preamble(first)
-        except PreambleError as exc:
-            log.warning("router: %s sent %s; closing", self.peer, exc)
-            self.phase = "refused"
-            if getattr(exc, "version", None) is not None:     # frames look alike in every version
-                self.close("version", "this router speaks mindmeld protocol %d, the client %d: use "
-                                      "the same version of mindmeld.py on both" % (PROTOCOL_VERSION, exc.version))
-                return
-            if not first.startswith(b"\x16"):
-                self.send(b"mindmeld router: this port speaks the mindmeld protocol "
-                          b"(python3 mindmeld.py forward/share/list --router HOST:PORT)\n")
-            self.close()
-            return
-        if kind is None:
-            return
-        if kind == "http":
-            if b"\r\n\r\n" in first or len(first) > 8192:
-                self.phase = "http"
-                self._answer_http(first)
-            else:
-                self.frames.need = len(first) + 1
-            return
-        self.frames.skip(len(PREAMBLE))
-        self.phase = "hello"
-        self.process_frames()
-
-    def _answer_http(self, request):
-        head = request[:request.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in request else request
-        line, headers = parse_http_head(head)
-        parts = line.split()
-        path = parts[1].split("?")[0] if len(parts) > 1 else "/"
-        log.debug("router: HTTP %s from %s", line[:80], self.peer)
-        if path == self.router.ws_path and "websocket" in headers.get("upgrade", "").lower():
-            key = headers.get("sec-websocket-key", "")
-            if not all(32 < ord(c) < 127 for c in key):
-                key = ""                        # not a base64 key: a 400 below
-            if parts[0] == "GET" and key and headers.get("sec-websocket-version") == "13":
-                self.send(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                           "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
-                           % ws_accept_key(key)).encode())
-                leftover = request[len(head):]
-                self.frames.skip(self.frames.buffered)
-                self.transport = WebSocketLayer(self, self.transport, client_side=False)
-                self.sock = None
-                self.phase = "preamble"
-                if leftover:
-                    self.transport.data_received(leftover)
-                return
-            status, body = "400 Bad Request", "a WebSocket upgrade needs GET, a key and version 13\n"
-        elif path == self.router.ws_path:
-            status, body = "426 Upgrade Required", "this path takes a WebSocket upgrade\n"
-        elif path == "/healthz":
-            status, body = "200 OK", "ok\n"
-        elif path == "/":
-            status, body = "200 OK", ("mindmeld router %s\nprotocol %d\nservices %d\n"
-                                      % (__version__, PROTOCOL_VERSION, len(self.router.services)))
-        else:
-            status, body = "404 Not Found", "not found: this is a mindmeld router\n"
-        body = body.encode()
-        self.send(("HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                   "Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
-                   ).encode() + (b"" if parts[:1] == ["HEAD"] else body))
-        self.close()
+        if self.door.sniff():
+            self._enter("hello")
+            self.process_frames()
 
     # -- handshake ----------------------------------------------------------
     def on_hello(self, _id, payload):
@@ -1980,8 +2270,7 @@ class RouterPeer(Link):
         self.send_json(HELLO, 0, {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
                                   "nonce": self.nonce.hex(), "auth": "token" if token else "none"})
         if token:
-            self.phase = "auth"
-            self.dispatch = {AUTH: self.on_auth, PING: self.on_ping}
+            self._enter("auth")
         else:
             self._ready()
 
@@ -1990,7 +2279,7 @@ class RouterPeer(Link):
         expected = _auth_mac(self.router.token, self.nonce)
         if not hmac.compare_digest(mac.encode(), expected.encode()):
             log.warning("router: %s presented a wrong or missing token; refused", self.peer)
-            self.phase = "refused"
+            self._enter("refused")
             self.close("auth", "wrong or missing token for this router")
             return
         self.send_json(AUTH, 0, {"ok": True})
@@ -1998,11 +2287,10 @@ class RouterPeer(Link):
 
     def _ready(self):
         self._handshake_done()
-        self.phase = "ready"
-        self.dispatch = self.ready_dispatch
+        self._enter("ready")
         log.debug("router: %s connected (%s)", self.peer, self.agent)
 
-    # -- registry --------------------------------------------------------------
+    # -- registry requests ------------------------------------------------------
     def on_register(self, request_id, payload):
         info = decode_json(REGISTER, payload)
         name = info.get("name")
@@ -2022,11 +2310,7 @@ class RouterPeer(Link):
         task.add_done_callback(lambda _task: self.registering.discard(name))
 
     def on_list(self, request_id, _payload):
-        now = time.time()
-        services = [{"name": r.name, "since": r.since, "age": now - r.since,
-                     "streams": r.streams, "peer": r.peer.peer, "secret": bool(r.verifier)}
-                    for r in sorted(self.router.services.values(), key=lambda r: r.name)]
-        self.send_json(LIST_REPLY, request_id, {"services": services})
+        self.send_json(LIST_REPLY, request_id, {"services": self.router.listing()})
 
     def on_goaway(self, _id, payload):
         """The peer is leaving: its names are free at once, its open streams may finish."""
@@ -2041,9 +2325,7 @@ class RouterPeer(Link):
 
     # -- streams -------------------------------------------------------------------
     def on_open(self, stream_id, payload):
-        if stream_id % 2 == 0 or stream_id <= self.highest_peer_id:
-            raise ProtocolError("OPEN with stream id %d (must be odd and increasing)" % stream_id)
-        self.highest_peer_id = stream_id
+        self.ids.opened_by_peer(stream_id)
         info = decode_json(OPEN, payload)
         name = info.get("service")
         registration = self.router.services.get(name) if valid_name(name) else None
@@ -2054,115 +2336,34 @@ class RouterPeer(Link):
             reason = "too many open streams on this link (limit %d)" % MAX_STREAMS_PER_PEER
         elif registration is None or registration.peer.closing:
             reason, code = "no service named %r is registered on this router" % (name,), "no-service"
+        elif registration.peer.ids.exhausted:      # after 2**31 streams: the sharer relinks
+            registration.peer.close("ids-exhausted", "stream ids are used up; reconnect")
+            reason = "the sharer is reconnecting"
         else:
-            reason = None
-        if reason:
-            self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
+            RelayedStream(self.router, registration, self, stream_id, registration.peer).open(info)
             return
-        sharer = registration.peer
-        if sharer.next_id > MAX_STREAM_ID:         # after 2**31 streams: the sharer relinks
-            sharer.close("ids-exhausted", "stream ids are used up; reconnect")
-            self.send_json(OPEN_REFUSED, stream_id, {"reason": "the sharer is reconnecting"})
-            return
-        here = Leg(self, stream_id, False, registration)
-        there = Leg(sharer, sharer.next_id, True, registration)
-        sharer.next_id += 2
-        here.other, there.other = there, here
-        self.legs[stream_id] = here
-        sharer.legs[there.id] = there
-        registration.streams += 1
-        forwarded = {k: v for k, v in info.items() if k in ("service", "nonce")}
-        forwarded["peer"] = self.peer
-        sharer.send_json(OPEN, there.id, forwarded)
+        self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
 
     def _leg(self, stream_id, ftype):
         leg = self.legs.get(stream_id)
         if leg is None:
-            opened_here = stream_id % 2 == 0
-            if (stream_id < self.next_id) if opened_here else (stream_id <= self.highest_peer_id):
-                return None             # a stream that already ended: late frames are normal
-            raise ProtocolError("%s for stream %d, which was never opened"
-                                % (FRAME_NAMES[ftype], stream_id))
+            self.ids.check_unknown(stream_id, ftype)    # None: a late frame, normal
         return leg
 
     def on_data(self, stream_id, payload):
         leg = self.legs.get(stream_id) or self._leg(stream_id, DATA)
-        if leg is None:
-            return
-        state = leg.state.state
-        if state != OPEN_STATE and state != LOCAL_EOF:
-            raise ProtocolError("DATA on stream %d in state %s" % (stream_id, state))
-        leg.credit -= len(payload)
-        if leg.credit < 0:
-            raise ProtocolError("sent %d bytes beyond its window on stream %d"
-                                % (-leg.credit, stream_id), "flow-control")
-        other = leg.other
-        other.peer.relay_data(other.id, payload)
-
-    def on_window(self, stream_id, payload):
-        if len(payload) != WINDOW_INCREMENT.size:
-            raise ProtocolError("WINDOW frame of %d bytes (must be 4)" % len(payload))
-        leg = self._leg(stream_id, WINDOW)
         if leg is not None:
-            other = leg.other
-            other.credit = add_credit(other.credit, WINDOW_INCREMENT.unpack(payload)[0])
-            other.peer.send(encode_frame(WINDOW, other.id, bytes(payload)))
+            leg.relay.data(leg, payload)
 
-    def on_eof(self, stream_id, _payload):
-        leg = self._leg(stream_id, EOF)
-        if leg is not None:
-            leg.state.fire("recv_eof")
-            other = leg.other
-            other.state.fire("send_eof")
-            other.peer.send(encode_frame(EOF, other.id))
-            if leg.state.state == CLOSED:
-                self.router.end_stream(leg)
+    def _relay_handler(self, ftype, method):
+        """A handler that hands a stream frame to its RelayedStream's `method`."""
+        def handler(stream_id, payload):
+            leg = self._leg(stream_id, ftype)
+            if leg is not None:
+                getattr(leg.relay, method)(leg, payload)
+        return handler
 
-    def on_reset(self, stream_id, payload):
-        leg = self._leg(stream_id, RESET)
-        if leg is not None:
-            reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
-            other = leg.other
-            other.peer.send_json(RESET, other.id, {"reason": short_reason(reason)})
-            self.router.end_stream(leg)
-
-    def _opening_leg(self, stream_id, ftype, acceptor):
-        leg = self._leg(stream_id, ftype)
-        if leg is not None and (leg.acceptor != acceptor or leg.state.state != OPENING):
-            raise ProtocolError("%s not allowed on stream %d here" % (FRAME_NAMES[ftype], stream_id))
-        return leg
-
-    def on_open_ok(self, stream_id, payload):
-        leg = self._opening_leg(stream_id, OPEN_OK, True)
-        if leg is not None:
-            leg.state.fire("accept")
-            other = leg.other
-            other.state.fire("accept")
-            other.peer.send(encode_frame(OPEN_OK, other.id, bytes(payload)))
-
-    def on_open_refused(self, stream_id, payload):
-        leg = self._opening_leg(stream_id, OPEN_REFUSED, True)
-        if leg is not None:
-            reason = decode_json(OPEN_REFUSED, payload).get("reason", "refused")
-            other = leg.other
-            other.peer.send_json(OPEN_REFUSED, other.id, {"reason": short_reason(reason)})
-            self.router.end_stream(leg)
-
-    def on_challenge(self, stream_id, payload):
-        leg = self._opening_leg(stream_id, CHALLENGE, True)
-        if leg is not None:
-            info = _checked_secret_frame(CHALLENGE, payload, ("nonce",))
-            leg.other.peer.send_json(CHALLENGE, leg.other.id, info)
-
-    def on_proof(self, stream_id, payload):
-        """Checked here, so that a forwarder's bad PROOF costs it its link, not the sharer's."""
-        leg = self._opening_leg(stream_id, PROOF, False)
-        if leg is not None:
-            if not leg.registration.verifier:
-                raise ProtocolError("PROOF for %r, which has no secret" % leg.registration.name)
-            info = _checked_secret_frame(PROOF, payload, ("proof", "nonce"))
-            leg.other.peer.send_json(PROOF, leg.other.id, info)
-
+    # -- writing, and what a peer may make us queue ---------------------------------
     def relay_data(self, stream_id, payload):
         if self.closing:
             return
@@ -2221,6 +2422,8 @@ class Router:
         self.displaced = {}             # (name, owner key) of sharers a same-secret sharer replaced
         self.peers = set()
         self.handshaking = 0
+        self.relayed = 0                # streams relayed now
+        self._all_streams_ended = None  # a future while close() waits for them
         self.server = None
         self.addresses = []
         self.done = None               # a future, resolved when the router has closed
@@ -2260,7 +2463,14 @@ class Router:
 
     @property
     def open_streams(self):
-        return sum(r.streams for r in self.services.values())
+        return self.relayed
+
+    def listing(self):
+        """What LIST answers: every service, by name."""
+        now = time.time()
+        return [{"name": r.name, "since": r.since, "age": now - r.since,
+                 "streams": r.streams, "peer": r.peer.peer, "secret": bool(r.verifier)}
+                for r in sorted(self.services.values(), key=lambda r: r.name)]
 
     async def register(self, peer, request_id, name, owner, verifier):
         if owner and (name, owner) in self.displaced:
@@ -2271,37 +2481,8 @@ class Router:
             return
         current = self.services.get(name)
         if current is not None and current.peer is not peer:
-            same_owner = owner and hmac.compare_digest(current.owner.encode(), owner.encode())
-            same_secret = (verifier and current.verifier
-                           and hmac.compare_digest(current.verifier.encode(), verifier.encode()))
-            if same_owner:
-                why = "its sharer reconnected"
-            elif same_secret:
-                why = "a new sharer proved the service secret"
-            elif not await current.peer.answers(self.liveness_probe):
-                why = "its previous sharer stopped answering"
-            else:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
-                peer.send_json(REGISTERED, request_id, {
-                    "ok": False, "code": "name-taken",
-                    "message": "the name %r is already shared by %s since %s"
-                               % (name, current.peer.peer, since)})
-                (log.debug if name in peer.refused_names else log.info)(
-                    "router: %s asked for %r, which %s holds; refused", peer.peer, name, current.peer.peer)
-                peer.refused_names.add(name)
+            if not await self._take_over(peer, request_id, current, owner, verifier):
                 return
-            if self.services.get(name) is current:
-                log.info("router: %r taken over by %s: %s", name, peer.peer, why)
-                self.unregister(current, "service %r was taken over" % name)
-                if same_secret and not same_owner:
-                    message = ("service %r was taken over by a sharer that proved the same "
-                               "secret" % name)
-                    if len(self.displaced) >= MAX_DISPLACED_OWNERS:
-                        del self.displaced[next(iter(self.displaced))]     # the oldest
-                    self.displaced[(name, current.owner)] = message
-                    current.peer.close("taken-over", message)
-                elif not same_owner:
-                    current.peer.abort("did not answer a liveness probe")
             if peer.closing:
                 return
             current = self.services.get(name)
@@ -2314,6 +2495,41 @@ class Router:
             log.info("router: %s registered %r", peer.peer, name)
         peer.send_json(REGISTERED, request_id, {"ok": True, "name": name})
 
+    async def _take_over(self, peer, request_id, current, owner, verifier):
+        """May `peer` have the name `current` holds?  If so the old holder is removed."""
+        name = current.name
+        same_owner = owner and hmac.compare_digest(current.owner.encode(), owner.encode())
+        same_secret = (verifier and current.verifier
+                       and hmac.compare_digest(current.verifier.encode(), verifier.encode()))
+        if same_owner:
+            why = "its sharer reconnected"
+        elif same_secret:
+            why = "a new sharer proved the service secret"
+        elif not await current.peer.answers(self.liveness_probe):
+            why = "its previous sharer stopped answering"
+        else:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
+            peer.send_json(REGISTERED, request_id, {
+                "ok": False, "code": "name-taken",
+                "message": "the name %r is already shared by %s since %s"
+                           % (name, current.peer.peer, since)})
+            (log.debug if name in peer.refused_names else log.info)(
+                "router: %s asked for %r, which %s holds; refused", peer.peer, name, current.peer.peer)
+            peer.refused_names.add(name)
+            return False
+        if self.services.get(name) is current:
+            log.info("router: %r taken over by %s: %s", name, peer.peer, why)
+            self.unregister(current, "service %r was taken over" % name)
+            if same_secret and not same_owner:
+                message = "service %r was taken over by a sharer that proved the same secret" % name
+                if len(self.displaced) >= MAX_DISPLACED_OWNERS:
+                    del self.displaced[next(iter(self.displaced))]     # the oldest
+                self.displaced[(name, current.owner)] = message
+                current.peer.close("taken-over", message)
+            elif not same_owner:
+                current.peer.abort("did not answer a liveness probe")
+        return True
+
     def unregister(self, registration, reason, reset_streams=True):
         if self.services.get(registration.name) is registration:
             del self.services[registration.name]
@@ -2321,9 +2537,8 @@ class Router:
         if registration in peer.registrations:
             peer.registrations.remove(registration)
         if reset_streams:
-            for leg in [l for l in peer.legs.values() if l.registration is registration]:
-                leg.other.peer.send_json(RESET, leg.other.id, {"reason": short_reason(reason)})
-                self.end_stream(leg)
+            for leg in [l for l in peer.legs.values() if l.relay.registration is registration]:
+                leg.relay.abort(leg, reason)
 
     def unregister_all(self, peer, why, reset_streams=True):
         for registration in list(peer.registrations):
@@ -2331,26 +2546,19 @@ class Router:
             self.unregister(registration, "the sharer of %r went away" % registration.name,
                             reset_streams)
 
-    def end_stream(self, leg):
-        other = leg.other
-        if leg.peer.legs.pop(leg.id, None) is not None:
-            leg.registration.streams -= 1
-        other.peer.legs.pop(other.id, None)
-        leg.state.state = other.state.state = CLOSED
-        for peer in (leg.peer, other.peer):
-            if peer.draining and not peer.legs:
-                peer.close()
-
     def peer_lost(self, peer, reason):
         self.peers.discard(peer)
         if peer.registrations:
             self.unregister_all(peer, reason)
         for leg in list(peer.legs.values()):
-            other = leg.other
-            other.peer.send_json(RESET, other.id, {"reason": "the peer at the other end went away"})
-            self.end_stream(leg)
+            leg.relay.abort(leg, "the peer at the other end went away")
         if peer.phase == "ready":
             log.debug("router: %s disconnected: %s", peer.peer, reason)
+
+    def stream_ended(self):
+        waiter = self._all_streams_ended
+        if waiter is not None and not self.relayed and not waiter.done():
+            waiter.set_result(None)
 
     async def close(self, grace=0.0):
         """Stop accepting, tell every peer (GOAWAY), let streams finish for `grace` s."""
@@ -2358,12 +2566,15 @@ class Router:
             await _close_server(self.server)
         for peer in list(self.peers):
             peer.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the router is shutting down"})
-        deadline = _get_loop().time() + grace
-        while grace and self.open_streams and _get_loop().time() < deadline:
-            await asyncio.sleep(0.05)   # bounded by `grace`
+        if grace and self.relayed:
+            self._all_streams_ended = _get_loop().create_future()
+            try:
+                await asyncio.wait_for(self._all_streams_ended, grace)
+            except asyncio.TimeoutError:
+                pass
         for peer in list(self.peers):
             peer.abort("router shut down")
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)          # let the aborts' connection_lost() run
         if not self.done.done():
             self.done.set_result(None)
 
@@ -2391,9 +2602,8 @@ class ClientLink(Link):
         self.hello = hello
         self.pin = pin
         self.budget = WindowBudget()
-        self.streams = {}
-        self.next_id = 1                # ids this side opens are odd
-        self.highest_router_id = 0      # ids the router opens here are even
+        self.streams = {}               # stream id -> LocalStream
+        self.ids = StreamIds(odd=True)  # this side opens odd ids, the router even ones
         self.requests = {}
         self.next_request = 1
         self.ready = self.loop.create_future()
@@ -2534,25 +2744,19 @@ class ClientLink(Link):
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self, stream, info):
-        if self.next_id > MAX_STREAM_ID:          # after 2**31 streams: a fresh link
+        if self.ids.exhausted:          # after 2**31 streams: a fresh link
             self.close("ids-exhausted", "stream ids are used up; reconnecting")
-        stream.attach(self, self.next_id)
-        self.next_id += 2
+        stream.attach(self, self.ids.allocate(), OPEN_SENT)
         self.send_json(OPEN, stream.id, info)
 
     def on_open(self, stream_id, payload):
-        if stream_id % 2 or stream_id <= self.highest_router_id:
-            raise ProtocolError("OPEN with stream id %d (must be even and increasing)" % stream_id)
-        self.highest_router_id = stream_id
+        self.ids.opened_by_peer(stream_id)
         self.client.stream_requested(self, stream_id, decode_json(OPEN, payload))
 
     def _stream(self, stream_id, ftype):
         stream = self.streams.get(stream_id)
         if stream is None:
-            ended = (stream_id < self.next_id) if stream_id % 2 else (stream_id <= self.highest_router_id)
-            if not ended:
-                raise ProtocolError("%s for stream %d, which was never opened"
-                                    % (FRAME_NAMES[ftype], stream_id))
+            self.ids.check_unknown(stream_id, ftype)    # None: a late frame, normal
         return stream
 
     def on_data(self, stream_id, payload):
@@ -2951,23 +3155,10 @@ class SharedStream(LocalStream):
 
     sharer = service = challenge = peer_nonce = None
 
-    def link_lost(self, reason):
-        self.state.state = CLOSED
-        self._forget()
-        if self.transport is not None:
-            _abort_with_reset(self.transport)
-
-    def on_open_ok(self, _payload):
-        raise ProtocolError("OPEN_OK sent to the accepting side")
-
-    on_open_refused = on_open_ok
-
-    def on_challenge(self, _info):
-        raise ProtocolError("CHALLENGE sent to the accepting side")
-
     def on_proof(self, info):
+        self.end.receive(PROOF)
         sharer, name = self.sharer, self.service
-        if self.challenge is None or self.state.state != OPENING:
+        if self.challenge is None:
             self.reset("PROOF without a challenge")     # the forwarder's fault, not the router's
             return
         expected = _secret_mac(sharer.secret, "open", name, self.challenge)
@@ -2981,8 +3172,7 @@ class SharedStream(LocalStream):
 
     def refuse(self, reason):
         if not self.closed:
-            self.state.state = CLOSED
-            self.link.send_json(OPEN_REFUSED, self.id, {"reason": short_reason(reason)})
+            self.link.send(self.end.send_json(OPEN_REFUSED, {"reason": short_reason(reason)}))
             self._forget()
 
 
@@ -3038,8 +3228,8 @@ class Sharer(_Client):
             stream.refuse("%r is not shared here" % (name,))
         elif self.secret:
             stream.challenge = os.urandom(16)
-            link.send_json(CHALLENGE, stream_id, {"nonce": stream.challenge.hex()})
-            link.loop.call_later(OPEN_TIMEOUT, lambda: stream.state.state == OPENING and
+            link.send(stream.end.send_json(CHALLENGE, {"nonce": stream.challenge.hex()}))
+            link.loop.call_later(OPEN_TIMEOUT, lambda: stream.end.state == OPEN_RECEIVED and
                                  stream.reset("no answer to the secret challenge"))
         else:
             _spawn(self._dial(link, stream, target), self.tasks)
@@ -3068,8 +3258,7 @@ class Sharer(_Client):
                 accept = {}
                 if stream.peer_nonce is not None:
                     accept["proof"] = _secret_mac(self.secret, "accept", stream.service, stream.peer_nonce)
-                link.send_json(OPEN_OK, stream.id, accept)
-                stream.on_accepted()
+                stream.accept(accept)
             return
         finally:
             timer.cancel()
@@ -3102,8 +3291,7 @@ class ForwardedStream(LocalStream):
 
     def on_open_ok(self, payload):
         self._cancel_timer()
-        if self.state.state != OPENING:
-            raise ProtocolError("OPEN_OK on an open stream")
+        self.end.receive(OPEN_OK)
         secret, name = self.forwarder.secret, self.forwarder.service
         if secret:
             proof = str(decode_json(OPEN_OK, payload).get("proof", "")) if payload else ""
@@ -3113,44 +3301,32 @@ class ForwardedStream(LocalStream):
                              "or the service has no secret)" % name)
                 self.reset("sharer did not prove the secret")
                 return
-        self.on_accepted()
+        self._flush_pending()
 
     def refused(self, reason):
         log.warning("forward: connection to %r refused: %s", self.forwarder.service, reason)
 
     def on_open_refused(self, info):
         self._cancel_timer()
-        if self.state.state != OPENING:
-            raise ProtocolError("OPEN_REFUSED on an open stream")
+        self.end.receive(OPEN_REFUSED)
         reason = short_reason(info.get("reason", "refused"))
         if info.get("code") == "no-service" and self.link.loop.time() < self.wait_until:
             self.forwarder.wait_for_service(self)   # waited for the router: its sharer may be next
             return
         self.refused(reason)
-        self.state.state = CLOSED
         self._forget()
         self.transport.close()
 
     def on_challenge(self, info):
+        self.end.receive(CHALLENGE)
         secret, name = self.forwarder.secret, self.forwarder.service
-        if self.state.state != OPENING:
-            raise ProtocolError("CHALLENGE on an open stream")
         if not secret:
             self.refused("service %r requires a secret: pass --secret or --secret-file" % name)
             self.reset("no secret")
             return
         self.nonce = os.urandom(16)
-        self.link.send_json(PROOF, self.id, {
-            "proof": _secret_mac(secret, "open", name, _nonce_from(info)), "nonce": self.nonce.hex()})
-
-    def on_proof(self, info):
-        raise ProtocolError("PROOF sent to the opening side")
-
-    def link_lost(self, reason):
-        self._cancel_timer()
-        self.state.state = CLOSED
-        self._forget()
-        _abort_with_reset(self.transport)
+        self.link.send(self.end.send_json(PROOF, {
+            "proof": _secret_mac(secret, "open", name, _nonce_from(info)), "nonce": self.nonce.hex()}))
 
     def _cancel_timer(self):
         if self.timer is not None:
@@ -3420,15 +3596,13 @@ class StdioStream(ForwardedStream):
         self.connector.finished(self)
 
     def on_open_refused(self, info):
+        self.end.receive(OPEN_REFUSED)
         self.refused(short_reason(info.get("reason", "refused")))
-        self.state.state = CLOSED
         self._forget()
         self.transport.close()
 
-    def on_reset(self, payload):
-        reason = decode_json(RESET, payload).get("reason", "reset") if payload else "reset"
+    def reset_by_peer(self, reason):
         self.fail_with("the stream to %r was reset: %s" % (self.connector.service, reason))
-        LocalStream.on_reset(self, payload)
 
     def link_lost(self, reason):
         self.fail_with("the link to the router was lost: %s" % reason)

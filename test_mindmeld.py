@@ -67,8 +67,9 @@ from mindmeld import (  # noqa: E402
     DATA, EOF, HEADER_SIZE, HELLO, INITIAL_WINDOW, LIST_REPLY, MAGIC, MAX_CONTROL,
     MAX_DATA, MAX_LIST_REPLY, MAX_WINDOW, OPEN, PING, PONG, PREAMBLE, PROTOCOL_VERSION,
     RESET, WINDOW, FrameDecoder, Forwarder, MindmeldError, PermanentError, PreambleError,
-    ProtocolError, ReceiveWindow, Router, Sharer, StreamState, STREAM_TRANSITIONS,
-    WindowBudget, check_name, classify_preamble, encode_frame, encode_json, list_services,
+    ProtocolError, ReceiveWindow, Router, Sharer, StreamEnd, StreamIds, STREAM_TRANSITIONS,
+    WindowBudget, LocalProtocolError, FRAME_NAMES, OPEN_SENT, OPEN_RECEIVED, OPEN_STATE,
+    LOCAL_EOF, REMOTE_EOF, CLOSED, check_name, classify_preamble, encode_frame, encode_json, list_services,
     parse_hostport, valid_name)
 
 import mindmeld  # noqa: E402
@@ -301,70 +302,189 @@ class TestCodec(unittest.TestCase):
 # 2. Core: stream states, windows, addresses, names
 # ---------------------------------------------------------------------------
 
-OPENING, OPEN_S, LOCAL_EOF, REMOTE_EOF, CLOSED = "opening", "open", "local-eof", "remote-eof", "closed"
+STREAM_FRAMES = (OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF, DATA, WINDOW, EOF, RESET)
+SEND, RECV = mindmeld.SEND, mindmeld.RECV
+
+
+def fire(end, direction, ftype):
+    """Make `end` send or receive one frame of `ftype`, with a payload that is valid."""
+    if direction == RECV:
+        if ftype == DATA:
+            return end.recv_data(1)
+        if ftype == WINDOW:
+            return end.recv_window(struct.pack("!I", 1))
+        if ftype == RESET:
+            return end.recv_reset(b"")
+        return end.receive(ftype)
+    if ftype == DATA:
+        return end.send_data(1)
+    return end.send(ftype, struct.pack("!I", 1) if ftype == WINDOW else b"")
+
+
+class EndPair:
+    """Two stream ends wired back to back, as h11's ConnectionPair: what one sends,
+    the other receives, through the real frame codec."""
+
+    def __init__(self):
+        self.opener = StreamEnd(1, OPEN_SENT, ReceiveWindow(WindowBudget()))
+        self.acceptor = StreamEnd(1, OPEN_RECEIVED, ReceiveWindow(WindowBudget()))
+
+    def deliver(self, frame, to):
+        (ftype, _flags, stream_id, payload), = FrameDecoder().feed(frame)
+        if stream_id != to.id:
+            raise AssertionError("frame for stream %d sent to stream %d" % (stream_id, to.id))
+        if ftype == WINDOW:
+            return to.recv_window(payload)
+        if ftype == RESET:
+            return to.recv_reset(payload)
+        return to.receive(ftype)
+
+    def data(self, sender, receiver, n):
+        sender.send_data(n)
+        receiver.recv_data(n)
+
+
+class TestStreamEnd(unittest.TestCase):
+    """The sans-IO stream end: every row of the state table, and credit at its edges."""
+
+    def test_every_transition_in_the_table_and_every_other_refused(self):
+        checked = 0
+        for state, row in STREAM_TRANSITIONS.items():
+            for direction in (SEND, RECV):
+                for ftype in STREAM_FRAMES:
+                    end = StreamEnd(1, state)
+                    with self.subTest(state=state, direction=direction, frame=FRAME_NAMES[ftype]):
+                        if (direction, ftype) in row:
+                            fire(end, direction, ftype)
+                            self.assertEqual(end.state, row[(direction, ftype)])
+                        else:
+                            error = ProtocolError if direction == RECV else LocalProtocolError
+                            with self.assertRaises(error):
+                                fire(end, direction, ftype)
+                            self.assertEqual(end.state, state)     # a refusal changes nothing
+                        checked += 1
+        self.assertEqual(checked, len(STREAM_TRANSITIONS) * 2 * len(STREAM_FRAMES))
+
+    def test_every_state_is_reachable_and_every_live_state_can_reset(self):
+        for state in STREAM_TRANSITIONS:
+            if state == CLOSED:
+                continue
+            for direction in (SEND, RECV):
+                end = StreamEnd(1, state)
+                fire(end, direction, RESET)
+                self.assertEqual(end.state, CLOSED)
+        targets = {new for row in STREAM_TRANSITIONS.values() for new in row.values()}
+        self.assertEqual(targets | {OPEN_SENT, OPEN_RECEIVED}, set(STREAM_TRANSITIONS))
+
+    def test_a_pair_opens_half_closes_both_ways_and_closes(self):
+        for first in ("opener", "acceptor"):
+            with self.subTest(first_eof=first):
+                pair = EndPair()
+                opener, acceptor = pair.opener, pair.acceptor
+                pair.deliver(acceptor.send(OPEN_OK, b"{}"), opener)
+                self.assertEqual((opener.state, acceptor.state), (OPEN_STATE, OPEN_STATE))
+                pair.data(opener, acceptor, 1000)
+                pair.data(acceptor, opener, 2000)
+                a, b = (opener, acceptor) if first == "opener" else (acceptor, opener)
+                pair.deliver(a.send(EOF), b)
+                self.assertEqual((a.state, b.state), (LOCAL_EOF, REMOTE_EOF))
+                pair.data(b, a, 10)                     # the other way still flows
+                with self.assertRaises(LocalProtocolError):
+                    a.send_data(1)
+                pair.deliver(b.send(EOF), a)
+                self.assertEqual((a.state, b.state), (CLOSED, CLOSED))
+
+    def test_refusal_and_challenge_on_the_way_to_open(self):
+        pair = EndPair()
+        pair.deliver(pair.acceptor.send_json(CHALLENGE, {"nonce": "00"}), pair.opener)
+        pair.deliver(pair.opener.send_json(PROOF, {"proof": "00"}), pair.acceptor)
+        self.assertEqual((pair.opener.state, pair.acceptor.state), (OPEN_SENT, OPEN_RECEIVED))
+        pair.deliver(pair.acceptor.send_json(OPEN_REFUSED, {"reason": "no"}), pair.opener)
+        self.assertEqual((pair.opener.state, pair.acceptor.state), (CLOSED, CLOSED))
+        pair = EndPair()
+        with self.assertRaises(ProtocolError):        # data before the stream is accepted
+            pair.acceptor.recv_data(1)
+        with self.assertRaises(LocalProtocolError):
+            pair.opener.send_data(1)
+
+    def test_reset_carries_its_reason_and_a_closed_end_sends_no_second_reset(self):
+        pair = EndPair()
+        frame = pair.opener.send_reset("local connection closed\nnow")
+        self.assertEqual(pair.deliver(frame, pair.acceptor), "local connection closed now")
+        self.assertEqual(pair.opener.send_reset("again"), b"")
+        self.assertEqual(pair.acceptor.state, CLOSED)
+
+    # -- credit arithmetic ----------------------------------------------------------
+    def test_exactly_the_window_then_not_one_byte_more(self):
+        pair = EndPair()
+        pair.deliver(pair.acceptor.send(OPEN_OK), pair.opener)
+        pair.data(pair.opener, pair.acceptor, INITIAL_WINDOW)
+        self.assertEqual((pair.opener.credit, pair.acceptor.window.available), (0, 0))
+        with self.assertRaises(LocalProtocolError):
+            pair.opener.send_data(1)
+        with self.assertRaises(ProtocolError) as cm:
+            pair.acceptor.recv_data(1)
+        self.assertEqual(cm.exception.code, "flow-control")
+
+    def test_credit_comes_back_through_delivered_and_window_frames(self):
+        pair = EndPair()
+        opener, acceptor = pair.opener, pair.acceptor
+        pair.deliver(acceptor.send(OPEN_OK), opener)
+        pair.data(opener, acceptor, INITIAL_WINDOW)
+        half = INITIAL_WINDOW // 2
+        self.assertEqual(acceptor.delivered(half - 1, 100.0, 0.01), b"")   # not yet worth it
+        frame = acceptor.delivered(1, 100.0, 0.01)
+        self.assertEqual(pair.deliver(frame, opener), half)
+        self.assertEqual(opener.credit, half)
+        pair.data(opener, acceptor, half)                  # the credit really is usable
+        with self.assertRaises(LocalProtocolError):
+            opener.send_data(1)
+
+    def test_window_frames_that_are_wrong(self):
+        for payload, why in ((struct.pack("!I", 0), "zero"), (b"\x00\x01", "short"),
+                             (struct.pack("!I", mindmeld.MAX_CREDIT), "overflow"),
+                             (struct.pack("!I", 2 ** 32 - 1), "huge")):
+            with self.subTest(why=why):
+                end = StreamEnd(1, OPEN_STATE)
+                with self.assertRaises(ProtocolError):
+                    end.recv_window(payload)
+                self.assertEqual(end.credit, INITIAL_WINDOW)
+        end = StreamEnd(1, OPEN_STATE)          # exactly up to the limit is fine
+        end.recv_window(struct.pack("!I", mindmeld.MAX_CREDIT - INITIAL_WINDOW))
+        self.assertEqual(end.credit, mindmeld.MAX_CREDIT)
+
+    def test_a_relay_passes_credit_on_and_a_closed_end_passes_none(self):
+        end = StreamEnd(2, OPEN_STATE)
+        end.recv_data(INITIAL_WINDOW)
+        frame = end.grant(1000)
+        self.assertEqual(FrameDecoder().feed(frame), [(WINDOW, 0, 2, struct.pack("!I", 1000))])
+        end.recv_data(1000)
+        with self.assertRaises(ProtocolError):
+            end.recv_data(1)
+        end.recv_reset(b"")
+        self.assertEqual(end.grant(5), b"")
+
+    # -- stream ids -------------------------------------------------------------------
+    def test_stream_ids_parity_order_and_never_opened(self):
+        client, router = StreamIds(odd=True), StreamIds(odd=False)
+        self.assertEqual([client.allocate() for _ in range(3)], [1, 3, 5])
+        self.assertEqual(router.allocate(), 2)
+        router.opened_by_peer(1)
+        router.opened_by_peer(5)
+        for bad in (3, 5, 4):                   # not increasing; the router's own parity
+            with self.assertRaises(ProtocolError):
+                router.opened_by_peer(bad)
+        router.check_unknown(3, DATA)           # skipped, but ordered before 5: a late frame
+        router.check_unknown(2, DATA)           # the router's own, already allocated
+        for never in (7, 4, 0):
+            with self.assertRaises(ProtocolError) as cm:
+                router.check_unknown(never, EOF)
+            self.assertIn("never opened", str(cm.exception))
+        client.next_local = mindmeld.MAX_STREAM_ID + 2
+        self.assertTrue(client.exhausted)
 
 
 class TestCore(unittest.TestCase):
-
-    def walk(self, *events, start=OPENING):
-        state = StreamState(start)
-        for event in events:
-            state.fire(event)
-        return state.state
-
-    def test_state_allowed_paths(self):
-        self.assertEqual(set(STREAM_TRANSITIONS), {OPENING, OPEN_S, LOCAL_EOF, REMOTE_EOF, CLOSED})
-        paths = [
-            (("accept",), OPEN_S),
-            (("refuse",), CLOSED),
-            (("accept", "send_data", "recv_data", "send_eof"), LOCAL_EOF),
-            (("accept", "send_eof", "recv_data", "recv_data", "recv_eof"), CLOSED),
-            (("accept", "recv_eof", "send_data", "send_data", "send_eof"), CLOSED),
-            (("accept", "recv_data", "recv_eof"), REMOTE_EOF),
-        ]
-        for events, expected in paths:
-            with self.subTest(events=events):
-                self.assertEqual(self.walk(*events), expected)
-        self.assertEqual(self.walk("send_eof", "recv_eof", start=OPEN_S), CLOSED)
-
-    def test_state_fire_returns_the_new_state(self):
-        state = StreamState()
-        self.assertEqual(state.state, OPENING)
-        self.assertEqual(state.fire("accept"), OPEN_S)
-        self.assertEqual(state.fire("send_eof"), LOCAL_EOF)
-        self.assertEqual(state.fire("recv_eof"), CLOSED)
-
-    def test_received_frames_out_of_order_are_protocol_errors(self):
-        bad = [
-            (OPENING, "recv_data"), (OPENING, "recv_eof"),
-            (REMOTE_EOF, "recv_data"), (REMOTE_EOF, "recv_eof"),
-            (CLOSED, "recv_data"), (CLOSED, "recv_eof"), (CLOSED, "recv_reset"),
-        ]
-        for start, event in bad:
-            with self.subTest(state=start, event=event):
-                state = StreamState(start)
-                with self.assertRaises(ProtocolError):
-                    state.fire(event)
-                self.assertEqual(state.state, start)      # a refused event changes nothing
-        # the common case in words: data after the peer's EOF
-        state = StreamState(OPEN_S)
-        state.fire("recv_eof")
-        with self.assertRaises(ProtocolError):
-            state.fire("recv_data")
-
-    def test_sending_out_of_order_is_a_bug_not_a_protocol_error(self):
-        for start, event in ((LOCAL_EOF, "send_data"), (LOCAL_EOF, "send_eof"),
-                             (OPENING, "send_data"), (CLOSED, "send_eof")):
-            with self.subTest(state=start, event=event):
-                with self.assertRaises(MindmeldError) as cm:
-                    StreamState(start).fire(event)
-                self.assertNotIsInstance(cm.exception, ProtocolError)
-
-    def test_reset_from_every_live_state(self):
-        for start in (OPENING, OPEN_S, LOCAL_EOF, REMOTE_EOF):
-            for event in ("send_reset", "recv_reset"):
-                with self.subTest(state=start, event=event):
-                    self.assertEqual(self.walk(event, start=start), CLOSED)
 
     # -- receive windows ------------------------------------------------------------
     def test_window_overrun_is_a_flow_control_error(self):
@@ -718,7 +838,7 @@ class AcceptedAtOnce(mindmeld.LocalStream):
 
     def connection_made(self, transport):
         mindmeld.LocalStream.connection_made(self, transport)
-        self.on_accepted()
+        self.accept({})
 
 
 class TestTunnel(LoopTestCase):
@@ -827,7 +947,8 @@ class TestTunnel(LoopTestCase):
             stream.on_eof(b"")              # the link hands over the far side's EOF
             self.assertTrue(stream.closed)
             sent = [FrameDecoder().feed(frame)[0] for frame in link.frames]
-            self.assertEqual([(ftype, stream_id) for ftype, _, stream_id, _ in sent], [(RESET, 1)])
+            self.assertEqual([(ftype, stream_id) for ftype, _, stream_id, _ in sent],
+                             [(OPEN_OK, 1), (RESET, 1)])     # accepted, then reset
         self.run_async(main(), 30)
 
     def test_half_close_client_first(self):
