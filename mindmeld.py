@@ -301,6 +301,11 @@ class UsageError(MindmeldError):
     """The command line is wrong: usage and exit 2, like argparse's own errors."""
 
 
+class StreamError(MindmeldError):
+    """The far end of one stream broke the rules (a malformed nonce or proof): that stream
+    is reset, and the link and its other streams carry on."""
+
+
 class LocalProtocolError(MindmeldError):
     """We misused the protocol (h11's LocalProtocolError): a bug in this file, never the peer's."""
 
@@ -320,6 +325,14 @@ def encode_frame(ftype, stream_id=0, payload=b""):
 
 def encode_json(ftype, stream_id, obj):
     return encode_frame(ftype, stream_id, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def decode_far_json(ftype, payload):
+    """decode_json() for what the far end of a stream wrote and the router only relayed."""
+    try:
+        return decode_json(ftype, payload)
+    except ProtocolError as exc:
+        raise StreamError(str(exc))
 
 
 def decode_json(ftype, payload):
@@ -576,8 +589,19 @@ def check_name(name):
     return name
 
 
+# What a terminal would act on: C0/C1 controls, and the marks that reorder text.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text):
+    """Text a peer chose, safe to print: control characters shown as \\xNN or \\uNNNN."""
+    return _UNPRINTABLE.sub(lambda m: ("\\x%02x" if ord(m.group()) < 256 else "\\u%04x")
+                            % ord(m.group()), str(text))
+
+
 def short_reason(text):
-    text = str(text).replace("\n", " ")
+    """A peer's reason or message, one printable line of at most REASON_MAX characters."""
+    text = printable(str(text).replace("\n", " "))
     return text if len(text) <= REASON_MAX else text[:REASON_MAX - 3] + "..."
 
 
@@ -1967,7 +1991,7 @@ def _nonce_from(info):
     except (binascii.Error, ValueError):
         nonce = b""
     if len(nonce) != 16:
-        raise ProtocolError("a secret challenge without a 16-byte nonce")
+        raise StreamError("a secret challenge without a 16-byte nonce")
     return nonce
 
 
@@ -2034,7 +2058,7 @@ class FrontDoor:
         line, headers = parse_http_head(head)
         parts = line.split()
         path = parts[1].split("?")[0] if len(parts) > 1 else "/"
-        log.debug("router: HTTP %s from %s", line[:80], self.peer.peer)
+        log.debug("router: HTTP %s from %s", printable(line[:80]), self.peer.peer)
         if path == self.router.ws_path and "websocket" in headers.get("upgrade", "").lower():
             if self._upgrade_websocket(parts[0], headers, request[len(head):]):
                 return
@@ -2315,7 +2339,7 @@ class RouterPeer(Link):
     def on_goaway(self, _id, payload):
         """The peer is leaving: its names are free at once, its open streams may finish."""
         info = decode_json(GOAWAY, payload)
-        log.debug("router: %s is going away (%s)", self.peer, info.get("message", ""))
+        log.debug("router: %s is going away (%s)", self.peer, short_reason(info.get("message", "")))
         self.draining = True
         why = ("its sharer is shutting down" if info.get("code") == "shutdown" else
                "its sharer closed the link: %s" % short_reason(info.get("message", "")))
@@ -2585,9 +2609,9 @@ class Router:
 CLIENT_STREAM_ROUTES = (
     (WINDOW, "on_window", None), (EOF, "on_eof", None), (RESET, "on_reset", None),
     (OPEN_OK, "on_open_ok", None),
-    (OPEN_REFUSED, "on_open_refused", lambda p: decode_json(OPEN_REFUSED, p)),
-    (CHALLENGE, "on_challenge", lambda p: decode_json(CHALLENGE, p)),
-    (PROOF, "on_proof", lambda p: decode_json(PROOF, p)),
+    (OPEN_REFUSED, "on_open_refused", lambda p: decode_far_json(OPEN_REFUSED, p)),
+    (CHALLENGE, "on_challenge", lambda p: decode_far_json(CHALLENGE, p)),
+    (PROOF, "on_proof", lambda p: decode_far_json(PROOF, p)),
 )
 
 
@@ -2765,11 +2789,17 @@ class ClientLink(Link):
             stream.on_data(payload)
 
     def _route_to_stream(self, ftype, method, decode):
-        """A handler that hands a stream frame to the stream's `method`."""
+        """A handler that hands a stream frame to the stream's `method`.  What the far end
+        got wrong (StreamError) ends that stream only; the router's own errors end the link."""
         def handler(stream_id, payload):
             stream = self._stream(stream_id, ftype)
-            if stream is not None:
+            if stream is None:
+                return
+            try:
                 getattr(stream, method)(decode(payload) if decode else payload)
+            except StreamError as exc:
+                log.info("%s: stream %s reset: %s", self.client.command, stream.label or stream_id, exc)
+                stream.reset(str(exc))
         return handler
 
     def stream_closed(self, stream):
@@ -3206,7 +3236,7 @@ class Sharer(_Client):
                 request["verifier"] = _secret_mac(self.secret, "owner", name)
             reply = await link.request(REGISTER, request)
             if not reply.get("ok"):
-                message = reply.get("message", "refused")
+                message = short_reason(reply.get("message", "refused"))
                 if reply.get("code") == "name-taken":
                     raise PermanentError("%s; choose another name, or stop the other sharer" % message)
                 if reply.get("code") == "taken-over":
@@ -3294,7 +3324,7 @@ class ForwardedStream(LocalStream):
         self.end.receive(OPEN_OK)
         secret, name = self.forwarder.secret, self.forwarder.service
         if secret:
-            proof = str(decode_json(OPEN_OK, payload).get("proof", "")) if payload else ""
+            proof = str(decode_far_json(OPEN_OK, payload).get("proof", "")) if payload else ""
             expected = _secret_mac(secret, "accept", name, self.nonce) if self.nonce else ""
             if not expected or not hmac.compare_digest(proof.encode(), expected.encode()):
                 self.refused("the sharer of %r did not prove the secret (it may be an impostor, "
@@ -3657,7 +3687,10 @@ async def list_services(router=None, **options):
                        % (client.router, HANDSHAKE_TIMEOUT))
     finally:
         link.close()
-    return reply.get("services", [])
+    services = reply.get("services", [])
+    if not isinstance(services, list) or not all(isinstance(s, dict) for s in services):
+        raise ProtocolError("the router at %s sent a malformed LIST_REPLY" % client.router)
+    return services
 
 
 # --- 5c. bench: the whole tool on this machine, measured -------------------
@@ -4421,9 +4454,14 @@ def _run_list(args):
         print(json.dumps(services, indent=2))
         return 0
     rows = [("NAME", "REGISTERED", "STREAMS", "SHARER", "SECRET")]
-    for s in services:
-        rows.append((s["name"], time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(s["since"])),
-                     str(s["streams"]), s["peer"], "yes" if s.get("secret") else "no"))
+    for s in services:                      # what the router says, printed as text only
+        try:
+            since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(float(s.get("since"))))
+        except (TypeError, ValueError, OverflowError, OSError):
+            since = "?"
+        rows.append(tuple(short_reason(cell) for cell in (
+            s.get("name", "?"), since, s.get("streams", "?"), s.get("peer", "?"),
+            "yes" if s.get("secret") else "no")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

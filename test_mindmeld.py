@@ -4825,3 +4825,111 @@ class TestFuzz(HostileTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# Far-end faults: what the other end of one stream gets wrong ends that stream only
+# ---------------------------------------------------------------------------
+
+class TestFarEndFaults(HostileTestCase):
+
+    def test_a_malformed_proof_resets_its_stream_and_the_sharer_stays(self):
+        """A forwarder that knows the secret but sends an empty nonce: the sharer used to drop
+        its whole link for it, and every other user's stream with it."""
+        async def main():
+            traffic = await self.honest(secret="s3cret")
+            peer = await self.raw_peer()
+            peer.send(encode_json(OPEN, 1, {"service": "web"}))
+            nonce = json.loads((await peer.frame(CHALLENGE, 1))[3].decode())["nonce"]
+            proof = mindmeld._secret_mac("s3cret", "open", "web", bytes.fromhex(nonce))
+            peer.send(encode_json(PROOF, 1, {"proof": proof, "nonce": ""}))
+            reset = json.loads((await peer.frame(RESET, 1))[3].decode())
+            self.assertIn("nonce", reset["reason"])
+            self.assertEqual(await peer.settled(), "pong")
+            peer.writer.close()
+            await self.after(traffic)           # byte-exact, on the same sharer link
+        self.run_async(main(), 30)
+
+    def test_a_malformed_challenge_resets_its_stream_and_the_forwarder_stays(self):
+        async def main():
+            self.router = await self.start_router()
+            sharer = await self.raw_peer()      # a sharer that lies in its challenge
+            sharer.send(encode_json(REGISTER, 1, {"name": "evil", "owner": "ab" * 16,
+                                                  "verifier": "cd" * 32}))
+            self.assertTrue(json.loads((await sharer.frame(REGISTERED, 1))[3].decode())["ok"])
+            forwarder = await self.start_forwarder("evil", secret="x")
+            link = forwarder.link
+            for attempt in range(2):            # the same link, twice
+                reader, writer = await self.connect(forwarder.port)
+                _t, _f, stream_id, _p = await sharer.frame(OPEN)
+                sharer.send(encode_json(CHALLENGE, stream_id, {"nonce": ""}))
+                reset = json.loads((await sharer.frame(RESET, stream_id))[3].decode())
+                self.assertIn("nonce", reset["reason"])
+                self.assertIs(forwarder.link, link)
+                self.assertFalse(link.closing)
+                self.assertTrue(await closed_within(reader, 5))
+                writer.close()
+        self.run_async(main(), 30)
+
+
+class TestPeerTextIsEscaped(HostileTestCase):
+    """Reasons, names and messages a remote party chooses are printed with control
+    characters escaped, so they cannot rewrite a user's terminal."""
+
+    HOSTILE = "ok\x1b[2J\x1b]0;pwned\x07\rgone\u202e"
+
+    def assertPrintable(self, text):
+        self.assertFalse([c for c in text if ord(c) < 32 and c not in "\n" or 0x7f <= ord(c) < 0xa0
+                          or c == "\u202e"], repr(text))
+
+    def test_a_refusal_reason_reaches_the_forwarder_log_escaped(self):
+        async def main():
+            self.router = await self.start_router()
+            sharer = await self.raw_peer()
+            sharer.send(encode_json(REGISTER, 1, {"name": "evil", "owner": "ab" * 16}))
+            await sharer.frame(REGISTERED, 1)
+            forwarder = await self.start_forwarder("evil")
+            reader, _writer = await self.connect(forwarder.port)
+            _t, _f, stream_id, _p = await sharer.frame(OPEN)
+            sharer.send(encode_json(OPEN_REFUSED, stream_id, {"reason": self.HOSTILE}))
+            self.assertTrue(await closed_within(reader, 5))
+            lines = [l for l in self.logs if "refused" in l and "evil" in l]
+            self.assertEqual(len(lines), 1, self.logs)
+            self.assertIn("\\x1b[2J", lines[0])
+            self.assertPrintable(lines[0])
+        self.run_async(main(), 30)
+
+    def test_list_prints_a_hostile_routers_names_escaped(self):
+        listener = socket.socket()
+        listener.bind((LOCALHOST, 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        hostile = self.HOSTILE
+
+        def fake_router():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                decoder, frames = FrameDecoder(), []
+                data = conn.recv(CHUNK)[len(PREAMBLE):]
+                for _ in range(100):
+                    frames += decoder.feed(data)
+                    if any(f[0] == LIST for f in frames):
+                        break
+                    if not frames:
+                        data = conn.recv(CHUNK)
+                        continue
+                    conn.sendall(encode_json(HELLO, 0, {"version": PROTOCOL_VERSION, "auth": "none"}))
+                    frames, data = [f for f in frames if f[0] != HELLO], conn.recv(CHUNK)
+                request_id = [f for f in frames if f[0] == LIST][0][2]
+                conn.sendall(encode_json(LIST_REPLY, request_id, {"services": [
+                    {"name": hostile, "since": "soon", "streams": hostile, "peer": hostile}]}))
+                conn.recv(CHUNK)
+        thread = threading.Thread(target=fake_router)
+        thread.daemon = True
+        thread.start()
+        done = cli("list", "--router", "%s:%d" % listener.getsockname())
+        thread.join(10)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("ok\\x1b[2J", done.stdout)
+        self.assertPrintable(done.stdout + done.stderr)
