@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import datetime
 import errno
 import hashlib
@@ -263,7 +264,9 @@ LIVENESS_PROBE = 3.0                # router: how long a name's owner has to ans
 MAX_STREAMS_PER_PEER = 16384
 MAX_STREAM_ID = 2 ** 32 - 3
 MAX_SERVICES_PER_PEER = 64
-MAX_PENDING_HANDSHAKES = 256
+MAX_PENDING_HANDSHAKES = 1024       # unfinished handshakes in all; past it, the heaviest source loses one
+MAX_PENDING_PER_SOURCE = 128        # ... from one IPv4 address or IPv6 /64; past it, its oldest goes
+ROUTER_READ_BUFFER = 4 * 1024       # bytes: a new peer's first buffer (it grows as reads fill it)
 MAX_DISPLACED_OWNERS = 1024         # router: sharers told "taken over", refused if they return
 
 # Frame types.  Stream frames are relayed end to end by the router.
@@ -2207,6 +2210,63 @@ class Registration:
         self.streams = 0
 
 
+def source_of(transport):
+    """Who a connection comes from, for per-source limits: its IPv4 address, or its IPv6 /64
+    (one host or site usually holds a whole /64)."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    try:
+        address = ipaddress.ip_address(peer[0].split("%")[0])
+    except (TypeError, ValueError, IndexError):
+        return "?"
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.version == 6:
+        return str(ipaddress.ip_network("%s/64" % address, strict=False))
+    return str(address)
+
+
+class PendingHandshakes:
+    """Connections that have not finished the handshake, by source.  A source past its share
+    loses its own oldest, and past the overall limit the heaviest source loses one: a flood
+    from one place cannot keep anyone else out."""
+
+    def __init__(self):
+        self.by_source = {}             # source -> OrderedDict of peers, oldest first
+        self.count = 0
+        self.warned = set()             # sources already logged (until they have none left)
+
+    def __len__(self):
+        return self.count
+
+    def started(self, peer):
+        peer.source = source = source_of(peer.transport)
+        self.by_source.setdefault(source, collections.OrderedDict())[peer] = None
+        self.count += 1
+        if len(self.by_source[source]) > MAX_PENDING_PER_SOURCE:
+            self._evict(source, "more than %d unfinished handshakes from %s"
+                        % (MAX_PENDING_PER_SOURCE, source))
+        elif self.count > MAX_PENDING_HANDSHAKES:
+            heaviest = max(self.by_source, key=lambda s: len(self.by_source[s]))
+            self._evict(heaviest, "more than %d unfinished handshakes in all; %s has the most"
+                        % (MAX_PENDING_HANDSHAKES, heaviest))
+
+    def finished(self, peer):
+        pending = self.by_source.get(peer.source)
+        if pending is not None and pending.pop(peer, False) is None:
+            self.count -= 1
+            if not pending:
+                del self.by_source[peer.source]
+                self.warned.discard(peer.source)
+
+    def _evict(self, source, why):
+        oldest = next(iter(self.by_source[source]))
+        (log.debug if source in self.warned else log.warning)(
+            "router: %s; dropping the oldest of them (logged once per flood)", why)
+        self.warned.add(source)
+        oldest._handshake_done()
+        oldest.abort("too many unfinished handshakes")
+
+
 # Router-side handshake phases: which frames a peer may send in each (others are errors).
 PEER_PHASES = {
     "hello": (HELLO,),
@@ -2227,7 +2287,9 @@ class RouterPeer(Link):
 
     def __init__(self, router):
         Link.__init__(self, router.keepalive)
+        self.frames = FrameBuffer(initial=ROUTER_READ_BUFFER)
         self.router = router
+        self.source = None              # its address, for per-source limits (PendingHandshakes)
         self.door = FrontDoor(self)
         self.phase = "preamble"
         self.legs = {}                  # stream id on this link -> Leg
@@ -2256,13 +2318,9 @@ class RouterPeer(Link):
         Link.connection_made(self, transport)
         router = self.router
         router.peers.add(self)
-        router.handshaking += 1
         self._handshake_timer = self.loop.call_later(
             router.handshake_timeout, self._handshake_expired)
-        if router.handshaking > MAX_PENDING_HANDSHAKES:
-            log.warning("router: too many unfinished handshakes; dropping %s", self.peer)
-            self._handshake_done()
-            self.abort("too many unfinished handshakes")
+        router.handshakes.started(self)
 
     def _handshake_expired(self):
         log.warning("router: %s did not complete the handshake within %g s; dropping it",
@@ -2273,7 +2331,7 @@ class RouterPeer(Link):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-            self.router.handshaking -= 1
+            self.router.handshakes.finished(self)
 
     def buffer_updated(self, nbytes):
         if self.phase != "preamble":
@@ -2445,7 +2503,7 @@ class Router:
         self.services = {}
         self.displaced = {}             # (name, owner key) of sharers a same-secret sharer replaced
         self.peers = set()
-        self.handshaking = 0
+        self.handshakes = PendingHandshakes()
         self.relayed = 0                # streams relayed now
         self._all_streams_ended = None  # a future while close() waits for them
         self.server = None
@@ -2488,6 +2546,10 @@ class Router:
     @property
     def open_streams(self):
         return self.relayed
+
+    @property
+    def handshaking(self):
+        return len(self.handshakes)
 
     def listing(self):
         """What LIST answers: every service, by name."""

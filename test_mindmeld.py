@@ -4454,37 +4454,41 @@ class TestHostilePeers(HostileTestCase):
             self.assertIs(self.router.services["web"].peer, owner, "the sharer lost its link")
         self.run_async(main())
 
-    def test_refused_handshakes_do_not_lock_out_later_peers(self):
-        # Past MAX_PENDING_HANDSHAKES unfinished handshakes a new connection is dropped at once.
-        # Once the flood is gone, new peers must get in again.  (The limit is lowered for
-        # the test so that a flood takes 2 x 4 connections rather than 2 x 256.)
-        limit = 4
-        saved = mindmeld.MAX_PENDING_HANDSHAKES
-        mindmeld.MAX_PENDING_HANDSHAKES = limit
-        self.addCleanup(setattr, mindmeld, "MAX_PENDING_HANDSHAKES", saved)
+    def test_a_handshake_flood_from_one_source_evicts_its_own_oldest(self):
+        # Past MAX_PENDING_PER_SOURCE unfinished handshakes from one address, that address's
+        # oldest goes; past MAX_PENDING_HANDSHAKES, the heaviest source's oldest goes.  (The
+        # limits are lowered so that a flood takes a few connections, not hundreds.)
+        for name, value in (("MAX_PENDING_PER_SOURCE", 3), ("MAX_PENDING_HANDSHAKES", 5)):
+            self.addCleanup(setattr, mindmeld, name, getattr(mindmeld, name))
+            setattr(mindmeld, name, value)
 
         async def main():
             traffic = await self.honest(handshake_timeout=10)
-            silent = [await self.raw_peer(handshake=False) for _ in range(limit)]
-            self.assertTrue(await until(self.loop, lambda: self.router.handshaking == limit, 5))
-            for _ in range(limit):                  # one too many, each time: dropped at once
-                try:
-                    peer = await self.raw_peer(handshake=False)
-                except ConnectionResetError:        # before connect() even returned
-                    continue
+            flood = [await self.raw_peer(handshake=False) for _ in range(6)]
+            self.assertTrue(await until(self.loop, lambda: self.router.handshaking == 3, 5))
+            for peer in flood[:3]:                  # the oldest three were dropped, unanswered
                 reply, _how = await peer.closed(timeout=3)
                 self.assertEqual(reply, b"")
-            self.assertTrue(any("too many unfinished handshakes" in l for l in self.logs))
-            for peer in silent:
+            warnings = [l for l in self.logs if "unfinished handshakes" in l]
+            self.assertEqual(len(warnings), 1, self.logs)     # one line per flood
+            # a peer from elsewhere gets in while the flood goes on
+            reader, writer = await asyncio.open_connection(LOCALHOST, self.router.port,
+                                                           local_addr=("127.0.0.2", 0))
+            other = RawPeer(self, reader, writer)
+            self.assertEqual((await other.handshake())["version"], PROTOCOL_VERSION)
+            other.writer.close()
+            for peer in flood:
                 peer.writer.close()
             self.assertTrue(await until(self.loop, lambda: len(self.router.peers) == 2, 5))
-            try:                                    # the flood is over: new peers get in again
-                services = await list_services(router=self.router_address)
-            except MindmeldError as exc:
-                self.fail("after the flood, a new peer is still turned away: %s" % exc)
-            self.assertEqual([s["name"] for s in services], ["web"])
             await self.after(traffic)
         self.run_async(main())
+
+    def test_unfinished_handshakes_are_counted_by_source(self):
+        for peer, source in ((("127.0.0.1", 5), "127.0.0.1"), (("::ffff:10.1.2.3", 5), "10.1.2.3"),
+                             (("2001:db8:1:2:3:4:5:6", 5, 0, 0), "2001:db8:1:2::/64"),
+                             (("fe80::1%eth0", 5, 0, 2), "fe80::/64"), (None, "?")):
+            transport = type("T", (), {"get_extra_info": lambda self, name, p=peer: p})()
+            self.assertEqual(mindmeld.source_of(transport), source)
 
 
 class TestHostileTls(HostileTestCase, TlsFiles):
@@ -4933,3 +4937,30 @@ class TestPeerTextIsEscaped(HostileTestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("ok\\x1b[2J", done.stdout)
         self.assertPrintable(done.stdout + done.stderr)
+
+
+class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
+
+    def test_a_thousand_idle_connections_from_one_address_lock_nobody_out(self):
+        """1,000 connections from 127.0.0.2 that send a byte and then nothing: `list` from
+        127.0.0.1 still gets in within 2 s, every time, while they hold on."""
+        router, address = self.start_router()
+        port = int(address.rsplit(":", 1)[1])
+        flood = []
+        self.addCleanup(lambda: [s.close() for s in flood])
+        for round_ in range(3):
+            for _ in range(1000 // 3 + 1):
+                sock = socket.socket()
+                sock.bind(("127.0.0.2", 0))
+                sock.connect((LOCALHOST, port))
+                sock.sendall(MAGIC[:1])             # a byte, then nothing
+                flood.append(sock)
+            started = time.monotonic()
+            done = cli("list", "--router", address, timeout=10)
+            took = time.monotonic() - started
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertLess(took, 2.0, "list took %.2f s during the flood" % took)
+        self.assertTrue(router.running())
+        _code, lines = router.signal(signal.SIGTERM)
+        warnings = [l for l in lines if "unfinished handshakes" in l]
+        self.assertEqual(len(warnings), 1, lines)       # one line for the whole flood
