@@ -496,7 +496,9 @@ def classify_preamble(first):
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_PATH = "/mindmeld"
 WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-WS_MAX_FRAME = 2 * 1024 * 1024
+WS_MAX_FRAME = 2 * 1024 * 1024      # bytes in one WebSocket frame, once a peer is authenticated
+WS_MAX_FRAME_BEFORE_AUTH = 16 * 1024    # ... before: HELLO and AUTH fit, a stranger's 2 MiB does not
+WS_PONG_BACKLOG = 64 * 1024         # bytes queued to a peer above which its pings go unanswered
 
 
 def ws_accept_key(key):
@@ -530,8 +532,9 @@ def ws_encode(opcode, payload=b"", masked=False):
 class WsDecoder:
     """Bytes in, (opcode, payload) out.  Lengths are checked before buffering."""
 
-    def __init__(self, expect_masked):
+    def __init__(self, expect_masked, max_frame=WS_MAX_FRAME):
         self.expect_masked = expect_masked
+        self.max_frame = max_frame
         self.buffer = bytearray()
 
     def feed(self, data):
@@ -552,8 +555,9 @@ class WsDecoder:
                 if len(buf) < 10:
                     break
                 n, pos = struct.unpack_from("!Q", buf, 2)[0], 10
-            if n > WS_MAX_FRAME:
-                raise ProtocolError("WebSocket frame of %d bytes is over the limit" % n, "frame-size")
+            if n > self.max_frame:
+                raise ProtocolError("WebSocket frame of %d bytes is over the limit of %d"
+                                    % (n, self.max_frame), "frame-size")
             if opcode >= 0x8 and (n > 125 or not first & 0x80):
                 raise ProtocolError("malformed WebSocket control frame")
             mask_at, pos = pos, pos + (4 if masked else 0)
@@ -1165,7 +1169,8 @@ class WebSocketLayer(_Layer, asyncio.Protocol):
     def __init__(self, link, transport, client_side):
         self.link, self.transport = link, transport
         self.masked = client_side             # clients mask what they send
-        self.decoder = WsDecoder(expect_masked=not client_side)
+        self.decoder = WsDecoder(not client_side,
+                                 WS_MAX_FRAME if client_side else WS_MAX_FRAME_BEFORE_AUTH)
         self.closing = False
         transport.set_protocol(self)
 
@@ -1176,8 +1181,9 @@ class WebSocketLayer(_Layer, asyncio.Protocol):
                 if opcode in (WS_BINARY, WS_CONTINUATION, WS_TEXT):
                     if payload:
                         self.link.data_received(payload)
-                elif opcode == WS_PING:
-                    self.transport.write(ws_encode(WS_PONG, payload, self.masked))
+                elif opcode == WS_PING:     # a peer that does not read gets no more pongs
+                    if self.transport.get_write_buffer_size() < WS_PONG_BACKLOG:
+                        self.transport.write(ws_encode(WS_PONG, payload, self.masked))
                 elif opcode == WS_CLOSE:
                     self.close()
                     return
@@ -2370,6 +2376,8 @@ class RouterPeer(Link):
     def _ready(self):
         self._handshake_done()
         self._enter("ready")
+        if isinstance(self.transport, WebSocketLayer):
+            self.transport.decoder.max_frame = WS_MAX_FRAME
         log.debug("router: %s connected (%s)", self.peer, self.agent)
 
     # -- registry requests ------------------------------------------------------

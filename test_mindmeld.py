@@ -4964,3 +4964,43 @@ class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
         _code, lines = router.signal(signal.SIGTERM)
         warnings = [l for l in lines if "unfinished handshakes" in l]
         self.assertEqual(len(warnings), 1, lines)       # one line for the whole flood
+
+
+class TestWebSocketStrangers(HostileTestCase):
+    """Before a WebSocket peer has authenticated, the router holds little for it."""
+
+    async def upgraded(self):
+        reader, writer = await self.connect(self.router.port)
+        writer.write(b"GET /mindmeld HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade"
+                     b"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        self.assertIn(b" 101 ", head.split(b"\r\n")[0])
+        peers = [p for p in self.router.peers if isinstance(p.transport, mindmeld.WebSocketLayer)]
+        self.assertEqual(len(peers), 1)
+        return reader, writer, peers[0]
+
+    def test_pings_from_a_peer_that_does_not_read_queue_little(self):
+        async def main():
+            self.router = await self.start_router(token="t")
+            reader, writer, peer = await self.upgraded()
+            ping = ws_frame(0x9, b"p" * 125)
+            for _ in range(20):                 # 10 MB of pings, never reading a pong
+                writer.write(ping * 4000)
+                await writer.drain()
+            writer.write(ws_frame(0x2, PREAMBLE + encode_json(HELLO, 0, {"version": 1})))
+            self.assertTrue(await until(self.loop, lambda: peer.phase != "preamble", 10))
+            queued = peer.transport.get_write_buffer_size()
+            self.assertLess(queued, mindmeld.WS_PONG_BACKLOG + 4096, "queued %d bytes" % queued)
+        self.run_async(main(), 30)
+
+    def test_a_large_message_before_authenticating_is_refused(self):
+        async def main():
+            self.router = await self.start_router(token="t")
+            reader, writer, peer = await self.upgraded()
+            big = PREAMBLE + bytes(MB)          # a 1 MiB message, of which 64 KiB are sent
+            writer.write(struct.pack("!BBQ", 0x82, 0x80 | 127, len(big)) + bytes(4) + big[:64 * 1024])
+            _data, how = await RawPeer(self, reader, writer).closed()   # at once, not after 2 MiB
+            self.assertIn(how, ("eof", "reset"))
+            self.assertTrue([l for l in self.logs if "over the limit" in l], self.logs)
+            self.assertTrue(await until(self.loop, lambda: not self.router.peers, 5))
+        self.run_async(main(), 30)
