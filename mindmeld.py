@@ -4118,10 +4118,10 @@ def build_parser():
     secret.add_argument("--secret-file", metavar="FILE", help="read the service secret from FILE")
     ready = argparse.ArgumentParser(add_help=False)
     ready.add_argument("--ready-fd", type=_nonnegative_int, metavar="FD",
-                       help="once ready (listening; linked to the router; for share, every name "
-                       "registered), write one JSON line to file descriptor FD, e.g. "
-                       "{\"role\":\"forward\",\"listen\":[[\"127.0.0.1\",9000]],\"service\":\"web\"}, "
-                       "and close it unless it is 0-2")
+                       help="once ready (router: listening; forward: listening and linked to the "
+                       "router; share: every name registered), write one JSON line to file "
+                       "descriptor FD, such as {\"role\": \"router\", \"listen\": [[HOST, PORT]]}, "
+                       "then close FD unless it is 0-2")
     retrying = argparse.ArgumentParser(add_help=False)
     retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
                           help="give up after N retries in a row (default: never)")
@@ -4177,7 +4177,7 @@ def build_parser():
                        description="Start a router, a sharer and a forwarder (separate processes) "
                                    "and a target on loopback; measure throughput, latency, new "
                                    "streams and CPU through the tunnel and straight to the target.")
-    p.add_argument("--quick", action="store_true", help="smaller transfers (under 10 s)")
+    p.add_argument("--quick", action="store_true", help="smaller transfers (about 4 s)")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--tls", action="store_true", help="TLS on the router's links")
     p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
