@@ -4013,39 +4013,88 @@ def _proc_memory_mb(pid, field="VmRSS"):
     return None
 
 
-class _Child:
-    """A role started as `python3 mindmeld.py ...`; waits for its "listening on" line."""
+# Readiness, for programs that start roles (the bench does): `--ready-fd FD` makes a
+# role write one JSON line to FD once it is ready, instead of them reading its log.
 
-    def __init__(self, argv, pattern, fingerprint=None):
+def ready_report(role):
+    """What a ready role reports: {"role", "listen": [[host, port], ...]} for a router or
+    a forwarder (the addresses really bound), plus "service" for a forwarder and
+    "services" (names) for a sharer."""
+    report = {"role": role.command}
+    if getattr(role, "addresses", None):
+        report["listen"] = [[host, port] for host, port in role.addresses]
+    if isinstance(role, Forwarder):
+        report["service"] = role.service
+    if isinstance(role, Sharer):
+        report["services"] = sorted(role.services)
+    return report
+
+
+def check_ready_fd(fd):
+    """A --ready-fd that is not open is the user's mistake: say so before starting."""
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise MindmeldError("--ready-fd %d: %s (give a file descriptor open for writing)"
+                            % (fd, exc.strerror or exc))
+
+
+def _write_ready(fd, report):
+    """One line, in one write (well under PIPE_BUF); FD is closed after unless it is 0-2,
+    which a later socket could otherwise take over."""
+    try:
+        os.write(fd, (json.dumps(report, separators=(",", ":")) + "\n").encode())
+    finally:
+        if fd > 2:
+            os.close(fd)
+
+
+async def announce_ready(role, fd):
+    """Once `role` is ready (a router or forwarder listens at start(); a client has its
+    link, and a sharer every name registered), report it on fd, once."""
+    if hasattr(role, "wait_ready"):
+        await role.wait_ready()
+    try:
+        _write_ready(fd, ready_report(role))
+    except OSError as exc:      # the reader went away: its business, not a reason to stop
+        log.warning("%s: cannot write the ready report to --ready-fd %d: %s",
+                    role.command, fd, exc.strerror or exc)
+
+
+class _Child:
+    """A role started as `python3 mindmeld.py ... --ready-fd 1`: its readiness report is
+    the one line it writes on standard output, which is a pipe for nothing else.  Its log
+    goes to a file, read back only to say why it did not start."""
+
+    def __init__(self, argv, what, timeout=30.0):
         import subprocess
         import threading
         import queue
+        import tempfile
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen([sys.executable, "-u"] + argv, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self.fingerprint = None
-        deadline = time.monotonic() + 30
-        while self.port is None:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                raise MindmeldError("bench: %s did not start" % " ".join(argv[1:3]))
-            if fingerprint is not None and fingerprint.search(line):
-                self.fingerprint = fingerprint.search(line).group(1)
-            found = pattern.search(line)
-            if found:
-                self.port = int(found.group(1)) if found.groups() else 0
+                                        stdout=subprocess.PIPE, stderr=self.log)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.process.stdout.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=timeout)       # b"" if it exited first
+        except queue.Empty:
+            line = b""
+        try:
+            self.report = json.loads(line.decode("utf-8"))
+        except ValueError:
+            self.report = None
+        if not isinstance(self.report, dict):
+            self._end()
+            self.log.seek(0)
+            said = self.log.read().decode("utf-8", "replace").strip().splitlines()
+            self.log.close()
+            raise MindmeldError("bench: the %s did not start%s" % (
+                what, ": " + said[-1] if said else " within %.0f s" % timeout))
+        listen = self.report.get("listen")
+        self.port = listen[0][1] if listen else None
 
-    def _read(self):
-        for raw in self.process.stderr:
-            self.lines.put(raw.decode("utf-8", "replace"))
-        self.lines.put(None)
-
-    def stop(self):
+    def _end(self):
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -4053,6 +4102,11 @@ class _Child:
             except Exception:
                 self.process.kill()
                 self.process.wait()
+        self.process.stdout.close()
+
+    def stop(self):
+        self._end()
+        self.log.close()
 
 
 def serve_bench_target(lifetime=900.0):
@@ -4061,8 +4115,7 @@ def serve_bench_target(lifetime=900.0):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1024)
-    sys.stderr.write("target listening on 127.0.0.1:%d\n" % listener.getsockname()[1])
-    sys.stderr.flush()
+    _write_ready(1, {"role": "target", "listen": [list(listener.getsockname()[:2])]})
     stop = threading.Event()
     threading.Thread(target=_bench_target, args=(listener, _bench_pattern(), stop), daemon=True).start()
     stop.wait(lifetime)         # bounded; the bench terminates it long before
@@ -4129,11 +4182,10 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
         sys.stderr.write("bench: %s\n" % text)
         sys.stderr.flush()
 
-    port_re = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
     children, results, in_process = [], {}, None
     stop = threading.Event()
     if script is not None:      # the target in its own process: no GIL shared with the client
-        children.append(_Child([script, "bench", "--serve-target"], port_re))
+        children.append(_Child([script, "bench", "--serve-target"], "target"))
         target_port = children[0].port
     else:
         listener = socket.socket()
@@ -4152,17 +4204,16 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             port, pids, router_pid = in_process.port, [], None
         else:
             state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+            ready = ["--ready-fd", "1"]
             router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
-                            + (["--tls"] if tls else []), port_re,
-                            fingerprint=re.compile(r"fingerprint: ([0-9A-F:]+)") if tls else None)
+                            + (["--tls"] if tls else []) + ready, "router")
             children.append(router)
-            options = ["--router", "127.0.0.1:%d" % router.port]
-            if tls:
-                options += ["--tls-fingerprint", router.fingerprint]
+            options = ["--router", "127.0.0.1:%d" % router.port] + ready
+            if tls:     # the certificate the router made there: pin it
+                options += ["--tls-fingerprint", router_tls_context(None, None, state_dir)[1]]
             children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port] + options,
-                                   re.compile(r"sharing 'bench'")))
-            forwarder = _Child([script, "forward", "bench", "127.0.0.1:0"] + options,
-                               re.compile(r"forwarding 127\.0\.0\.1:(\d+)"))
+                                   "sharer"))
+            forwarder = _Child([script, "forward", "bench", "127.0.0.1:0"] + options, "forwarder")
             children.append(forwarder)
             say("router%s, sharer and forwarder started (pids %s)" % (
                 " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:])))
@@ -4342,13 +4393,19 @@ def build_parser():
     secret.add_argument("--secret", help="the service secret, proved end to end; the router never "
                         "learns it (or $MINDMELD_SECRET)")
     secret.add_argument("--secret-file", metavar="FILE", help="read the service secret from FILE")
+    ready = argparse.ArgumentParser(add_help=False)
+    ready.add_argument("--ready-fd", type=_nonnegative_int, metavar="FD",
+                       help="once ready (router: listening; forward: listening and linked to the "
+                       "router; share: every name registered), write one JSON line to file "
+                       "descriptor FD, such as {\"role\": \"router\", \"listen\": [[HOST, PORT]]}, "
+                       "then close FD unless it is 0-2")
     retrying = argparse.ArgumentParser(add_help=False)
     retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
                           help="give up after N retries in a row (default: never)")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("router", parents=[role], help="run the relay that everyone can reach",
+    p = sub.add_parser("router", parents=[role, ready], help="run the relay that everyone can reach",
                        description="Run the router: a registry of service names and a relay of "
                                    "streams between sharers and forwarders.")
     p.add_argument("--listen", metavar="[HOST]:PORT",
@@ -4364,7 +4421,7 @@ def build_parser():
     p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
 
-    p = sub.add_parser("share", parents=[client, secret, retrying], help="offer a local TCP service under a name",
+    p = sub.add_parser("share", parents=[client, secret, retrying, ready], help="offer a local TCP service under a name",
                        usage="mindmeld share [options] NAME [HOST:]PORT\n"
                              "       mindmeld share [options] NAME=[HOST:]PORT [NAME=[HOST:]PORT ...]",
                        description="Register NAME on the router; every stream opened to it is "
@@ -4375,7 +4432,7 @@ def build_parser():
     p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
 
-    p = sub.add_parser("forward", parents=[client, secret, retrying], help="listen locally and forward to a name",
+    p = sub.add_parser("forward", parents=[client, secret, retrying, ready], help="listen locally and forward to a name",
                        description="Listen on [BIND:]PORT (BIND defaults to 127.0.0.1, PORT to any "
                                    "free port); each connection becomes a stream to NAME.")
     p.add_argument("name", metavar="NAME")
@@ -4397,7 +4454,7 @@ def build_parser():
                        description="Start a router, a sharer and a forwarder (separate processes) "
                                    "and a target on loopback; measure throughput, latency, new "
                                    "streams and CPU through the tunnel and straight to the target.")
-    p.add_argument("--quick", action="store_true", help="smaller transfers (under 10 s)")
+    p.add_argument("--quick", action="store_true", help="smaller transfers (about 4 s)")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--tls", action="store_true", help="TLS on the router's links")
     p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
@@ -4433,7 +4490,7 @@ def _setup_logging(args):
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
-async def _serve(role, grace):
+async def _serve(role, grace, ready_fd=None):
     """Start a role and run it until it ends or a signal asks it to stop."""
     loop = _get_loop()
     stop = asyncio.Event()
@@ -4448,7 +4505,11 @@ async def _serve(role, grace):
         stop.set()
 
     _add_signal_handlers(loop, on_signal)
+    if ready_fd is not None:
+        check_ready_fd(ready_fd)
     await role.start()
+    if ready_fd is not None:
+        _spawn(announce_ready(role, ready_fd), getattr(role, "tasks", set()))   # closing ends it
     done = getattr(role, "done", None)
     waiters = [_get_loop().create_task(stop.wait())]
     if done is not None:
@@ -4472,7 +4533,7 @@ def _run_router(args):
         context, fingerprint = router_tls_context(args.tls_cert, args.tls_key, args.state_dir)
         log.info("router TLS certificate SHA256 fingerprint: %s", fingerprint)
     router = Router(host, port, token=token, ssl_context=context, keepalive=args.keepalive)
-    return _run(_serve(router, args.grace))
+    return _run(_serve(router, args.grace, args.ready_fd))
 
 
 def _client_options(args):
@@ -4507,7 +4568,7 @@ def _service_secret(args):
 def _run_share(args):
     sharer = Sharer(_share_pairs(args.services), secret=_service_secret(args),
                     max_retries=args.max_retries, **_client_options(args))
-    return _run(_serve(sharer, args.grace))
+    return _run(_serve(sharer, args.grace, args.ready_fd))
 
 
 def _run_forward(args):
@@ -4515,7 +4576,7 @@ def _run_forward(args):
     host = host or "127.0.0.1"      # ':9000' too: all interfaces only when asked, 0.0.0.0 or [::]
     forwarder = Forwarder(args.name, host, port, secret=_service_secret(args),
                           max_retries=args.max_retries, **_client_options(args))
-    return _run(_serve(forwarder, args.grace))
+    return _run(_serve(forwarder, args.grace, args.ready_fd))
 
 
 def _run_list(args):

@@ -4827,6 +4827,101 @@ class TestFuzz(HostileTestCase):
         self.run_async(main(), 60)
 
 
+
+# ---------------------------------------------------------------------------
+# 11. Readiness: --ready-fd, the structured way to learn that a role is up and where
+# ---------------------------------------------------------------------------
+
+@unittest.skipUnless(os.name == "posix", "passes a pipe's file descriptor to the child")
+class TestReadyFd(unittest.TestCase):
+    """A role started with --ready-fd FD writes one JSON line there once it is ready, with
+    the addresses it really bound, and closes FD: no log line has to be read."""
+
+    def start_ready(self, *args):
+        """Start a role with --ready-fd on a pipe: (process, its report)."""
+        read_end, write_end = os.pipe()
+        log = tempfile.TemporaryFile()
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [sys.executable, "-u"] + MODULE + list(args) + ["--ready-fd", str(write_end)],
+            cwd=HERE, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log, pass_fds=(write_end,))
+        os.close(write_end)
+
+        def stop():
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+        self.addCleanup(stop)
+        data, deadline = b"", time.monotonic() + 20
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            for _ in range(1000):           # until EOF: the role closes FD after its line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([pipe], [], [], remaining)[0]:
+                    break
+                more = pipe.read(4096)
+                if not more:
+                    break
+                data += more
+        log.seek(0)
+        said = log.read().decode("utf-8", "replace")
+        self.assertTrue(data.endswith(b"\n"), "no ready line (%r); stderr:\n%s" % (data, said))
+        self.assertEqual(data.count(b"\n"), 1, data)
+        self.assertIsNone(process.poll(), "the role exited after reporting; stderr:\n" + said)
+        return process, json.loads(data.decode("utf-8"))
+
+    def test_each_role_reports_where_it_really_listens_once_ready(self):
+        target = ThreadedServer(self, blocking_echo)
+        _router, report = self.start_ready("router", "--listen", "127.0.0.1:0")
+        self.assertEqual(report["role"], "router")
+        host, port = report["listen"][0]
+        self.assertEqual(host, LOCALHOST)
+        self.assertNotEqual(port, 0)
+        status, _headers, body = http_request(port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        self.assertEqual((status.split()[1], body), ("200", b"ok\n"))
+        router = "127.0.0.1:%d" % port
+
+        _share, report = self.start_ready("share", "ready", str(target.port), "--router", router)
+        self.assertEqual(report, {"role": "share", "services": ["ready"]})
+        listed = cli("list", "--json", "--router", router)      # ready means registered
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertEqual([s["name"] for s in json.loads(listed.stdout)], ["ready"])
+
+        _forward, report = self.start_ready("forward", "ready", "127.0.0.1:0", "--router", router)
+        self.assertEqual(report["role"], "forward")
+        self.assertEqual(report["service"], "ready")
+        host, port = report["listen"][0]
+        self.assertEqual(host, LOCALHOST)
+        payload = os.urandom(100 * 1024)
+        self.assertEqual(exchange(port, payload), payload)
+
+    def test_a_ready_fd_that_is_not_open_is_one_line_and_exit_1(self):
+        done = cli("router", "--listen", "127.0.0.1:0", "--ready-fd", "1000")
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        self.assertIn("--ready-fd 1000", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_bench_says_why_a_role_did_not_start(self):
+        with socket.socket() as taken:
+            taken.bind((LOCALHOST, 0))
+            taken.listen(1)
+            argv = [SCRIPT, "router", "--listen", "127.0.0.1:%d" % taken.getsockname()[1],
+                    "--ready-fd", "1"]
+            with self.assertRaises(MindmeldError) as failed:
+                mindmeld._Child(argv, "router", timeout=20)
+        self.assertIn("the router did not start", str(failed.exception))
+        self.assertIn("cannot listen", str(failed.exception))
+
+    def test_bench_learns_the_port_from_the_report(self):
+        child = mindmeld._Child([SCRIPT, "router", "--listen", "127.0.0.1:0", "--ready-fd", "1"],
+                                "router", timeout=20)
+        self.addCleanup(child.stop)
+        self.assertEqual(child.report["role"], "router")
+        status, _headers, body = http_request(child.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        self.assertEqual((status.split()[1], body), ("200", b"ok\n"))
+
+
 if __name__ == "__main__":
     unittest.main()
 
