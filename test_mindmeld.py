@@ -3,11 +3,14 @@
     python3 -m unittest -v test_mindmeld        (from the repository folder)
 
 Runs on CPython 3.6 to 3.13.  Nothing here sleeps to wait for something: every
-wait is on an event, a line of output or a socket's readiness, with a deadline.
-Only 127.0.0.1 is ever used.
+wait is on an event, a line of output or a socket's readiness, with a deadline
+(in-process state with no event of its own is polled by wait_until(), bounded).
+Only 127.0.0.1 and ::1 are ever used.  Section 1 holds the helpers every test uses.
 
   TestCodec        frames and preambles, no sockets
   TestCore         stream states, flow-control windows, addresses, names
+  TestWsCodec, TestBackoff, TestProxyChoice
+                   WebSocket framing, reconnect backoff, proxy choice: no sockets
   TestTunnel       router + sharer + forwarder as library objects in one event loop
   TestMemoryBound  the three roles as command-line processes, a reader that stalls
   TestCommandLine  the command line end to end, errors, signals, `python3 -`
@@ -24,6 +27,7 @@ import base64
 import collections
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -80,15 +84,22 @@ CHUNK = 64 * 1024
 
 
 # ---------------------------------------------------------------------------
-# helpers shared by every test class
+# 1. Helpers shared by every test class
 # ---------------------------------------------------------------------------
+# Naming: recv_* work on a blocking socket, read_* on an asyncio StreamReader.
 
 if hasattr(asyncio, "all_tasks"):          # 3.7+
     def _all_tasks(loop):
         return asyncio.all_tasks(loop)
+
+    def _current_task(loop):
+        return asyncio.current_task(loop)
 else:                                       # 3.6
     def _all_tasks(loop):
         return asyncio.Task.all_tasks(loop)
+
+    def _current_task(loop):
+        return asyncio.Task.current_task(loop)
 
 
 class Pattern:
@@ -126,8 +137,286 @@ def free_port_socket():
     return sock
 
 
+# -- checks and waits -------------------------------------------------------
+
+def assert_clean_output(output):
+    """Fail if the output (text, or a list of lines) shows a traceback or an internal
+    error (mindmeld prints 'internal error: ...' for an exception it did not expect)."""
+    text = output if isinstance(output, str) else "\n".join(output)
+    bad = [l for l in text.splitlines() if "Traceback" in l or "internal error" in l]
+    if bad:
+        raise AssertionError("unexpected %r in the output:\n%s" % (bad[0], text))
+
+
+async def wait_until(predicate, timeout, what, interval=0.005):
+    """Poll state that has no event of its own until predicate() holds.  After `timeout`
+    seconds fail, saying `what` (a string, or a function describing the state then)."""
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        if predicate():
+            return
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(interval)      # a bounded poll of in-process state
+    if not predicate():
+        raise AssertionError("not within %s s: %s" % (timeout, what() if callable(what) else what))
+
+
+class LogWatch(logging.Handler):
+    """A log as a list of lines that a coroutine can wait on (library roles log from
+    the loop's thread, so a waiter's future is resolved right in emit())."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.lines = []
+        self._waiters = []
+
+    def emit(self, record):
+        line = record.getMessage()
+        self.lines.append(line)
+        for regex, future in list(self._waiters):
+            if not future.done() and regex.search(line):
+                future.set_result((len(self.lines) - 1, line))
+
+    async def wait(self, pattern, timeout, start=0):
+        """The first line from index `start` on that matches `pattern`; its index is
+        left in `self.matched_at`."""
+        regex = re.compile(pattern)
+        for index in range(start, len(self.lines)):
+            if regex.search(self.lines[index]):
+                self.matched_at = index
+                return self.lines[index]
+        entry = (regex, asyncio.get_event_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            self.matched_at, line = await asyncio.wait_for(entry[1], timeout)
+            return line
+        except asyncio.TimeoutError:
+            raise AssertionError("no log line /%s/ within %s s; the log:\n%s"
+                                 % (pattern, timeout, "\n".join(self.lines[-40:])))
+        finally:
+            self._waiters.remove(entry)
+
+
+def capture_log(test, name, level):
+    """Logger `name` at `level` goes to a fresh LogWatch only, for this test: the watch."""
+    watch, logger = LogWatch(), logging.getLogger(name)
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    logger.handlers[:] = [watch]
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def restore():
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]
+    test.addCleanup(restore)
+    return watch
+
+
+# -- reading to the end -----------------------------------------------------
+
+Received = collections.namedtuple("Received", "count digest data")   # data: b"" unless kept
+
+
+class _Tally:
+    """What arrived so far: count, sha256 and (if kept) the bytes; at most `limit`."""
+
+    def __init__(self, limit, keep):
+        self.limit, self.keep = limit, keep
+        self.hash, self.count, self.parts = hashlib.sha256(), 0, []
+
+    def add(self, chunk):
+        self.hash.update(chunk)
+        self.count += len(chunk)
+        if self.keep:
+            self.parts.append(chunk)
+        if self.count > self.limit:
+            raise AssertionError("more than %d bytes arrived" % self.limit)
+
+    def result(self):
+        return Received(self.count, self.hash.hexdigest(), b"".join(self.parts))
+
+
+def recv_exactly(conn, n, timeout=30):
+    """n bytes from a blocking socket (fewer if it closes first) within `timeout` s."""
+    deadline, data = time.monotonic() + timeout, b""
+    for _ in range(n + 1):
+        if len(data) >= n:
+            break
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recv_to_end(conn, limit, timeout=30, keep=False):
+    """Received(count, sha256 hex, the bytes if keep) until EOF: at most `limit` bytes,
+    within `timeout` seconds."""
+    deadline, tally = time.monotonic() + timeout, _Tally(limit, keep)
+    for _ in range(limit // 256 + 100):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
+        chunk = conn.recv(CHUNK)
+        if not chunk:
+            return tally.result()
+        tally.add(chunk)
+    raise AssertionError("no EOF within %s s after %d bytes" % (timeout, tally.count))
+
+
+async def read_to_end(reader, limit, keep=False):
+    """Received(count, sha256 hex, the bytes if keep) until EOF: at most `limit` bytes."""
+    tally = _Tally(limit, keep)
+    for _ in range(limit // 1024 + 2):
+        chunk = await reader.read(CHUNK)
+        if not chunk:
+            return tally.result()
+        tally.add(chunk)
+    raise AssertionError("no EOF after %d bytes" % tally.count)
+
+
+# -- how a connection that the far side closes ends -------------------------
+# 'eof', 'reset' (closing a socket with unread bytes makes Linux send a reset, not a
+# FIN), or 'still open' when the deadline passes first.
+
+def recv_until_closed(conn, timeout):
+    """Read (and drop) from a blocking socket until the far side ends the connection."""
+    deadline = time.monotonic() + timeout
+    for _ in range(10 ** 6):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        conn.settimeout(remaining)
+        try:
+            chunk = conn.recv(CHUNK)
+        except socket.timeout:
+            break
+        except (ConnectionResetError, ConnectionAbortedError):
+            return "reset"
+        if not chunk:
+            return "eof"
+    return "still open"
+
+
+async def read_until_closed(reader, timeout, drop=True):
+    """The same for a StreamReader.  drop=False: bytes before the end are not expected,
+    and the answer is 'data: ...' if some come."""
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + timeout
+    for _ in range(100000):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            data = await asyncio.wait_for(reader.read(CHUNK), remaining)
+        except asyncio.TimeoutError:
+            break
+        except ConnectionResetError:
+            return "reset"
+        except OSError as exc:
+            return "%s: %s" % (type(exc).__name__, exc)
+        if not data:
+            return "eof"
+        if not drop:
+            return "data: %r" % data[:40]
+    return "still open"
+
+
+# -- blocking clients -------------------------------------------------------
+
+def exchange(port, payload, host=LOCALHOST, prefix=b"", first=b"", then=None, timeout=30):
+    """Connect; send `prefix` (for the target, not echoed) and `first`, and wait for the
+    echo of `first` (the stream is surely open); call then(); send `payload` while
+    reading; half-close.  Returns all that came back, the echo of `first` included."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        head = b""
+        if prefix or first:
+            conn.sendall(prefix + first)
+        if first:
+            head = recv_exactly(conn, len(first), timeout)
+            if head != first:
+                raise AssertionError("%r came back as %r" % (first[:40], head[:40]))
+        if then is not None:
+            then()
+        errors = []
+
+        def send():
+            try:
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+        sender = threading.Thread(target=send)
+        sender.daemon = True
+        sender.start()
+        try:
+            rest = recv_to_end(conn, len(payload) + MB, timeout, keep=True).data
+        finally:
+            sender.join(timeout)
+        if errors:
+            raise errors[0]
+        return head + rest
+
+
+# -- the command line -------------------------------------------------------
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                   "http_proxy", "NO_PROXY", "no_proxy")
+
+
+def cli_env(**extra):
+    """The environment for a command-line subprocess: none of the machine's own mindmeld,
+    PORT or proxy settings, so that only what a test sets applies."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MINDMELD_") and k != "PORT" and k not in PROXY_VARIABLES}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra)
+    return env
+
+
+def cli_argv(args, script=MODULE):
+    """script: MODULE (python -m mindmeld), SCRIPT (python mindmeld.py) or None (piped in)."""
+    return [sys.executable, "-u"] + (script if script is MODULE else [script or "-"]) + list(args)
+
+
+Ran = collections.namedtuple("Ran", "code out err")    # exit code, stdout bytes, stderr text
+
+
+def run_cli(*args, env=None, timeout=30, input=None):
+    """One command to completion: Ran(exit code, stdout bytes, stderr text).  A command
+    still running after `timeout` s is killed; its code then says so (a failure, not an
+    error)."""
+    p = subprocess.Popen(cli_argv(args), cwd=HERE, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or cli_env())
+    try:
+        out, err = p.communicate(input if input is not None else b"", timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        return Ran("still running after %s s" % timeout, out, err.decode("utf-8", "replace"))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        for stream in (p.stdin, p.stdout, p.stderr):
+            stream.close()
+    return Ran(p.returncode, out, err.decode("utf-8", "replace"))
+
+
+def list_rows(out):
+    """The table `mindmeld list` printed (bytes or text), as rows of words."""
+    text = out.decode() if isinstance(out, bytes) else out
+    return [l.split() for l in text.splitlines() if l.strip()]
+
+
 # ---------------------------------------------------------------------------
-# 1. Codec: frames and preambles, no sockets
+# 2. Codec: frames and preambles, no sockets
 # ---------------------------------------------------------------------------
 
 def sample_frames():
@@ -299,7 +588,7 @@ class TestCodec(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 2. Core: stream states, windows, addresses, names
+# 3. Core: stream states, windows, addresses, names
 # ---------------------------------------------------------------------------
 
 STREAM_FRAMES = (OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF, DATA, WINDOW, EOF, RESET)
@@ -621,17 +910,253 @@ class TestCore(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 3. The tunnel in one event loop
+# 4. WebSocket framing, reconnect backoff, proxy choice: no sockets
 # ---------------------------------------------------------------------------
 
-class _ListHandler(logging.Handler):
-    def __init__(self, lines):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.lines = lines
+def ws_sample_frames():
+    """(opcode, payload) pairs covering each length form below 64 KB and the control frames."""
+    return [
+        (mindmeld.WS_BINARY, b""),
+        (mindmeld.WS_BINARY, b"abc"),
+        (mindmeld.WS_PING, b"p" * 125),                 # the largest control payload
+        (mindmeld.WS_BINARY, bytes(range(256)) * 3),    # 16-bit length
+        (mindmeld.WS_PONG, b""),
+        (mindmeld.WS_CLOSE, struct.pack("!H", 1000)),
+    ]
 
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
+def ws_wire(frames, masked):
+    return b"".join(ws_frame(opcode, payload, masked=masked) for opcode, payload in frames)
+
+
+class TestWsCodec(unittest.TestCase):
+
+    def test_accept_key_is_the_one_in_rfc6455(self):
+        self.assertEqual(mindmeld.ws_accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+                         "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_mask_is_a_repeating_xor(self):
+        mask = b"\x01\x80\xfe\x37"
+        for n in (0, 1, 3, 4, 5, 9, 1000):
+            with self.subTest(length=n):
+                data = os.urandom(n)
+                masked = mindmeld.ws_mask(data, mask)
+                self.assertEqual(masked, bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+                self.assertEqual(mindmeld.ws_mask(masked, mask), data)
+
+    def test_encoder_length_forms(self):
+        for n in (0, 1, 125, 126, 65535, 65536):
+            with self.subTest(length=n):
+                payload = os.urandom(n)
+                frame = mindmeld.ws_encode(mindmeld.WS_BINARY, payload)   # server: unmasked
+                self.assertEqual(frame, ws_frame(mindmeld.WS_BINARY, payload, masked=False))
+                masked = mindmeld.ws_encode(mindmeld.WS_BINARY, payload, masked=True)
+                self.assertEqual(len(masked), len(frame) + 4)              # + the mask key
+                self.assertEqual((masked[0], masked[1] & 0x80), (0x80 | mindmeld.WS_BINARY, 0x80))
+                self.assertEqual(masked[1] & 0x7F, frame[1] & 0x7F)
+                self.assertEqual(mindmeld.WsDecoder(True).feed(masked),
+                                 [(mindmeld.WS_BINARY, payload)])
+
+    def test_whole_and_one_byte_at_a_time(self):
+        frames = ws_sample_frames()
+        for masked in (False, True):
+            with self.subTest(masked=masked):
+                wire = ws_wire(frames, masked)
+                self.assertEqual(mindmeld.WsDecoder(masked).feed(wire), frames)
+                decoder, out = mindmeld.WsDecoder(masked), []
+                for i in range(len(wire)):
+                    out.extend(decoder.feed(wire[i:i + 1]))
+                self.assertEqual(out, frames)
+                self.assertEqual(len(decoder.buffer), 0)
+
+    def test_split_at_every_offset(self):
+        frames = ws_sample_frames()
+        for masked in (False, True):
+            wire = ws_wire(frames, masked)
+            for cut in range(len(wire) + 1):
+                decoder = mindmeld.WsDecoder(masked)
+                out = decoder.feed(wire[:cut]) + decoder.feed(wire[cut:])
+                self.assertEqual(out, frames, "masked=%s, split at offset %d" % (masked, cut))
+                self.assertEqual(len(decoder.buffer), 0)
+
+    def test_split_in_three_at_many_offsets(self):
+        frames = ws_sample_frames()
+        for masked in (False, True):
+            wire = ws_wire(frames, masked)
+            for a in range(0, len(wire) + 1, 7):
+                for b in range(a, len(wire) + 1, 31):
+                    decoder = mindmeld.WsDecoder(masked)
+                    out = decoder.feed(wire[:a]) + decoder.feed(wire[a:b]) + decoder.feed(wire[b:])
+                    self.assertEqual(out, frames, "masked=%s, split at %d and %d" % (masked, a, b))
+
+    def test_64_bit_length_split_around_its_header(self):
+        payload = os.urandom(70000)
+        for masked in (False, True):
+            wire = ws_frame(mindmeld.WS_BINARY, payload, masked=masked) + ws_frame(
+                mindmeld.WS_BINARY, b"next", masked=masked)
+            for cut in list(range(16)) + [len(wire) - 11, len(wire) - 10, len(wire) - 1]:
+                with self.subTest(masked=masked, cut=cut):
+                    decoder = mindmeld.WsDecoder(masked)
+                    out = decoder.feed(wire[:cut]) + decoder.feed(wire[cut:])
+                    self.assertEqual(out, [(mindmeld.WS_BINARY, payload),
+                                           (mindmeld.WS_BINARY, b"next")])
+
+    def test_a_partial_frame_stays_buffered(self):
+        wire = ws_frame(mindmeld.WS_BINARY, b"hello", masked=True)
+        decoder = mindmeld.WsDecoder(True)
+        self.assertEqual(decoder.feed(wire[:-1]), [])
+        self.assertEqual(len(decoder.buffer), len(wire) - 1)
+        self.assertEqual(decoder.feed(wire[-1:]), [(mindmeld.WS_BINARY, b"hello")])
+
+    def test_masking_must_match_the_direction(self):
+        for masked in (False, True):
+            with self.subTest(masked=masked):
+                with self.assertRaises(ProtocolError):      # a server reads masked frames only
+                    mindmeld.WsDecoder(not masked).feed(ws_frame(mindmeld.WS_BINARY, b"x",
+                                                                 masked=masked))
+
+    def test_reserved_bits_are_refused(self):
+        for bit in (0x40, 0x20, 0x10):
+            with self.subTest(bit=bit):
+                frame = bytearray(ws_frame(mindmeld.WS_BINARY, b"x", masked=True))
+                frame[0] |= bit
+                with self.assertRaises(ProtocolError):
+                    mindmeld.WsDecoder(True).feed(bytes(frame))
+
+    def test_size_limit_is_checked_from_the_header_alone(self):
+        for masked in (False, True):
+            for length in (mindmeld.WS_MAX_FRAME + 1, 2 ** 63 - 1):
+                with self.subTest(masked=masked, length=length):
+                    header = struct.pack("!BBQ", 0x80 | mindmeld.WS_BINARY,
+                                         (0x80 if masked else 0) | 127, length)
+                    with self.assertRaises(ProtocolError) as cm:
+                        mindmeld.WsDecoder(masked).feed(header)     # no payload byte yet
+                    self.assertEqual(cm.exception.code, "frame-size")
+            # the largest frame allowed waits for its payload
+            decoder = mindmeld.WsDecoder(masked)
+            header = struct.pack("!BBQ", 0x80 | mindmeld.WS_BINARY, (0x80 if masked else 0) | 127,
+                                 mindmeld.WS_MAX_FRAME)
+            self.assertEqual(decoder.feed(header + b"\x00" * 4 * masked), [])
+
+    def test_control_frames(self):
+        # between the fragments of a message, in order; the decoder does not join fragments
+        wire = (ws_frame(mindmeld.WS_BINARY, b"ab", fin=False) + ws_frame(mindmeld.WS_PING, b"?")
+                + ws_frame(mindmeld.WS_CONTINUATION, b"cd"))
+        self.assertEqual(mindmeld.WsDecoder(True).feed(wire),
+                         [(mindmeld.WS_BINARY, b"ab"), (mindmeld.WS_PING, b"?"),
+                          (mindmeld.WS_CONTINUATION, b"cd")])
+        for opcode in (mindmeld.WS_PING, mindmeld.WS_PONG, mindmeld.WS_CLOSE):
+            for bad in (ws_frame(opcode, b"x" * 126), ws_frame(opcode, b"x", fin=False)):
+                with self.subTest(opcode=opcode, frame=bad[:2]):     # too long, or fragmented
+                    with self.assertRaises(ProtocolError):
+                        mindmeld.WsDecoder(True).feed(bad)
+        self.assertEqual(mindmeld.ws_encode(mindmeld.WS_PONG, b"are you there"),
+                         b"\x8a\x0dare you there")
+
+
+class TestBackoff(unittest.TestCase):
+
+    def delays(self, count, *args, **kwargs):
+        return list(itertools.islice(mindmeld.backoff_delays(*args, **kwargs), count))
+
+    def test_doubles_from_the_first_delay_up_to_the_cap(self):
+        self.assertEqual(self.delays(9, rng=lambda: 1.0),
+                         [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+        self.assertEqual(self.delays(5, 0.05, 0.2, rng=lambda: 1.0), [0.05, 0.1, 0.2, 0.2, 0.2])
+        self.assertEqual(mindmeld.BACKOFF_FIRST, 0.5)     # what the README promises
+        self.assertEqual(mindmeld.BACKOFF_MAX, 30.0)
+
+    def test_jitter_is_between_half_and_all_of_the_delay(self):
+        self.assertEqual(self.delays(4, rng=lambda: 0.0), [0.25, 0.5, 1.0, 2.0])
+        rng = random.Random(7)
+        full = self.delays(40, rng=lambda: 1.0)
+        jittered = self.delays(40, rng=rng.random)
+        for step, (delay, top) in enumerate(zip(jittered, full)):
+            self.assertGreaterEqual(delay, top / 2, step)
+            self.assertLessEqual(delay, top, step)
+        self.assertGreater(len(set(jittered[10:])), 1, "no jitter at the cap")
+
+    def test_each_generator_starts_over(self):
+        # a client starts a fresh generator to reset its backoff
+        first = mindmeld.backoff_delays(1, 8, rng=lambda: 1.0)
+        self.assertEqual([next(first) for _ in range(3)], [1, 2, 4])
+        self.assertEqual(next(mindmeld.backoff_delays(1, 8, rng=lambda: 1.0)), 1)
+
+
+class TestProxyChoice(unittest.TestCase):
+    """proxy_for(router host, --proxy, environment): None, or
+    (host, port, Proxy-Authorization, url without the password)."""
+
+    def choose(self, router_host="relay.example.org", explicit=None, **environ):
+        return mindmeld.proxy_for(router_host, explicit, environ)
+
+    def test_nothing_set_means_no_proxy(self):
+        self.assertIsNone(self.choose())
+        self.assertIsNone(self.choose(HTTPS_PROXY=""))
+
+    def test_https_proxy_then_all_proxy_upper_case_first(self):
+        a, b, c, d = ("http://p%d.example:31%02d" % (i, i) for i in range(4))
+        cases = [({"HTTPS_PROXY": a, "https_proxy": b, "ALL_PROXY": c, "all_proxy": d},
+                  "p0.example"),
+                 ({"https_proxy": b, "ALL_PROXY": c, "all_proxy": d}, "p1.example"),
+                 ({"ALL_PROXY": c, "all_proxy": d}, "p2.example"),
+                 ({"all_proxy": d}, "p3.example"),
+                 ({"HTTPS_PROXY": "", "ALL_PROXY": c}, "p2.example")]
+        for environ, host in cases:
+            with self.subTest(environ=environ):
+                self.assertEqual(self.choose(**environ)[0], host)
+
+    def test_http_proxy_is_not_used(self):
+        # the router link is not plain HTTP: only HTTPS_PROXY and ALL_PROXY apply
+        self.assertIsNone(self.choose(HTTP_PROXY="http://p.example:3128",
+                                      http_proxy="http://p.example:3128"))
+
+    def test_the_parsed_proxy(self):
+        self.assertEqual(self.choose(HTTPS_PROXY="http://proxy.example:3128"),
+                         ("proxy.example", 3128, None, "http://proxy.example:3128"))
+        self.assertEqual(self.choose(HTTPS_PROXY="127.0.0.1:3128")[:2], ("127.0.0.1", 3128))
+        self.assertEqual(self.choose(HTTPS_PROXY="http://proxy.example")[:2],
+                         ("proxy.example", 8080))
+        host, port, authorization, url = self.choose(
+            HTTPS_PROXY="http://alice:s3cr%40t@proxy.example:3128/")
+        self.assertEqual(authorization, "Basic " + base64.b64encode(b"alice:s3cr@t").decode())
+        self.assertEqual(url, "http://proxy.example:3128")            # no password in it
+        with self.assertRaises(MindmeldError):
+            self.choose(HTTPS_PROXY="socks5://proxy.example:1080")
+
+    def test_explicit_proxy_wins_even_over_no_proxy(self):
+        chosen = self.choose("relay.example.org", "http://mine.example:1",
+                             HTTPS_PROXY="http://env.example:2", NO_PROXY="*")
+        self.assertEqual(chosen[:2], ("mine.example", 1))
+
+    def test_no_proxy_names_the_router_host(self):
+        proxy = "http://proxy.example:3128"
+        relay = "relay.example.org"
+        bypassed = [(relay, "relay.example.org"), (relay, "example.org"), (relay, ".example.org"),
+                    ("RELAY.example.org", "relay.EXAMPLE.org"), (relay, "other.net, example.org"),
+                    (relay, " * "),
+                    ("127.0.0.1", "localhost,127.0.0.1"), ("[::1]", "::1"), ("::1", "::1")]
+        for host, no_proxy in bypassed:
+            with self.subTest(host=host, NO_PROXY=no_proxy):
+                self.assertIsNone(self.choose(host, HTTPS_PROXY=proxy, NO_PROXY=no_proxy))
+                self.assertIsNone(self.choose(host, ALL_PROXY=proxy, no_proxy=no_proxy))
+        used = [("relay.example.org", "badexample.org"), ("relay.example.org", "relay.example"),
+                ("relay.example.org", ""), ("relay.example.org", ","),
+                ("127.0.0.1", "localhost"), ("localhost", "127.0.0.1"), ("127.0.0.1", "")]
+        for host, no_proxy in used:            # no implicit exceptions, loopback included
+            with self.subTest(host=host, NO_PROXY=no_proxy):
+                self.assertEqual(self.choose(host, HTTPS_PROXY=proxy, NO_PROXY=no_proxy)[0],
+                                 "proxy.example")
+
+    def test_upper_case_no_proxy_wins_over_lower_case(self):
+        chosen = self.choose("relay.example.org", HTTPS_PROXY="http://proxy.example:3128",
+                             NO_PROXY="other.net", no_proxy="relay.example.org")
+        self.assertEqual(chosen[0], "proxy.example")
+
+
+# ---------------------------------------------------------------------------
+# 5. The tunnel in one event loop
+# ---------------------------------------------------------------------------
 
 class LoopTestCase(unittest.TestCase):
     """A fresh event loop per test; async cleanups run in it before it closes.
@@ -642,18 +1167,8 @@ class LoopTestCase(unittest.TestCase):
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self._async_cleanups = []
-        self.logs = []
-        logger = logging.getLogger("mindmeld")
-        saved = (logger.level, logger.propagate, list(logger.handlers))
-        logger.handlers[:] = [_ListHandler(self.logs)]
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-        def restore():
-            logger.setLevel(saved[0])
-            logger.propagate = saved[1]
-            logger.handlers[:] = saved[2]
-        self.addCleanup(restore)
+        self.watch = capture_log(self, "mindmeld", logging.INFO)
+        self.logs = self.watch.lines
 
     def tearDown(self):
         loop = self.loop
@@ -745,32 +1260,6 @@ class LoopTestCase(unittest.TestCase):
         return self.forwarder.port
 
 
-async def read_to_end(reader, limit):
-    """Everything until EOF (at most `limit` bytes): (count, sha256 hex, first bytes)."""
-    h, count, head = hashlib.sha256(), 0, b""
-    for _ in range(limit // 1024 + 2):
-        chunk = await reader.read(CHUNK)
-        if not chunk:
-            return count, h.hexdigest(), head
-        h.update(chunk)
-        count += len(chunk)
-        if len(head) < 64:
-            head += chunk[:64]
-        if count > limit:
-            raise AssertionError("more than %d bytes arrived" % limit)
-    raise AssertionError("no EOF after %d bytes" % count)
-
-
-async def closed_within(reader, timeout):
-    """How a connection the far side closes ends for its reader: 'eof' or 'reset'.
-    (Closing a socket with unread bytes makes Linux send a reset, not a FIN.)"""
-    try:
-        data = await asyncio.wait_for(reader.read(CHUNK), timeout)
-    except ConnectionResetError:
-        return "reset"
-    return "eof" if data == b"" else "data: %r" % data[:40]
-
-
 async def send_pattern(writer, pattern, total):
     for chunk in pattern.chunks(total):
         writer.write(chunk)
@@ -785,30 +1274,6 @@ async def echo_handler(reader, writer):
             break
         writer.write(data)
         await writer.drain()
-
-
-async def echo_exchange(test, port, pattern, total, first=b"", settle=False):
-    """Send `total` bytes and read the echo at the same time; both must match.
-
-    settle: one byte goes there and back first, so the stream is surely open
-    before the bulk (what a client sends before that is tested on its own)."""
-    reader, writer = await test.connect(port)
-    writer.write(first)
-    if settle:
-        writer.write(b"!")
-        test.assertEqual(await reader.readexactly(1), b"!")
-
-    async def upload():
-        await send_pattern(writer, pattern, total)
-        writer.write_eof()
-    sender = asyncio.ensure_future(upload())
-    try:
-        count, digest, _ = await read_to_end(reader, total)
-        await sender
-    finally:
-        sender.cancel()
-    test.assertEqual(count, total)
-    test.assertEqual(digest, pattern.digest(total))
 
 
 class RecordingLink:
@@ -995,37 +1460,42 @@ class TestTunnel(LoopTestCase):
         cap = 256 * MB
 
         async def main():
-            stalled = self.loop.create_future()
-            pushed = self.loop.create_future()
+            pushed, sent, stalled = self.loop.create_future(), [0], [False]
 
             async def target(reader, writer):
                 mode = await reader.readexactly(5)
                 if mode == b"echo\n":
                     return await echo_handler(reader, writer)
-                h, sent = hashlib.sha256(), 0
+                h = hashlib.sha256()
                 for chunk in pattern.chunks(cap):
                     writer.write(chunk)
                     h.update(chunk)
-                    sent += len(chunk)
-                    drain = asyncio.ensure_future(writer.drain())
-                    done, _ = await asyncio.wait([drain], timeout=0.5)
-                    if not done:                     # nothing moved for 0.5 s: full
-                        stalled.set_result(sent)
-                        await drain
+                    sent[0] += len(chunk)
+                    await writer.drain()
+                    if stalled[0]:                   # it was held back: enough
                         break
-                    drain.result()
-                else:
-                    stalled.set_exception(AssertionError("%d MB went in without back-pressure"
-                                                         % (cap // MB)))
-                pushed.set_result((sent, h.hexdigest()))
+                pushed.set_result((sent[0], h.hexdigest()))
+
+            def held_back():
+                # the forwarder cannot write to the client that does not read, and the
+                # sharer, out of credit for that stream, has stopped reading the target
+                return (any(s.write_paused for s in self.forwarder.link.streams.values())
+                        and any(s.end.credit == 0 and not s.reading
+                                for s in self.sharer.link.streams.values()))
 
             port = await self.tunnel(target)
             slow_reader, slow_writer = await self.connect(port)
             slow_writer.write(b"push\n")             # ... and never read, for now
-            in_flight = await asyncio.wait_for(stalled, 60)
-            self.assertLess(in_flight, cap)
-            await echo_exchange(self, port, Pattern(), 5 * MB, b"echo\n", settle=True)
+            await wait_until(lambda: held_back() or pushed.done(), 60, "the stream held back")
+            self.assertFalse(pushed.done(), "%d MB went in without back-pressure" % (cap // MB))
+            stalled[0] = True
+            self.assertLess(sent[0], cap)
+            payload = os.urandom(5 * MB)            # a blocking client, so the loop runs on
+            echoed = await self.loop.run_in_executor(
+                None, lambda: exchange(port, payload, prefix=b"echo\n", first=b"!"))
+            self.assertTrue(echoed == b"!" + payload, "the busy stream's echo differs")
             self.assertFalse(pushed.done())          # the stalled stream is still held back
+            self.assertTrue(held_back())
             count, digest, _ = await read_to_end(slow_reader, cap)
             self.assertEqual((count, digest), await asyncio.wait_for(pushed, 30))
         self.run_async(main(), 120)
@@ -1040,7 +1510,7 @@ class TestTunnel(LoopTestCase):
             forwarder = await self.start_forwarder("dead")
             reader, writer = await self.connect(forwarder.port)
             writer.write(b"hello?")
-            self.assertIn(await closed_within(reader, 2.0), ("eof", "reset"))
+            self.assertIn(await read_until_closed(reader, 2.0, drop=False), ("eof", "reset"))
             self.assertTrue(any("refused" in line and "'dead'" in line for line in self.logs),
                             self.logs)
             # the target comes up: the same forwarder now serves it
@@ -1061,7 +1531,7 @@ class TestTunnel(LoopTestCase):
                 reader, writer = await self.connect(forwarder.port)
                 if attempt:
                     writer.write(b"GET / HTTP/1.0\r\n\r\n")
-                self.assertIn(await closed_within(reader, 5), ("eof", "reset"))
+                self.assertIn(await read_until_closed(reader, 5, drop=False), ("eof", "reset"))
                 refusals = [l for l in self.logs if "refused" in l and "no service named" in l]
                 self.assertEqual(len(refusals), attempt + 1, self.logs)
                 self.assertIn("'nosuch'", refusals[-1])
@@ -1147,18 +1617,30 @@ class TestTunnel(LoopTestCase):
             self._async_cleanups.append(lambda: forwarder.close(0))
             await forwarder.start()
             reader, writer = await self.connect(forwarder.port)
-            written, block = 0, os.urandom(CHUNK)
-            for _ in range(cap // CHUNK):
-                writer.write(block)
-                written += CHUNK
-                drain = asyncio.ensure_future(writer.drain())
-                done, _ = await asyncio.wait([drain], timeout=0.5)
-                if not done:                         # pushed back: nothing moved for 0.5 s
-                    drain.cancel()
-                    break
-                drain.result()
+            block, sent = os.urandom(CHUNK), [0]
+
+            async def send():
+                for _ in range(cap // CHUNK):
+                    writer.write(block)
+                    sent[0] += CHUNK
+                    await writer.drain()
+
+            def pushed_back():
+                # the kernel takes no more from the client (the rest waits in its
+                # transport), and the forwarder has stopped reading that connection
+                return (writer.transport.get_write_buffer_size() > 0 and forwarder.waiting
+                        and not any(s.reading for s in forwarder.waiting))
+            sending = asyncio.ensure_future(send())
+            try:
+                await wait_until(lambda: pushed_back() or sending.done(), 30,
+                                 "the client pushed back")
+            finally:
+                sending.cancel()
+            written = sent[0] - writer.transport.get_write_buffer_size()
+            held = sum(len(s.pending) for s in forwarder.waiting if s.pending is not None)
             self.assertLess(written, limit, "the forwarder took %.1f MB from a client whose "
                             "stream could not open" % (written / MB))
+            self.assertLess(held, limit)
         self.run_async(main(), 60)
 
     def test_router_answers_http_and_refuses_other_protocols(self):
@@ -1202,39 +1684,15 @@ class TestTunnel(LoopTestCase):
 
 
 # ---------------------------------------------------------------------------
-# Subprocess helpers
+# 6. Command-line processes and blocking servers, for the tests below
 # ---------------------------------------------------------------------------
-
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
-                   "http_proxy", "NO_PROXY", "no_proxy")
-
-
-def cli_env(**extra):
-    """The environment for a command-line subprocess: none of the machine's own mindmeld,
-    PORT or proxy settings, so that only what a test sets applies."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MINDMELD_") and k != "PORT" and k not in PROXY_VARIABLES}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.update(extra)
-    return env
-
-
-def cli(*args, env=None, timeout=30):
-    """Run one short command to completion: CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-u"] + MODULE + list(args), cwd=HERE,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=env or cli_env(),
-                          timeout=timeout, universal_newlines=True)
-
 
 class Proc:
     """A long-running mindmeld process whose stderr lines are read by a thread."""
 
     def __init__(self, test, args, env=None, script=MODULE):
-        """script: MODULE (python -m mindmeld), SCRIPT (python mindmeld.py) or None (piped in)."""
-        argv = [sys.executable, "-u"] + (script if script is MODULE else [script or "-"]) + list(args)
-        self.argv = argv
+        """script: as for cli_argv()."""
+        argv = self.argv = cli_argv(args, script)
         self.p = subprocess.Popen(argv, cwd=HERE, env=env or cli_env(),
                                   stdin=subprocess.PIPE if script is None else subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -1379,34 +1837,6 @@ class ThreadedServer:
             sock.close()
 
 
-def recv_exactly(conn, n):
-    data = b""
-    for _ in range(n + 1):
-        if len(data) >= n:
-            break
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def recv_to_end(conn, limit, keep=False):
-    """(count, sha256 hex, the data if keep) until EOF, at most `limit` bytes."""
-    h, count, parts = hashlib.sha256(), 0, []
-    for _ in range(limit // 1024 + 2):
-        chunk = conn.recv(CHUNK)
-        if not chunk:
-            break
-        h.update(chunk)
-        count += len(chunk)
-        if keep:
-            parts.append(chunk)
-        if count > limit:
-            raise AssertionError("more than %d bytes arrived" % limit)
-    return count, h.hexdigest(), b"".join(parts)
-
-
 def blocking_echo(conn):
     for _ in range(1000000):
         data = conn.recv(CHUNK)
@@ -1414,20 +1844,6 @@ def blocking_echo(conn):
             break
         conn.sendall(data)
     conn.shutdown(socket.SHUT_WR)
-
-
-def exchange(port, payload, first=b"", settle=False, timeout=30):
-    """Connect, send payload, half-close, return everything received until EOF.
-
-    settle: send `first` and one byte, and wait for that byte's echo, before the payload."""
-    with socket.create_connection((LOCALHOST, port), timeout=timeout) as conn:
-        conn.sendall(first)
-        if settle:
-            conn.sendall(b"!")
-            assert recv_exactly(conn, 1) == b"!", "no echo"
-        conn.sendall(payload)
-        conn.shutdown(socket.SHUT_WR)
-        return recv_to_end(conn, len(payload) + MB, keep=True)[2]
 
 
 class CommandLineMixin:
@@ -1452,9 +1868,22 @@ class CommandLineMixin:
             r"forwarding 127\.0\.0\.1:(\d+) -> '%s'" % re.escape(name)).group(1))
         return forward, port
 
+    def assert_one_error_line(self, ran, command, *needles):
+        """Exit 1 and one line 'mindmeld COMMAND: error: ...' that names every needle (a
+        forwarder's banner aside), no traceback: that line.  ran: (code, stdout, stderr text)."""
+        code, err = ran[0], ran[2]
+        lines = [l for l in err.splitlines() if not re.search(r"forwarding 127\.0\.0\.1:\d+ ->", l)]
+        self.assertEqual(code, 1, err)
+        self.assertEqual(len(lines), 1, err)
+        self.assertTrue(lines[0].startswith("mindmeld %s: error: " % command), lines[0])
+        for needle in needles:
+            self.assertIn(needle, lines[0])
+        assert_clean_output(err)
+        return lines[0]
+
 
 # ---------------------------------------------------------------------------
-# 4. Memory bound: three processes, a client that does not read
+# 7. Memory bound: three processes, a client that does not read
 # ---------------------------------------------------------------------------
 
 @unittest.skipUnless(os.path.exists("/proc/self/status"), "needs /proc to read VmRSS")
@@ -1507,7 +1936,7 @@ class TestMemoryBound(CommandLineMixin, unittest.TestCase):
         procs = {"router": router, "share": share, "forward": forward}
 
         warm = os.urandom(256 * 1024)                  # first use of the data path
-        self.assertEqual(exchange(port, warm, b"echo\n", settle=True), warm)
+        self.assertEqual(exchange(port, warm, prefix=b"echo\n", first=b"!"), b"!" + warm)
         before = {name: proc.rss_kb() for name, proc in procs.items()}
 
         slow = socket.create_connection((LOCALHOST, port), timeout=60)
@@ -1518,7 +1947,7 @@ class TestMemoryBound(CommandLineMixin, unittest.TestCase):
         self.assertFalse(pushed.is_set())
 
         busy = os.urandom(2 * MB)                      # another stream is not stalled
-        self.assertEqual(exchange(port, busy, b"echo\n", settle=True), busy)
+        self.assertEqual(exchange(port, busy, prefix=b"echo\n", first=b"!"), b"!" + busy)
         after = {name: proc.rss_kb() for name, proc in procs.items()}
         for name in procs:
             with self.subTest(process=name):
@@ -1536,13 +1965,8 @@ class TestMemoryBound(CommandLineMixin, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 5. The command line
+# 8. The command line
 # ---------------------------------------------------------------------------
-
-def list_rows(completed):
-    lines = [l for l in completed.stdout.splitlines() if l.strip()]
-    return [l.split() for l in lines]
-
 
 class TestCommandLine(CommandLineMixin, unittest.TestCase):
 
@@ -1552,11 +1976,11 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         share = self.start_share("web", target.port, address, script=SCRIPT)   # python3 mindmeld.py
         forward, port = self.start_forward("web", address, listen=["127.0.0.1:0"])
 
-        listing = cli("list", "--router", address)
-        self.assertEqual(listing.returncode, 0, listing.stderr)
-        rows = list_rows(listing)
+        listing = run_cli("list", "--router", address)
+        self.assertEqual(listing.code, 0, listing.err)
+        rows = list_rows(listing.out)
         self.assertEqual(rows[0], ["NAME", "REGISTERED", "STREAMS", "SHARER", "SECRET"])
-        self.assertEqual(len(rows), 2, listing.stdout)
+        self.assertEqual(len(rows), 2, listing.out)
         self.assertEqual(rows[1][0], "web")
         self.assertEqual(rows[1][2], "0")
         self.assertTrue(rows[1][3].startswith("127.0.0.1:"), rows[1])
@@ -1565,30 +1989,31 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         with socket.create_connection((LOCALHOST, port), timeout=20) as conn:
             conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
             self.assertEqual(recv_exactly(conn, 18), b"GET / HTTP/1.0\r\n\r\n")
-            listing = cli("list", "--router", address)         # one stream is open now
-            rows = list_rows(listing)
-            self.assertEqual([rows[1][0], rows[1][2]], ["web", "1"], listing.stdout)
+            listing = run_cli("list", "--router", address)         # one stream is open now
+            rows = list_rows(listing.out)
+            self.assertEqual([rows[1][0], rows[1][2]], ["web", "1"], listing.out)
             payload = os.urandom(MB)
             conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
-            self.assertEqual(recv_to_end(conn, 2 * MB, keep=True)[2], payload)
+            self.assertEqual(recv_to_end(conn, 2 * MB, keep=True).data, payload)
 
         for name, proc in (("forward", forward), ("share", share), ("router", router)):
             with self.subTest(process=name):
                 code, lines = proc.signal(signal.SIGINT)
                 self.assertEqual(code, 0, lines)
-                self.assertFalse([l for l in lines if "Traceback" in l], lines)
+                assert_clean_output(lines)
 
     def test_help_for_each_command_exits_0(self):
         for command in ("router", "share", "forward", "list"):
             with self.subTest(command=command):
-                done = cli(command, "--help")
-                self.assertEqual(done.returncode, 0, done.stderr)
-                self.assertTrue(done.stdout.startswith("usage: mindmeld %s" % command), done.stdout)
-        done = cli("--help")
-        self.assertEqual(done.returncode, 0)
+                done = run_cli(command, "--help")
+                self.assertEqual(done.code, 0, done.err)
+                self.assertTrue(done.out.decode().startswith("usage: mindmeld %s" % command),
+                                done.out)
+        done = run_cli("--help")
+        self.assertEqual(done.code, 0)
         for command in ("router", "share", "forward", "list"):
-            self.assertIn(command, done.stdout)
+            self.assertIn(command, done.out.decode())
 
     def test_bad_arguments_exit_2(self):
         cases = [
@@ -1602,18 +2027,18 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         ]
         for args, message in cases:
             with self.subTest(args=args):
-                done = cli(*args)
-                self.assertEqual(done.returncode, 2, done.stderr)
-                self.assertIn("usage: mindmeld", done.stderr)
-                self.assertIn(message, done.stderr)
-                self.assertNotIn("Traceback", done.stderr)
+                done = run_cli(*args)
+                self.assertEqual(done.code, 2, done.err)
+                self.assertIn("usage: mindmeld", done.err)
+                self.assertIn(message, done.err)
+                assert_clean_output(done.err)
 
     def test_share_without_a_target_is_a_usage_error(self):
         # like every other malformed command line: usage, the problem, exit status 2
-        done = cli("share", "web")
-        self.assertEqual(done.returncode, 2, done.stderr)
-        self.assertIn("usage: mindmeld share", done.stderr)
-        self.assertIn("PORT", done.stderr.splitlines()[-1])
+        done = run_cli("share", "web")
+        self.assertEqual(done.code, 2, done.err)
+        self.assertIn("usage: mindmeld share", done.err)
+        self.assertIn("PORT", done.err.splitlines()[-1])
 
     def test_bad_port_is_one_error_line(self):
         cases = [
@@ -1629,10 +2054,10 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         ]
         for args, line in cases:
             with self.subTest(args=args):
-                done = cli(*args)
-                self.assertEqual(done.returncode, 1, done.stderr)
-                lines = done.stderr.splitlines()
-                self.assertEqual(len(lines), 1, done.stderr)
+                done = run_cli(*args)
+                self.assertEqual(done.code, 1, done.err)
+                lines = done.err.splitlines()
+                self.assertEqual(len(lines), 1, done.err)
                 self.assertTrue(lines[0].startswith(line), lines[0])
 
     def test_unreachable_router_is_one_error_line(self):
@@ -1646,20 +2071,20 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         ]
         for args, start in cases:
             with self.subTest(args=args):
-                done = cli(*args)
-                self.assertEqual(done.returncode, 1, done.stderr)
-                lines = done.stderr.splitlines()
-                self.assertEqual(len(lines), 1, done.stderr)
+                done = run_cli(*args)
+                self.assertEqual(done.code, 1, done.err)
+                lines = done.err.splitlines()
+                self.assertEqual(len(lines), 1, done.err)
                 self.assertTrue(lines[0].startswith(start + address), lines[0])
 
     def test_invalid_service_name_exits_1(self):
         for args in (("share", "bad name", "80"), ("forward", "a/b", "0"),
                      ("share", "x" * 65, "80"), ("forward", "caf\u00e9")):
             with self.subTest(args=args):
-                done = cli(*args)
-                self.assertEqual(done.returncode, 1, done.stderr)
-                lines = done.stderr.splitlines()
-                self.assertEqual(len(lines), 1, done.stderr)
+                done = run_cli(*args)
+                self.assertEqual(done.code, 1, done.err)
+                lines = done.err.splitlines()
+                self.assertEqual(len(lines), 1, done.err)
                 self.assertIn("invalid service name", lines[0])
                 self.assertTrue(lines[0].startswith("mindmeld %s: error:" % args[0]), lines[0])
 
@@ -1674,7 +2099,7 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         self.assertIn("already shared", lines[0])
         self.assertTrue(lines[0].startswith("mindmeld share: error:"), lines[0])
         self.assertTrue(first.running())
-        rows = list_rows(cli("list", "--router", address))
+        rows = list_rows(run_cli("list", "--router", address).out)
         self.assertEqual([r[0] for r in rows[1:]], ["dup"])
 
     def test_unknown_service_is_logged_and_the_forwarder_keeps_running(self):
@@ -1698,9 +2123,9 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         router, address = self.start_router()
         env = cli_env(MINDMELD_ROUTER=address)
         share = self.start_share("fromenv", target.port, None, env=env)
-        done = cli("list", "--json", env=env)
-        self.assertEqual(done.returncode, 0, done.stderr)
-        services = json.loads(done.stdout)
+        done = run_cli("list", "--json", env=env)
+        self.assertEqual(done.code, 0, done.err)
+        services = json.loads(done.out.decode())
         self.assertEqual([s["name"] for s in services], ["fromenv"])
         self.assertEqual(services[0]["streams"], 0)
         self.assertIs(services[0]["secret"], False)
@@ -1717,21 +2142,21 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
                 code, lines = proc.signal(signal.SIGTERM)
                 self.assertEqual(code, 0, lines)
                 self.assertTrue(any("shutting down" in l for l in lines), lines)
-                self.assertFalse([l for l in lines if "Traceback" in l], lines)
+                assert_clean_output(lines)
 
     def test_bench_quick_moves_verified_data_and_writes_json(self):
         """Figures are not judged here (timing belongs to the benchmark); that it runs the
         three roles as processes, checks every byte, shows progress and writes its JSON is."""
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.json")
-            done = cli("bench", "--quick", "--json", path, timeout=120)
-            self.assertEqual(done.returncode, 0, done.stderr)
+            done = run_cli("bench", "--quick", "--json", path, timeout=120)
+            self.assertEqual(done.code, 0, done.err)
             with open(path) as f:
                 report = json.load(f)
-        progress = [l for l in done.stderr.splitlines() if l.startswith("bench: ")]
+        progress = [l for l in done.err.splitlines() if l.startswith("bench: ")]
         self.assertIn("router, sharer and forwarder started", "\n".join(progress))
-        self.assertGreaterEqual(len(progress), 10, done.stderr)
-        self.assertIn("100 streams both ways, MB/s", done.stdout)
+        self.assertGreaterEqual(len(progress), 10, done.err)
+        self.assertIn("100 streams both ways, MB/s", done.out.decode())
         keys = ["upload_MBps", "download_MBps", "concurrent_MBps", "rtt_p50_us", "rtt_p99_us",
                 "streams_per_s"]
         measured_in_proc = (["cpu_s_per_GB", "router_peak_rss_MB"]
@@ -1755,20 +2180,9 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 6. Reach: connect (stdin/stdout), WebSocket, the router's HTTP face, HTTP
+# 9. Reach: connect (stdin/stdout), WebSocket, the router's HTTP face, HTTP
 #    CONNECT proxies, several services on one sharer, IPv6, $PORT
 # ---------------------------------------------------------------------------
-
-reach_env = cli_env       # cli_env() already drops the machine's proxy settings
-
-
-if hasattr(asyncio, "current_task"):        # 3.7+
-    def _current_task(loop):
-        return asyncio.current_task(loop)
-else:                                       # 3.6
-    def _current_task(loop):
-        return asyncio.Task.current_task(loop)
-
 
 def ipv6_loopback():
     """True when ::1 can be bound here."""
@@ -1957,14 +2371,13 @@ class ReverseProxy:
 
 
 def ssl_client_context_without_checks():
-    import ssl
     context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
 
 
-# -- targets -------------------------------------------------------------------------
+# -- targets ----------------------------------------------------------------
 
 def sha_reply_handler(limit=64 * MB):
     """Read to EOF, then answer '<count> <sha256>\\n'."""
@@ -1993,75 +2406,13 @@ def prefix_echo_handler(prefix):
     return handler
 
 
-# -- blocking clients -------------------------------------------------------------------
-
-def read_all(conn, limit, timeout=30):
-    """Everything until EOF (at most `limit` bytes, within `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    parts, count = [], 0
-    for _ in range(limit // 256 + 100):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        conn.settimeout(left)
-        chunk = conn.recv(CHUNK)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
-        count += len(chunk)
-        if count > limit:
-            raise AssertionError("more than %d bytes arrived" % limit)
-    raise AssertionError("no EOF within %s s after %d bytes" % (timeout, count))
-
-
-def transfer(host, port, payload, timeout=30, first=b"", then=None):
-    """Connect; send payload (first, then the rest) while reading; half-close; return
-    all that came back.  then(): called once `first` came back (an echo), before the rest."""
-    with socket.create_connection((host, port), timeout=timeout) as conn:
-        head = b""
-        if first:
-            conn.sendall(first)
-            head = recv_exact(conn, len(first), timeout)
-            if then is not None:
-                then()
-        errors = []
-
-        def send():
-            try:
-                conn.sendall(payload)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                errors.append(exc)
-        sender = threading.Thread(target=send)
-        sender.daemon = True
-        sender.start()
-        try:
-            rest = read_all(conn, len(payload) + MB, timeout)
-        finally:
-            sender.join(timeout)
-        if errors:
-            raise errors[0]
-        return head + rest
-
-
-def recv_exact(conn, n, timeout=30):
-    deadline, data = time.monotonic() + timeout, b""
-    for _ in range(n + 1):
-        if len(data) >= n or time.monotonic() > deadline:
-            break
-        conn.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
+# -- a blocking HTTP client -------------------------------------------------
 
 def http_request(port, request, host=LOCALHOST, timeout=10):
     """Send a raw request; (status line, {header: value}, body) of the answer."""
     with socket.create_connection((host, port), timeout=timeout) as conn:
         conn.sendall(request)
-        answer = read_all(conn, MB, timeout)
+        answer = recv_to_end(conn, MB, timeout, keep=True).data
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
@@ -2069,26 +2420,6 @@ def http_request(port, request, host=LOCALHOST, timeout=10):
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return lines[0], headers, body
-
-
-def run_cli(*args, env=None, timeout=30, input=None):
-    """One command to completion, bytes in and out: (exit code, stdout, stderr text)."""
-    p = subprocess.Popen([sys.executable, "-u"] + MODULE + list(args), cwd=HERE,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env or reach_env())
-    try:
-        out, err = p.communicate(input if input is not None else b"", timeout)
-    except subprocess.TimeoutExpired:           # reported as a failure, not an error
-        p.kill()
-        out, err = p.communicate()
-        return "still running after %s s" % timeout, out, err.decode("utf-8", "replace")
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-        for stream in (p.stdin, p.stdout, p.stderr):
-            stream.close()
-    return p.returncode, out, err.decode("utf-8", "replace")
 
 
 class ReachMixin(CommandLineMixin):
@@ -2104,7 +2435,7 @@ class ReachMixin(CommandLineMixin):
 
     def router_at(self, listen, *extra, env=None):
         """A router process listening on `listen`: (proc, the port it logged)."""
-        router = Proc(self, ["router", "--listen", listen] + list(extra), env=env or reach_env())
+        router = Proc(self, ["router", "--listen", listen] + list(extra), env=env or cli_env())
         match = router.wait_line(r"router listening on (\S+):(\d+)")
         return router, int(match.group(2))
 
@@ -2116,7 +2447,7 @@ class ReachMixin(CommandLineMixin):
         else:
             words = ["%s=%s" % item for item in services.items()]
         proc = Proc(self, ["share"] + words + ["--router", router] + list(extra),
-                    env=env or reach_env())
+                    env=env or cli_env())
         seen = set()
         for _ in services:
             match = proc.wait_line(r"sharing '([^']+)' -> (\S+) through the router at (\S+)")
@@ -2125,21 +2456,13 @@ class ReachMixin(CommandLineMixin):
 
     def forward(self, name, router, *extra, listen="127.0.0.1:0", env=None):
         proc = Proc(self, ["forward", name, listen, "--router", router] + list(extra),
-                    env=env or reach_env())
+                    env=env or cli_env())
         match = proc.wait_line(r"forwarding (\S+):(\d+) -> '%s'" % re.escape(name))
         return proc, match.group(1), int(match.group(2))
 
-    def assert_one_error_line(self, code, stderr, command):
-        self.assertEqual(code, 1, stderr)
-        lines = stderr.splitlines()
-        self.assertEqual(len(lines), 1, stderr)
-        self.assertTrue(lines[0].startswith("mindmeld %s: error: " % command), lines[0])
-        self.assertNotIn("Traceback", stderr)
-        return lines[0]
-
 
 # ---------------------------------------------------------------------------
-# 6a. connect: standard input and output as one stream
+# 9a. connect: standard input and output as one stream
 # ---------------------------------------------------------------------------
 
 PROXYCOMMAND_PARENT = r'''
@@ -2283,7 +2606,7 @@ class TestConnect(ReachMixin, unittest.TestCase):
             with self.subTest(args=args):
                 code, out, err = run_cli("connect", "vault", "--router", address, *args,
                                          input=b"knock")
-                line = self.assert_one_error_line(code, err, "connect")
+                line = self.assert_one_error_line((code, out, err), "connect")
                 self.assertIn("'vault'", line)
                 self.assertNotIn("open sesame", err)
                 self.assertEqual(out, b"")
@@ -2307,7 +2630,7 @@ class TestConnect(ReachMixin, unittest.TestCase):
         router, port = self.router_at("127.0.0.1:0")
         code, out, err = run_cli("connect", "nosuch", "--router", "127.0.0.1:%d" % port,
                                  input=b"anyone there?")
-        line = self.assert_one_error_line(code, err, "connect")
+        line = self.assert_one_error_line((code, out, err), "connect")
         self.assertIn("'nosuch'", line)
         self.assertIn("no service named", line)
         self.assertEqual(out, b"")
@@ -2316,7 +2639,7 @@ class TestConnect(ReachMixin, unittest.TestCase):
         self.addCleanup(dead.close)
         where = "127.0.0.1:%d" % dead.getsockname()[1]
         code, out, err = run_cli("connect", "web", "--router", where)
-        line = self.assert_one_error_line(code, err, "connect")
+        line = self.assert_one_error_line((code, out, err), "connect")
         self.assertIn("cannot reach the router at " + where, line)
         self.assertEqual(out, b"")
 
@@ -2329,7 +2652,7 @@ class TestConnect(ReachMixin, unittest.TestCase):
             [sys.executable, "-c", PROXYCOMMAND_PARENT, sys.executable, SCRIPT, "connect",
              "box-ssh", "--router", address],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=reach_env(ROUNDS=str(rounds)), timeout=60, universal_newlines=True)
+            env=cli_env(ROUNDS=str(rounds)), timeout=60, universal_newlines=True)
         self.assertEqual(parent.stderr, "")         # connect is quiet when all is well
         result = json.loads(parent.stdout)
         self.assertEqual(result["transcript"],
@@ -2339,14 +2662,14 @@ class TestConnect(ReachMixin, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 6b. WebSocket: ws:// and wss:// routers, and a reverse proxy in front
+# 9b. WebSocket: ws:// and wss:// routers, and a reverse proxy in front
 # ---------------------------------------------------------------------------
 
 class TestWebSocket(ReachMixin, unittest.TestCase):
 
     def exchange_through(self, port, size=3 * MB):
         payload = os.urandom(size)
-        back = transfer(LOCALHOST, port, payload)
+        back = exchange(port, payload)
         self.assertEqual(len(back), len(payload))
         self.assertTrue(back == payload, "the echo differs")
 
@@ -2361,7 +2684,7 @@ class TestWebSocket(ReachMixin, unittest.TestCase):
         self.exchange_through(local)
         code, out, err = run_cli("list", "--router", forward_url)
         self.assertEqual(code, 0, err)
-        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        self.assertEqual([r[0] for r in list_rows(out)[1:]], ["web"])
         payload = os.urandom(MB)
         code, out, err = run_cli("connect", "web", "--router", forward_url, input=payload)
         self.assertEqual((code, err), (0, ""))
@@ -2430,13 +2753,13 @@ class TestWebSocket(ReachMixin, unittest.TestCase):
         router, port = self.router_at("127.0.0.1:0")
         url = "ws://127.0.0.1:%d/wrong" % port
         code, out, err = run_cli("list", "--router", url)
-        line = self.assert_one_error_line(code, err, "list")
+        line = self.assert_one_error_line((code, out, err), "list")
         self.assertIn("/wrong", line)
         self.assertIn("404", line)
         self.assertEqual(out, b"")
         # a sharer does not retry what cannot work
-        code, _, err = run_cli("share", "web", "80", "--router", url, timeout=15)
-        line = self.assert_one_error_line(code, err, "share")
+        ran = run_cli("share", "web", "80", "--router", url, timeout=15)
+        line = self.assert_one_error_line(ran, "share")
         self.assertIn("404", line)
 
     def test_wss_with_ca_fingerprint_and_a_tls_reverse_proxy(self):
@@ -2452,7 +2775,7 @@ class TestWebSocket(ReachMixin, unittest.TestCase):
         # the certificate really is checked on wss://
         code, out, err = run_cli("list", "--router", "wss://127.0.0.1:%d" % port,
                                  "--tls-fingerprint", "ab" * 32, *tls)
-        line = self.assert_one_error_line(code, err, "list")
+        line = self.assert_one_error_line((code, out, err), "list")
         self.assertIn(fingerprint, line)
         # TLS ends at a reverse proxy that re-encrypts to the router (nginx with ssl and
         # proxy_pass https://): TLS first, then the WebSocket upgrade inside it
@@ -2460,28 +2783,31 @@ class TestWebSocket(ReachMixin, unittest.TestCase):
         code, out, err = run_cli("list", "--router", "wss://127.0.0.1:%d/relay/mindmeld"
                                  % proxy.port, "--tls-ca", cert, *tls)
         self.assertEqual(code, 0, err)
-        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        self.assertEqual([r[0] for r in list_rows(out)[1:]], ["web"])
         self.assertEqual([(m, p) for m, p, _ in proxy.requests], [("GET", "/relay/mindmeld")])
         # and through an HTTP CONNECT proxy: TLS inside the tunnel, then the upgrade
         connect_proxy = ConnectProxy(self.loops())
         code, out, err = run_cli("list", "--router", "wss://127.0.0.1:%d" % port, "--tls-ca", cert,
                                  "--proxy", connect_proxy.url, *tls)
         self.assertEqual(code, 0, err)
-        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        self.assertEqual([r[0] for r in list_rows(out)[1:]], ["web"])
         self.assertEqual(connect_proxy.requests, [("CONNECT 127.0.0.1:%d HTTP/1.1" % port, None)])
         self.assertEqual(self.loops().errors, [])
 
 
-def ws_frame(opcode, payload, fin=True):
-    """A masked client frame (RFC 6455 5.2), written here independently of mindmeld."""
-    n = len(payload)
+def ws_frame(opcode, payload, fin=True, masked=True):
+    """A frame (RFC 6455 5.2), written here independently of mindmeld: masked as a
+    client sends it, or not, as a server does."""
+    n, bit = len(payload), 0x80 if masked else 0
     first = (0x80 if fin else 0) | opcode
     if n < 126:
-        head = struct.pack("!BB", first, 0x80 | n)
+        head = struct.pack("!BB", first, bit | n)
     elif n < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, n)
+        head = struct.pack("!BBH", first, bit | 126, n)
     else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, n)
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not masked:
+        return head + payload
     key = os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
@@ -2516,7 +2842,8 @@ class RawWebSocket:
         """(fin, opcode, payload); the server must not mask."""
         self._need(2)
         first, second = self.buffer[0], self.buffer[1]
-        assert not second & 0x80, "a server frame is masked"
+        if second & 0x80:
+            raise AssertionError("a server frame is masked")
         n, pos = second & 0x7F, 2
         if n == 126:
             self._need(4)
@@ -2529,11 +2856,7 @@ class RawWebSocket:
         return bool(first & 0x80), first & 0x0F, payload
 
     def rest(self):
-        return self.buffer + read_all(self.conn, MB, 10)
-
-
-def list_rows_bytes(out):
-    return [l.split() for l in out.decode().splitlines() if l.strip()]
+        return self.buffer + recv_to_end(self.conn, MB, 10, keep=True).data
 
 
 _ROUTER_CERT = []
@@ -2553,7 +2876,7 @@ def router_cert():
 
 
 # ---------------------------------------------------------------------------
-# 6c. The router's HTTP face, beside a transfer on the same port
+# 9c. The router's HTTP face, beside a transfer on the same port
 # ---------------------------------------------------------------------------
 
 class TestRouterHttp(ReachMixin, unittest.TestCase):
@@ -2573,7 +2896,7 @@ class TestRouterHttp(ReachMixin, unittest.TestCase):
             answers["/nope"] = http_request(port, b"GET /nope HTTP/1.1\r\nHost: relay\r\n\r\n")
 
         first, rest = os.urandom(256 * 1024), os.urandom(4 * MB)
-        back = transfer(LOCALHOST, local, rest, first=first, then=ask)
+        back = exchange(local, rest, first=first, then=ask)
         self.assertEqual(len(back), len(first) + len(rest))
         self.assertTrue(back == first + rest, "the transfer was damaged")
 
@@ -2591,7 +2914,7 @@ class TestRouterHttp(ReachMixin, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 6d. HTTP CONNECT proxies on the way to the router
+# 9d. HTTP CONNECT proxies on the way to the router
 # ---------------------------------------------------------------------------
 
 class TestProxy(ReachMixin, unittest.TestCase):
@@ -2605,11 +2928,11 @@ class TestProxy(ReachMixin, unittest.TestCase):
                               "--proxy", url)
         forward, _, local = self.forward("web", address, "--proxy", url)
         payload = os.urandom(2 * MB)
-        self.assertTrue(transfer(LOCALHOST, local, payload) == payload, "the echo differs")
+        self.assertTrue(exchange(local, payload) == payload, "the echo differs")
         # WebSocket inside the proxy's tunnel
         code, out, err = run_cli("list", "--router", "ws://%s/mindmeld" % address, "--proxy", url)
         self.assertEqual(code, 0, err)
-        self.assertEqual([r[0] for r in list_rows_bytes(out)[1:]], ["web"])
+        self.assertEqual([r[0] for r in list_rows(out)[1:]], ["web"])
         basic = "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
         self.assertEqual(proxy.requests, [("CONNECT %s HTTP/1.1" % address, basic)] * 3)
         self.assertEqual(self.loops().errors, [])
@@ -2626,9 +2949,9 @@ class TestProxy(ReachMixin, unittest.TestCase):
             with self.subTest(variable=variable, value=value):
                 before = len(proxy.requests)
                 code, out, err = run_cli("list", "--router", address,
-                                         env=reach_env(**{variable: value}))
+                                         env=cli_env(**{variable: value}))
                 self.assertEqual(code, 0, err)
-                self.assertEqual(list_rows_bytes(out)[0][0], "NAME")
+                self.assertEqual(list_rows(out)[0][0], "NAME")
                 self.assertEqual(proxy.requests[before:], [("CONNECT %s HTTP/1.1" % address, None)])
 
     def test_no_proxy_naming_the_router_host_bypasses_the_proxy(self):
@@ -2638,12 +2961,12 @@ class TestProxy(ReachMixin, unittest.TestCase):
         for no_proxy in ("127.0.0.1", "example.org, 127.0.0.1"):
             with self.subTest(NO_PROXY=no_proxy):
                 code, out, err = run_cli("list", "--router", address,
-                                         env=reach_env(HTTPS_PROXY=proxy.url, NO_PROXY=no_proxy))
+                                         env=cli_env(HTTPS_PROXY=proxy.url, NO_PROXY=no_proxy))
                 self.assertEqual(code, 0, err)
         self.assertEqual(proxy.requests, [])
         # a NO_PROXY that names another host does not
         code, out, err = run_cli("list", "--router", address,
-                                 env=reach_env(HTTPS_PROXY=proxy.url, NO_PROXY="example.org"))
+                                 env=cli_env(HTTPS_PROXY=proxy.url, NO_PROXY="example.org"))
         self.assertEqual(code, 1, err)
         self.assertEqual(len(proxy.requests), 1)
 
@@ -2652,20 +2975,20 @@ class TestProxy(ReachMixin, unittest.TestCase):
         address = "127.0.0.1:%d" % port
         proxy = ConnectProxy(self.loops(), answer=PROXY_407)
         code, out, err = run_cli("list", "--router", address, "--proxy", proxy.url)
-        line = self.assert_one_error_line(code, err, "list")
+        line = self.assert_one_error_line((code, out, err), "list")
         self.assertIn(proxy.url, line)
         self.assertIn("407 Proxy Authentication Required", line)
         for command in (["share", "web", "80"], ["forward", "web", "0"]):
             with self.subTest(command=command[0]):     # -q: a forwarder logs its port first
-                code, _, err = run_cli(*command + ["-q", "--router", address, "--proxy",
-                                                   proxy.url], timeout=15)
-                line = self.assert_one_error_line(code, err, command[0])
+                ran = run_cli(*command + ["-q", "--router", address, "--proxy", proxy.url],
+                              timeout=15)
+                line = self.assert_one_error_line(ran, command[0])
                 self.assertIn("407", line)
         self.assertEqual(len(proxy.requests), 3)
 
 
 # ---------------------------------------------------------------------------
-# 6e. Several services on one sharer
+# 9e. Several services on one sharer
 # ---------------------------------------------------------------------------
 
 class TestSeveralServices(ReachMixin, unittest.TestCase):
@@ -2680,7 +3003,7 @@ class TestSeveralServices(ReachMixin, unittest.TestCase):
                                 ("db", "127.0.0.1:%d" % db, address)})
         code, out, err = run_cli("list", "--router", address)
         self.assertEqual(code, 0, err)
-        rows = list_rows_bytes(out)[1:]
+        rows = list_rows(out)[1:]
         self.assertEqual(sorted(r[0] for r in rows), ["db", "web"])
         self.assertEqual(len({r[3] for r in rows}), 1, "not one sharer link: %s" % rows)
         self.assertRegex(http_request(port, b"GET / HTTP/1.0\r\n\r\n")[2].decode(),
@@ -2689,7 +3012,7 @@ class TestSeveralServices(ReachMixin, unittest.TestCase):
             with self.subTest(service=name):
                 forward, _, local = self.forward(name, address)
                 payload = os.urandom(100 * 1024)
-                self.assertTrue(transfer(LOCALHOST, local, payload) == name.encode() + b":" + payload)
+                self.assertTrue(exchange(local, payload) == name.encode() + b":" + payload)
 
     def test_share_usage_errors_exit_2(self):
         cases = [(("web",), "PORT"), (("web=8000", "db"), "'db'"),
@@ -2700,18 +3023,18 @@ class TestSeveralServices(ReachMixin, unittest.TestCase):
                 self.assertEqual(code, 2, err)
                 self.assertIn("usage: mindmeld share", err)
                 self.assertIn(message, err.splitlines()[-1])
-                self.assertNotIn("Traceback", err)
+                assert_clean_output(err)
 
 
 # ---------------------------------------------------------------------------
-# 6f. IPv6, and the router's listening address
+# 9f. IPv6, and the router's listening address
 # ---------------------------------------------------------------------------
 
 class TestListen(ReachMixin, unittest.TestCase):
 
     @unittest.skipUnless(HAVE_IPV6, "::1 cannot be bound here")
     def test_ipv6_loopback_end_to_end(self):
-        router = Proc(self, ["router", "--listen", "[::1]:0"], env=reach_env())
+        router = Proc(self, ["router", "--listen", "[::1]:0"], env=cli_env())
         port = int(router.wait_line(r"router listening on \[::1\]:(\d+)").group(1))
         address = "[::1]:%d" % port
         target = self.target(echo_handler, host="::1")
@@ -2720,37 +3043,37 @@ class TestListen(ReachMixin, unittest.TestCase):
         forward, host, local = self.forward("v6", address, listen="[::1]:0")
         self.assertEqual(host, "[::1]")
         payload = os.urandom(MB)
-        self.assertTrue(transfer("::1", local, payload) == payload, "the echo differs")
+        self.assertTrue(exchange(local, payload, host="::1") == payload, "the echo differs")
         code, out, err = run_cli("list", "--router", address)
         self.assertEqual(code, 0, err)
-        rows = list_rows_bytes(out)
+        rows = list_rows(out)
         self.assertEqual(rows[1][0], "v6")
         self.assertTrue(rows[1][3].startswith("[::1]:"), rows[1])
         code, out, err = run_cli("list", "--router", "ws://%s" % address)
         self.assertEqual(code, 0, err)
-        self.assertEqual(list_rows_bytes(out)[1][0], "v6")
+        self.assertEqual(list_rows(out)[1][0], "v6")
 
     @unittest.skipUnless(HAVE_IPV6, "::1 cannot be bound here")
     def test_dual_stack_router_takes_ipv4_and_ipv6(self):
         if not dual_stack_works():
             self.skipTest("this system does not accept IPv4 on an IPv6 socket")
-        router = Proc(self, ["router", "--listen", "[::]:0"], env=reach_env())
+        router = Proc(self, ["router", "--listen", "[::]:0"], env=cli_env())
         port = int(router.wait_line(r"router listening on \[::\]:(\d+)").group(1))
         target = self.target(echo_handler)
         share, _ = self.share({"both": "127.0.0.1:%d" % target}, "127.0.0.1:%d" % port)
         forward, _, local = self.forward("both", "[::1]:%d" % port)
         payload = os.urandom(MB)
-        self.assertTrue(transfer(LOCALHOST, local, payload) == payload, "the echo differs")
+        self.assertTrue(exchange(local, payload) == payload, "the echo differs")
         code, out, err = run_cli("list", "--router", "[::1]:%d" % port)
         self.assertEqual(code, 0, err)
-        self.assertRegex(list_rows_bytes(out)[1][3], r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$")
+        self.assertRegex(list_rows(out)[1][3], r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$")
 
     def test_router_port_from_the_environment(self):
         for attempt in range(3):        # the free port may be taken in between: try another
             holder = free_port_socket()
             free = holder.getsockname()[1]
             holder.close()
-            router = Proc(self, ["router"], env=reach_env(PORT=str(free)))
+            router = Proc(self, ["router"], env=cli_env(PORT=str(free)))
             try:
                 match = router.wait_line(r"router listening on (.*)$")
                 break
@@ -2763,7 +3086,7 @@ class TestListen(ReachMixin, unittest.TestCase):
         code, out, err = run_cli("list", "--router", "127.0.0.1:%d" % free)
         self.assertEqual(code, 0, err)
         # --listen wins over $PORT
-        other, other_port = self.router_at("127.0.0.1:0", env=reach_env(PORT=str(free)))
+        other, other_port = self.router_at("127.0.0.1:0", env=cli_env(PORT=str(free)))
         self.assertNotEqual(other_port, free)
 
 
@@ -2787,44 +3110,8 @@ KEEPALIVE_SILENT_INTERVALS = 3      # the documented "dead after 3 silent interv
 
 
 # ---------------------------------------------------------------------------
-# helpers for the reliability tests
+# 10. Staying up: a relay that goes silent, and other fixtures
 # ---------------------------------------------------------------------------
-
-class LogWatch(logging.Handler):
-    """The "mindmeld" log as a list of lines that a coroutine can wait on (library roles
-    log from the loop's thread, so a waiter's future is resolved right in emit())."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.lines = []
-        self._waiters = []
-
-    def emit(self, record):
-        line = record.getMessage()
-        self.lines.append(line)
-        for regex, future in list(self._waiters):
-            if not future.done() and regex.search(line):
-                future.set_result((len(self.lines) - 1, line))
-
-    async def wait(self, pattern, timeout, start=0):
-        """The first line from index `start` on that matches `pattern`; its index is
-        left in `self.matched_at`."""
-        regex = re.compile(pattern)
-        for index in range(start, len(self.lines)):
-            if regex.search(self.lines[index]):
-                self.matched_at = index
-                return self.lines[index]
-        entry = (regex, asyncio.get_event_loop().create_future())
-        self._waiters.append(entry)
-        try:
-            self.matched_at, line = await asyncio.wait_for(entry[1], timeout)
-            return line
-        except asyncio.TimeoutError:
-            raise AssertionError("no log line /%s/ within %s s; the log:\n%s"
-                                 % (pattern, timeout, "\n".join(self.lines[-40:])))
-        finally:
-            self._waiters.remove(entry)
-
 
 class SilentRelay:
     """A TCP relay on 127.0.0.1 to `upstream_port`, in the test's event loop.
@@ -2928,26 +3215,6 @@ def recv_at_least(conn, n, timeout=20):
     return got
 
 
-def how_it_ends(conn, timeout):
-    """Read (and drop) until the far side ends the connection: 'eof', 'reset', or
-    'still open' when `timeout` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    for _ in range(10 ** 6):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        conn.settimeout(remaining)
-        try:
-            chunk = conn.recv(CHUNK)
-        except socket.timeout:
-            break
-        except (ConnectionResetError, ConnectionAbortedError):
-            return "reset"
-        if not chunk:
-            return "eof"
-    return "still open"
-
-
 async def read_reply(reader, timeout):
     """Everything until EOF, or 'reset'."""
     try:
@@ -2963,20 +3230,11 @@ async def reply_handler(reader, writer):
     await writer.drain()
 
 
-def no_tracebacks(lines):
-    return [line for line in lines if "Traceback" in line]
-
-
 # ---------------------------------------------------------------------------
-# Staying up: the roles as library objects in one event loop
+# 10a. Staying up: the roles as library objects in one event loop
 # ---------------------------------------------------------------------------
 
 class TestStayingUp(LoopTestCase):
-
-    def setUp(self):
-        LoopTestCase.setUp(self)
-        self.watch = LogWatch()
-        logging.getLogger("mindmeld").addHandler(self.watch)   # LoopTestCase's cleanup restores
 
     async def client(self, cls, *args, **options):
         role = cls(*args, **options)
@@ -3212,7 +3470,7 @@ class TestStayingUp(LoopTestCase):
             self.assertEqual(await asyncio.wait_for(late_reader.readexactly(1), 15), b"b")
             late.write(b"c")
             late.write_eof()
-            count, _, head = await read_to_end(late_reader, 10)
+            count, _, head = await read_to_end(late_reader, 10, keep=True)
             self.assertEqual((count, head), (1, b"c"))
         self.run_async(main())
 
@@ -3229,15 +3487,16 @@ class TestStayingUp(LoopTestCase):
             quiet_reader, _quiet = await self.connect(forwarder.port)          # says nothing
             asking_reader, asking = await self.connect(forwarder.port)
             asking.write(b"GET / HTTP/1.0\r\n\r\n")                             # sends a request
-            self.assertEqual(await closed_within(quiet_reader, pending + 5), "eof")
-            self.assertIn(await closed_within(asking_reader, pending + 5), ("eof", "reset"))
+            self.assertEqual(await read_until_closed(quiet_reader, pending + 5, drop=False), "eof")
+            self.assertIn(await read_until_closed(asking_reader, pending + 5, drop=False),
+                          ("eof", "reset"))
             self.assertGreaterEqual(self.loop.time() - began, pending - 0.1)    # they waited
             expired = [l for l in self.watch.lines if "closing a waiting connection" in l]
             self.assertEqual(len(expired), 2, self.watch.lines)
             self.assertFalse(forwarder.done.done())
             # still listening, and a new connection waits again
             reader, writer = await self.connect(forwarder.port)
-            self.assertEqual(await closed_within(reader, pending + 5), "eof")
+            self.assertEqual(await read_until_closed(reader, pending + 5, drop=False), "eof")
         self.run_async(main())
 
     # -- 6. a hundred reconnects leak nothing ---------------------------------------
@@ -3263,17 +3522,6 @@ class TestStayingUp(LoopTestCase):
             self._async_cleanups.append(close)
             return server.sockets[0].getsockname()[1]
 
-        async def until(predicate, what, timeout=10):
-            # a bounded poll: "both clients have a new link" has no single event
-            deadline = self.loop.time() + timeout
-            for _ in range(int(timeout / 0.005) + 2):
-                if predicate():
-                    return
-                if self.loop.time() > deadline:
-                    break
-                await asyncio.sleep(0.005)
-            raise AssertionError("not within %s s: %s" % (timeout, what))
-
         async def main():
             router = await self.start_router()
             target = await echo_server()
@@ -3294,7 +3542,8 @@ class TestStayingUp(LoopTestCase):
                 old = tuple(c.link for c in clients)
                 for peer in list(router.peers):
                     peer.abort("test: cycle %d" % i)
-                await until(lambda: linked(old), "both clients linked again (cycle %d)" % i)
+                await wait_until(lambda: linked(old), 10,
+                                 "both clients linked again (cycle %d)" % i)
                 if i % 10 == 0:
                     reader, writer = await asyncio.open_connection(LOCALHOST, forwarder.port)
                     try:
@@ -3303,13 +3552,12 @@ class TestStayingUp(LoopTestCase):
                         self.assertEqual(await asyncio.wait_for(reader.read(-1), 10), b"x")
                     finally:
                         writer.close()
-                    await until(idle, "the stream of cycle %d to end everywhere" % i)
+                    await wait_until(idle, 10, "the stream of cycle %d to end everywhere" % i)
 
             fd_dir = "/proc/self/fd"
 
             def measure():
-                del self.logs[:]                 # the test's own record of log lines
-                del self.watch.lines[:]
+                del self.watch.lines[:]          # the test's own record of log lines
                 gc.collect()
                 return {"tasks": len([t for t in _all_tasks(self.loop) if not t.done()]),
                         "fds": len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else None,
@@ -3346,7 +3594,7 @@ class TestStayingUp(LoopTestCase):
 
 
 # ---------------------------------------------------------------------------
-# Staying up: the command line
+# 10b. Staying up: the command line
 # ---------------------------------------------------------------------------
 
 class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
@@ -3395,7 +3643,7 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
 
         router.p.kill()
         router.p.wait(10)
-        self.assertIn(how_it_ends(conn, 5), ("eof", "reset"))     # promptly
+        self.assertIn(recv_until_closed(conn, 5), ("eof", "reset"))     # promptly
         share.wait_line(r"share: .*; retrying in [\d.]+ s$")
         forward.wait_line(r"forward: .*; retrying in [\d.]+ s$")
 
@@ -3404,9 +3652,9 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
         share.wait_line(r"sharing 'web' -> 127\.0\.0\.1:%d through the router at %s \(again\)$"
                         % (target.port, re.escape(address)), timeout=40)
         payload = os.urandom(512 * 1024)
-        self.assertEqual(exchange(port, payload, b"echo\n", settle=True), payload)
+        self.assertEqual(exchange(port, payload, prefix=b"echo\n", first=b"!"), b"!" + payload)
         self.assertTrue(share.running() and forward.running())
-        self.assertFalse(no_tracebacks(share.lines + forward.lines))
+        assert_clean_output(share.lines + forward.lines)
 
     # -- 2. the sharer dies ----------------------------------------------------------
     def test_sharer_killed_mid_transfer_then_restarted(self):
@@ -3421,13 +3669,13 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
 
         share.p.kill()
         share.p.wait(10)
-        self.assertIn(how_it_ends(conn, 5), ("eof", "reset"))
+        self.assertIn(recv_until_closed(conn, 5), ("eof", "reset"))
         again = self.start_share("web", target.port, address)       # a new process, same name
         self.assertFalse([l for l in again.lines if "already shared" in l], again.lines)
         payload = os.urandom(512 * 1024)
-        self.assertEqual(exchange(port, payload, b"echo\n", settle=True), payload)
+        self.assertEqual(exchange(port, payload, prefix=b"echo\n", first=b"!"), b"!" + payload)
         self.assertTrue(forward.running() and again.running())
-        rows = list_rows(cli("list", "--router", address))
+        rows = list_rows(run_cli("list", "--router", address).out)
         self.assertEqual([r[0] for r in rows[1:]], ["web"])
 
     # -- 4. signals ----------------------------------------------------------------
@@ -3443,13 +3691,13 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
             tunnel[role].p.send_signal(signal.SIGTERM)
         for role, tunnel in cases:
             with self.subTest(role=role):
-                self.assertIn(how_it_ends(conns[role], grace + 10), ("eof", "reset"))
+                self.assertIn(recv_until_closed(conns[role], grace + 10), ("eof", "reset"))
                 code, lines = self.finish_within(tunnel[role], grace + 10)
                 took = time.monotonic() - began[role]
                 self.assertEqual(code, 0, lines)
                 self.assertLess(took, grace + 5, lines)
                 self.assertTrue(any("shutting down" in l for l in lines), lines)
-                self.assertFalse(no_tracebacks(lines), lines)
+                assert_clean_output(lines)
         # the router said why it went (GOAWAY): its clients name it as they retry
         for role in ("share", "forward"):
             with self.subTest(client_of_the_router=role):
@@ -3474,7 +3722,7 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
             with self.subTest(role=role):
                 code, lines = self.finish_within(tunnel[role], 10)
                 self.assertLess(time.monotonic() - began, 10)        # not the 30 s grace
-                self.assertFalse(no_tracebacks(lines), lines)
+                assert_clean_output(lines)
 
     def test_sharer_in_its_grace_takes_no_new_streams(self):
         # SIGTERM: "stop accepting, GOAWAY to peers, then up to --grace for open streams".
@@ -3501,7 +3749,7 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
                     answer = b""
                 self.assertEqual(answer, b"")
         with self.subTest("its name is released"):
-            rows = list_rows(cli("list", "--router", address))
+            rows = list_rows(run_cli("list", "--router", address).out)
             self.assertEqual([r[0] for r in rows[1:]], [])
 
     # -- 7. giving up ---------------------------------------------------------------
@@ -3526,15 +3774,12 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
                 self.assertEqual(gave_up[0], lines[-1])
                 self.assertTrue(gave_up[0].startswith("mindmeld %s: error: cannot reach the "
                                                       "router at %s" % (command, address)), lines)
-                self.assertFalse(no_tracebacks(lines), lines)
+                assert_clean_output(lines)
 
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 # ---------------------------------------------------------------------------
-# Security helpers
+# 11. Security: a fixed certificate, processes with their own state
 # ---------------------------------------------------------------------------
 
 # A fixed router certificate (mindmeld.make_self_signed_cert("localhost"), valid from
@@ -3667,7 +3912,7 @@ class SecurityCommandLine(CommandLineMixin):
         return proc, self.forward_port(proc, name)
 
     def run_many(self, commands, timeout=10):
-        """Run short commands at once: [(exit code, stdout, stderr, seconds)], in order.
+        """Run short commands at once: [Ran(exit code, stdout, stderr text)], in order.
 
         Each is (args) or (args, env) or (args, env, stdin bytes).  A command still
         running after `timeout` seconds fails the test (a retry loop, a hang)."""
@@ -3675,9 +3920,8 @@ class SecurityCommandLine(CommandLineMixin):
         for command in commands:
             args, env, data = (list(command) + [None, None])[:3] if isinstance(command, tuple) \
                 else (command, None, None)
-            proc = subprocess.Popen([sys.executable, "-u"] + MODULE + list(args), cwd=HERE,
-                                    env=env or self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE,
+            proc = subprocess.Popen(cli_argv(args), cwd=HERE, env=env or self.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL)
             started.append((args, proc, data, time.monotonic()))
         results, late = [], []
@@ -3688,22 +3932,9 @@ class SecurityCommandLine(CommandLineMixin):
                 proc.kill()
                 out, err = proc.communicate()
                 late.append(" ".join(args))
-            results.append((proc.returncode, out, err.decode("utf-8", "replace"),
-                            time.monotonic() - began))
+            results.append(Ran(proc.returncode, out, err.decode("utf-8", "replace")))
         self.assertEqual(late, [], "still running after %s s" % timeout)
         return results
-
-    def assert_one_error_line(self, result, command, *needles):
-        """Exit 1 and one line 'mindmeld COMMAND: error: ...' (a forwarder's banner aside)."""
-        code, _out, err, _seconds = result
-        lines = [l for l in err.splitlines()
-                 if l.strip() and not re.search(r"forwarding 127\.0\.0\.1:\d+ ->", l)]
-        self.assertEqual(code, 1, err)
-        self.assertEqual(len(lines), 1, err)
-        self.assertTrue(lines[0].startswith("mindmeld %s: error: " % command), lines[0])
-        for needle in needles:
-            self.assertIn(needle, lines[0])
-        return lines[0]
 
 
 class TlsFiles:
@@ -3727,7 +3958,7 @@ class TlsFiles:
 
 
 # ---------------------------------------------------------------------------
-# 6. TLS from the command line
+# 11a. TLS from the command line
 # ---------------------------------------------------------------------------
 
 class TestTlsCommandLine(SecurityCommandLine, TlsFiles, unittest.TestCase):
@@ -3863,7 +4094,7 @@ class TestTlsCommandLine(SecurityCommandLine, TlsFiles, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 7. The router's token
+# 11b. The router's token
 # ---------------------------------------------------------------------------
 
 class TestRouterToken(SecurityCommandLine, unittest.TestCase):
@@ -3879,7 +4110,7 @@ class TestRouterToken(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(exchange(port, payload), payload)
         listing, = self.run_many([["list", "--router", address, "--token", token]])
         self.assertEqual(listing[0], 0, listing[2])
-        self.assertEqual([row[0] for row in list_rows_of(listing[1])[1:]], ["tokweb"])
+        self.assertEqual([row[0] for row in list_rows(listing[1])[1:]], ["tokweb"])
 
         seen = [listing[1].decode(), listing[2]]
         for proc in (forward, share, router):
@@ -3914,12 +4145,8 @@ class TestRouterToken(SecurityCommandLine, unittest.TestCase):
         self.assertFalse([l for l in outputs if token in l or wrong in l])
 
 
-def list_rows_of(stdout):
-    return [l.split() for l in stdout.decode().splitlines() if l.strip()]
-
-
 # ---------------------------------------------------------------------------
-# 8. Service secrets
+# 11c. Service secrets
 # ---------------------------------------------------------------------------
 
 def tag_handler(tag):
@@ -3980,7 +4207,7 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
              b"through stdin"),
         ])
         self.assertEqual(listing[0], 0, listing[2])
-        rows = list_rows_of(listing[1])
+        rows = list_rows(listing[1])
         self.assertEqual(rows[0][-1], "SECRET")
         self.assertEqual([(r[0], r[-1]) for r in rows[1:]], [("vault", "yes")])
         self.assert_one_error_line(wrong_connect, "connect", "'vault'", "wrong secret")
@@ -4028,7 +4255,7 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 9. Hostile peers against a live router (library roles in one event loop)
+# 11d. Hostile peers against a live router (library roles in one event loop)
 # ---------------------------------------------------------------------------
 
 class Traffic:
@@ -4169,9 +4396,7 @@ FRAME_NAMES_ = mindmeld.FRAME_NAMES
 
 def tls_client_hello():
     """The first flight of a real TLS client."""
-    context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = ssl_client_context_without_checks()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
     try:
@@ -4179,18 +4404,6 @@ def tls_client_hello():
     except ssl.SSLWantReadError:
         pass
     return outgoing.read()
-
-
-async def until(loop, condition, timeout, interval=0.01):
-    """Poll a condition that has no event of its own, up to a deadline: True if it held."""
-    deadline = loop.time() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        if condition():
-            return True
-        if loop.time() >= deadline:
-            break
-        await asyncio.sleep(interval)      # a bounded poll of router state
-    return condition()
 
 
 class HostileTestCase(LoopTestCase):
@@ -4238,11 +4451,11 @@ class HostileTestCase(LoopTestCase):
     async def after(self, traffic):
         """The honest stream finishes byte-exact; only the honest peers are left."""
         await traffic.finish()
-        self.assertTrue(await until(self.loop, lambda: len(self.router.peers) == 2, 5),
-                        "router peers: %r" % [p.peer for p in self.router.peers])
+        await wait_until(lambda: len(self.router.peers) == 2, 5,
+                         lambda: "router peers: %r" % [p.peer for p in self.router.peers])
         self.assertEqual(self.router.handshaking, 0)
         self.assertEqual(sorted(self.router.services), ["web"])
-        self.assertFalse([l for l in self.logs if "internal error" in l], self.logs)
+        assert_clean_output(self.logs)
 
     def one_line_about(self, peer, words="", since=0):
         """The router logged exactly one line about this peer (from log line `since` on),
@@ -4413,7 +4626,7 @@ class TestHostilePeers(HostileTestCase):
                     await peer.open(1)
                     peer.send(encode_frame(WINDOW, 1, payload))
                     data, _how = await peer.closed()
-                    self.assertNotIn("internal error", self.one_line_about(peer))
+                    assert_clean_output(self.one_line_about(peer))
                     goaways = [json.loads(p.decode()) for t, _f, _i, p in peer.decoder.feed(data)
                                if t == GOAWAY]
                     self.assertEqual(len(goaways), 1, data)
@@ -4465,7 +4678,7 @@ class TestHostilePeers(HostileTestCase):
         async def main():
             traffic = await self.honest(handshake_timeout=10)
             flood = [await self.raw_peer(handshake=False) for _ in range(6)]
-            self.assertTrue(await until(self.loop, lambda: self.router.handshaking == 3, 5))
+            await wait_until(lambda: self.router.handshaking == 3, 5, 'self.router.handshaking == 3')
             for peer in flood[:3]:                  # the oldest three were dropped, unanswered
                 reply, _how = await peer.closed(timeout=3)
                 self.assertEqual(reply, b"")
@@ -4479,7 +4692,7 @@ class TestHostilePeers(HostileTestCase):
             other.writer.close()
             for peer in flood:
                 peer.writer.close()
-            self.assertTrue(await until(self.loop, lambda: len(self.router.peers) == 2, 5))
+            await wait_until(lambda: len(self.router.peers) == 2, 5, 'len(self.router.peers) == 2')
             await self.after(traffic)
         self.run_async(main())
 
@@ -4542,7 +4755,7 @@ class TestHostileTls(HostileTestCase, TlsFiles):
             sharer = Sharer({"web": (LOCALHOST, 9)}, router=address,
                             tls=TlsOptions(fingerprint=self.fingerprint, known_routers=known))
             await sharer.start()
-            self.assertTrue(await until(self.loop, lambda: accepted, 5), "the sharer never connected")
+            await wait_until(lambda: accepted, 5, "the sharer connected")
             await sharer.close(0)
             try:
                 await asyncio.wait_for(ended, 5)
@@ -4558,8 +4771,7 @@ class TestHostileTls(HostileTestCase, TlsFiles):
             traffic = await self.honest(tls=TlsOptions(fingerprint=fingerprint, known_routers=known),
                                         ssl_context=context, handshake_timeout=5)
             peer = await self.raw_peer(handshake=False)
-            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+            client = ssl_client_context_without_checks()
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls = client.wrap_bio(incoming, outgoing)
             for _ in range(10):
@@ -4583,13 +4795,15 @@ class TestHostileTls(HostileTestCase, TlsFiles):
 
 
 # ---------------------------------------------------------------------------
-# 10. A seeded fuzz against a live router
+# 11e. A seeded fuzz against a live router
 # ---------------------------------------------------------------------------
 
-FUZZ_SEED = 20240611
-FUZZ_SECONDS = 1.0
+# A fixed count of cases, not a time budget, so that a failure names a case that runs
+# again: worker W's case N is the N-th draw of random.Random(seed * 100 + W).
+# MINDMELD_FUZZ_SEED=N runs another seed.  About a second in all.
+FUZZ_SEED = int(os.environ.get("MINDMELD_FUZZ_SEED") or 20240611)
 FUZZ_WORKERS = 8
-FUZZ_CASES_PER_WORKER = 2000            # the time limit normally ends it first
+FUZZ_CASES_PER_WORKER = 160
 FUZZ_NAMES = ["web", "fz0", "fz1", "a b", "", "x" * 70, "caf\u00e9"]
 FUZZ_KEYS = ["name", "service", "owner", "verifier", "reason", "nonce", "proof", "mac",
              "code", "message", "version", "role", "ok", "peer"]
@@ -4700,25 +4914,6 @@ def fuzz_case(rng, tag):
     return kind, steps, pieces, rng.choice(["eof", "eof", "eof", "abort", "close"])
 
 
-async def until_closed(reader, timeout):
-    """Read until EOF or reset: True, or False if still open after `timeout` s."""
-    loop = asyncio.get_event_loop()
-    deadline = loop.time() + timeout
-    for _ in range(100000):
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return False
-        try:
-            data = await asyncio.wait_for(reader.read(CHUNK), remaining)
-        except asyncio.TimeoutError:
-            return False
-        except (ConnectionError, OSError):
-            return True
-        if not data:
-            return True
-    return False
-
-
 async def until_frame(reader, decoder, ftype, timeout):
     """Read frames until one of this type arrives: True, or False (closed, timed out)."""
     loop = asyncio.get_event_loop()
@@ -4739,91 +4934,84 @@ async def until_frame(reader, decoder, ftype, timeout):
     return False
 
 
-class _ErrorRecords(logging.Handler):
-    def __init__(self):
-        logging.Handler.__init__(self, logging.ERROR)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record.getMessage())
-
-
 class TestFuzz(HostileTestCase):
 
     def test_seeded_fuzz_against_a_live_router(self):
         # asyncio's own warnings ("socket.send() raised exception") are expected here; its
         # errors (an exception escaping a protocol callback or a task) are not.
-        asyncio_log, errors = logging.getLogger("asyncio"), _ErrorRecords()
-        saved = (asyncio_log.level, asyncio_log.propagate, list(asyncio_log.handlers))
-        asyncio_log.handlers[:], asyncio_log.propagate = [errors], False
-        asyncio_log.setLevel(logging.ERROR)
-
-        def restore():
-            asyncio_log.setLevel(saved[0])
-            asyncio_log.propagate = saved[1]
-            asyncio_log.handlers[:] = saved[2]
-        self.addCleanup(restore)
+        errors = capture_log(self, "asyncio", logging.ERROR)
+        seed = "seed %d" % FUZZ_SEED
 
         async def main():
             traffic = await self.honest(liveness_probe=0.3)
-            deadline = self.loop.time() + FUZZ_SECONDS
             done, hung, unanswered = collections.Counter(), [], []
 
             async def worker(index):
                 rng = random.Random(FUZZ_SEED * 100 + index)
                 for number in range(FUZZ_CASES_PER_WORKER):
-                    if self.loop.time() >= deadline:
-                        return
                     kind, steps, pieces, ending = fuzz_case(rng, "%d-%d" % (index, number))
                     try:
-                        reader, writer = await asyncio.open_connection(LOCALHOST, self.router.port)
-                    except ConnectionError:
-                        done["refused at connect"] += 1
-                        continue
-                    try:
-                        decoder = FrameDecoder()
-                        for data, awaited in steps:
-                            writer.write(data)
-                            # only the honest service's OPEN_OK is asserted; an OPEN for a
-                            # fuzzer's own name may never come, so it is not waited for long
-                            patience = 3.0 if awaited == OPEN_OK else 0.2 if awaited == OPEN else 1.0
-                            if not await until_frame(reader, decoder, awaited, patience):
-                                if awaited == OPEN_OK:   # the honest service answers everyone
-                                    unanswered.append((index, number, kind))
-                                break
-                        for piece in pieces:
-                            writer.write(piece)
-                        if ending == "abort":
-                            writer.transport.abort()
-                        elif ending == "eof":
-                            writer.write_eof()
-                            if not await until_closed(reader, 3.0):
-                                hung.append((index, number, kind))
-                    except (ConnectionError, OSError):
-                        pass
-                    finally:
-                        writer.close()
-                    done[kind] += 1
+                        await one_case(index, number, kind, steps, pieces, ending)
+                    except asyncio.CancelledError:      # an Exception on 3.6 and 3.7
+                        raise
+                    except Exception as exc:     # noqa: BLE001 - say which case, then fail
+                        raise AssertionError("%s, worker %d, case %d (kind %d): %r"
+                                             % (seed, index, number, kind, exc))
+
+            async def one_case(index, number, kind, steps, pieces, ending):
+                try:
+                    reader, writer = await asyncio.open_connection(LOCALHOST, self.router.port)
+                except ConnectionError:
+                    done["refused at connect"] += 1
+                    return
+                try:
+                    decoder = FrameDecoder()
+                    for data, awaited in steps:
+                        writer.write(data)
+                        # only the honest service's OPEN_OK is asserted; an OPEN for a
+                        # fuzzer's own name may never come, so it is not waited for long
+                        patience = 3.0 if awaited == OPEN_OK else 0.2 if awaited == OPEN else 1.0
+                        if not await until_frame(reader, decoder, awaited, patience):
+                            if awaited == OPEN_OK:   # the honest service answers everyone
+                                unanswered.append((index, number, kind))
+                            break
+                    for piece in pieces:
+                        writer.write(piece)
+                    if ending == "abort":
+                        writer.transport.abort()
+                    elif ending == "eof":
+                        writer.write_eof()
+                        if await read_until_closed(reader, 3.0) == "still open":
+                            hung.append((index, number, kind))
+                except (ConnectionError, OSError):
+                    pass
+                finally:
+                    writer.close()
+                done[kind] += 1
 
             await asyncio.gather(*[worker(i) for i in range(FUZZ_WORKERS)])
             await self.after(traffic)
-            self.assertEqual(hung, [], "connections the router left open after their EOF")
-            self.assertEqual(unanswered, [], "OPENs of the honest service left unanswered")
-            self.assertGreaterEqual(sum(done.values()), 100, done)
+            self.assertEqual(hung, [], "%s: connections the router left open after their EOF "
+                             "(worker, case, kind)" % seed)
+            self.assertEqual(unanswered, [], "%s: OPENs of the honest service left unanswered "
+                             "(worker, case, kind)" % seed)
+            self.assertEqual(sum(done.values()), FUZZ_WORKERS * FUZZ_CASES_PER_WORKER, done)
             # nothing left behind: no legs, no streams, on either side of the honest link
             leftovers = lambda: ([(p.peer, sorted(p.legs)) for p in self.router.peers if p.legs]
                                  + [("sharer", sorted(self.sharer.link.streams))]
                                  * bool(self.sharer.link.streams)
                                  + [("forwarder", sorted(self.forwarder.link.streams))]
                                  * bool(self.forwarder.link.streams))
-            self.assertTrue(await until(self.loop, lambda: not leftovers(), 5), leftovers())
+            await wait_until(lambda: not leftovers(), 5, lambda: "leftovers: %r" % leftovers())
             self.assertEqual(self.router.services["web"].streams, 0)
             # and the router still serves new peers
             services = await list_services(router=self.router_address)
             self.assertEqual([(s["name"], s["streams"]) for s in services], [("web", 0)])
             newcomer = await self.start_forwarder("web")
-            await echo_exchange(self, newcomer.port, Pattern(), 512 * 1024)
-            self.assertEqual(errors.records, [])
+            payload = os.urandom(512 * 1024)
+            echoed = await self.loop.run_in_executor(None, exchange, newcomer.port, payload)
+            self.assertTrue(echoed == payload, "the echo differs")
+            self.assertEqual(errors.lines, [], seed)
         self.run_async(main(), 60)
 
 
@@ -4883,9 +5071,9 @@ class TestReadyFd(unittest.TestCase):
 
         _share, report = self.start_ready("share", "ready", str(target.port), "--router", router)
         self.assertEqual(report, {"role": "share", "services": ["ready"]})
-        listed = cli("list", "--json", "--router", router)      # ready means registered
-        self.assertEqual(listed.returncode, 0, listed.stderr)
-        self.assertEqual([s["name"] for s in json.loads(listed.stdout)], ["ready"])
+        listed = run_cli("list", "--json", "--router", router)      # ready means registered
+        self.assertEqual(listed.code, 0, listed.err)
+        self.assertEqual([s["name"] for s in json.loads(listed.out)], ["ready"])
 
         _forward, report = self.start_ready("forward", "ready", "127.0.0.1:0", "--router", router)
         self.assertEqual(report["role"], "forward")
@@ -4896,11 +5084,11 @@ class TestReadyFd(unittest.TestCase):
         self.assertEqual(exchange(port, payload), payload)
 
     def test_a_ready_fd_that_is_not_open_is_one_line_and_exit_1(self):
-        done = cli("router", "--listen", "127.0.0.1:0", "--ready-fd", "1000")
-        self.assertEqual(done.returncode, 1, done.stderr)
-        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
-        self.assertIn("--ready-fd 1000", done.stderr)
-        self.assertNotIn("Traceback", done.stderr)
+        done = run_cli("router", "--listen", "127.0.0.1:0", "--ready-fd", "1000")
+        self.assertEqual(done.code, 1, done.err)
+        self.assertEqual(len(done.err.splitlines()), 1, done.err)
+        self.assertIn("--ready-fd 1000", done.err)
+        self.assertNotIn("Traceback", done.err)
 
     def test_bench_says_why_a_role_did_not_start(self):
         with socket.socket() as taken:
@@ -4966,7 +5154,7 @@ class TestFarEndFaults(HostileTestCase):
                 self.assertIn("nonce", reset["reason"])
                 self.assertIs(forwarder.link, link)
                 self.assertFalse(link.closing)
-                self.assertTrue(await closed_within(reader, 5))
+                self.assertIn(await read_until_closed(reader, 5), ("eof", "reset"))
                 writer.close()
         self.run_async(main(), 30)
 
@@ -4991,7 +5179,7 @@ class TestPeerTextIsEscaped(HostileTestCase):
             reader, _writer = await self.connect(forwarder.port)
             _t, _f, stream_id, _p = await sharer.frame(OPEN)
             sharer.send(encode_json(OPEN_REFUSED, stream_id, {"reason": self.HOSTILE}))
-            self.assertTrue(await closed_within(reader, 5))
+            self.assertIn(await read_until_closed(reader, 5), ("eof", "reset"))
             lines = [l for l in self.logs if "refused" in l and "evil" in l]
             self.assertEqual(len(lines), 1, self.logs)
             self.assertIn("\\x1b[2J", lines[0])
@@ -5027,11 +5215,11 @@ class TestPeerTextIsEscaped(HostileTestCase):
         thread = threading.Thread(target=fake_router)
         thread.daemon = True
         thread.start()
-        done = cli("list", "--router", "%s:%d" % listener.getsockname())
+        done = run_cli("list", "--router", "%s:%d" % listener.getsockname())
         thread.join(10)
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("ok\\x1b[2J", done.stdout)
-        self.assertPrintable(done.stdout + done.stderr)
+        self.assertEqual(done.code, 0, done.err)
+        self.assertIn("ok\\x1b[2J", done.out.decode())
+        self.assertPrintable(done.out.decode() + done.err)
 
 
 class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
@@ -5051,9 +5239,9 @@ class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
                 sock.sendall(MAGIC[:1])             # a byte, then nothing
                 flood.append(sock)
             started = time.monotonic()
-            done = cli("list", "--router", address, timeout=10)
+            done = run_cli("list", "--router", address, timeout=10)
             took = time.monotonic() - started
-            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.code, 0, done.err)
             self.assertLess(took, 2.0, "list took %.2f s during the flood" % took)
         self.assertTrue(router.running())
         _code, lines = router.signal(signal.SIGTERM)
@@ -5083,7 +5271,7 @@ class TestWebSocketStrangers(HostileTestCase):
                 writer.write(ping * 4000)
                 await writer.drain()
             writer.write(ws_frame(0x2, PREAMBLE + encode_json(HELLO, 0, {"version": 1})))
-            self.assertTrue(await until(self.loop, lambda: peer.phase != "preamble", 10))
+            await wait_until(lambda: peer.phase != "preamble", 10, 'peer.phase != "preamble"')
             queued = peer.transport.get_write_buffer_size()
             self.assertLess(queued, mindmeld.WS_PONG_BACKLOG + 4096, "queued %d bytes" % queued)
         self.run_async(main(), 30)
@@ -5097,5 +5285,5 @@ class TestWebSocketStrangers(HostileTestCase):
             _data, how = await RawPeer(self, reader, writer).closed()   # at once, not after 2 MiB
             self.assertIn(how, ("eof", "reset"))
             self.assertTrue([l for l in self.logs if "over the limit" in l], self.logs)
-            self.assertTrue(await until(self.loop, lambda: not self.router.peers, 5))
+            await wait_until(lambda: not self.router.peers, 5, 'not self.router.peers')
         self.run_async(main(), 30)
