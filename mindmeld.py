@@ -80,6 +80,18 @@ PAUSE_IN_CONNECTION_MADE_HOLDS = sys.version_info >= (3, 11)
 # (earlier ones copy it into a bytearray); TLS transports always keep it.
 TRANSPORT_KEEPS_BUFFERS = sys.version_info >= (3, 12)
 
+# ssl features.  `ssl` is None on builds without OpenSSL; then these catch and set nothing.
+# A hostname mismatch: a ValueError (not an SSLError, nor an OSError) on 3.6, an alias of
+# SSLCertVerificationError from 3.7.
+SSL_CERTIFICATE_ERROR = ssl.CertificateError if ssl is not None else ()
+# Certificate verification failing has its own exception from 3.7; 3.6 says
+# CERTIFICATE_VERIFY_FAILED in an SSLError's reason only.
+SSL_VERIFY_ERROR = getattr(ssl, "SSLCertVerificationError", ())
+# Refusing renegotiation: 3.7+ with OpenSSL 1.1.0h+; elsewhere nothing to set.
+SSL_OP_NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+# SSLContext.minimum_version (3.7+); 3.6 turns old versions off with OP_NO_* flags instead.
+SSL_HAS_MINIMUM_VERSION = hasattr(getattr(ssl, "SSLContext", None), "minimum_version")
+
 
 def _raw_socket(transport):
     """The socket under a plain selector TCP transport, for direct sendmsg(); else None."""
@@ -1091,7 +1103,7 @@ class LocalStream(asyncio.Protocol):
             if PAUSE_IN_CONNECTION_MADE_HOLDS:
                 self.pause_reading()
             else:
-                asyncio.get_event_loop().call_soon(self._hold_until_accepted)
+                _get_loop().call_soon(self._hold_until_accepted)
 
     def _unaccepted(self):
         return self.state.state == OPENING or self.link is None
@@ -1456,7 +1468,7 @@ def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_nam
             except OSError as exc:
                 raise MindmeldError("cannot write the TLS certificate under %s: %s (choose another "
                                     "place with --state-dir)" % (state_dir, exc.strerror or exc))
-    context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_SERVER", ssl.PROTOCOL_SSLv23))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _tls_policy(context)
     try:
         context.load_cert_chain(cert_file, key_file)
@@ -1470,8 +1482,8 @@ def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_nam
 
 def _tls_policy(context):
     """TLS 1.2 or newer, and no renegotiation (OpenSSL 1.1.0h and newer can refuse it)."""
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    if hasattr(context, "minimum_version"):
+    context.options |= SSL_OP_NO_RENEGOTIATION
+    if SSL_HAS_MINIMUM_VERSION:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
     else:  # 3.6
         context.options |= ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
@@ -1516,7 +1528,7 @@ class TlsOptions:
         return context
 
     def _unverified(self):
-        context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         _tls_policy(context)
@@ -1660,7 +1672,7 @@ class TlsLayer(_Layer, BufferedProtocol):
         except ssl.SSLWantReadError:
             self._flush()
             return
-        except (ssl.SSLError, getattr(ssl, "CertificateError", ValueError), OSError) as exc:
+        except (ssl.SSLError, SSL_CERTIFICATE_ERROR, OSError) as exc:
             self._flush()               # the alert tells the peer why
             self.error = exc
             self._end_handshake(exc)
@@ -2754,7 +2766,7 @@ class _Client:
             raise LinkLost("cannot resolve the router's host %r: %s" % (self.router_host, exc.strerror))
         except UnicodeError:
             raise PermanentError("bad router host name %r" % self.router_host)
-        except getattr(ssl, "CertificateError", ()) as exc:     # not an OSError on 3.6
+        except SSL_CERTIFICATE_ERROR as exc:     # not an OSError on 3.6
             if not isinstance(exc, OSError):
                 raise PermanentError("the router at %s failed certificate verification: %s"
                                      % (where, exc))
@@ -2894,7 +2906,7 @@ def _tls_failure(exc, where):
         return PermanentError("the router at %s does not speak TLS (drop --tls, or start the "
                               "router with --tls)" % where)
     if "CERTIFICATE_VERIFY_FAILED" in reason.upper() or isinstance(
-            exc, getattr(ssl, "SSLCertVerificationError", ())):
+            exc, SSL_VERIFY_ERROR):
         failure = PermanentError("the router at %s failed certificate verification: %s (give its CA "
                                  "with --tls-ca, or pin it with --tls-fingerprint)"
                                  % (where, getattr(exc, "verify_message", None) or reason))
