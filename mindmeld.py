@@ -100,9 +100,38 @@ def _raw_socket(transport):
     return getattr(transport, "_sock", None)
 
 
+def _callback_error_handler():
+    """A loop exception handler: an exception that escaped a callback (a Protocol's, a
+    timer's, a task nobody awaited) is a bug, so it is said in one line at every log
+    level, with the traceback under -v.  Once per distinct error: a bug on the data path
+    would otherwise repeat for every connection that meets it."""
+    reported = set()
+
+    def handle(loop, context):
+        exc = context.get("exception")
+        where = str(context.get("message") or "in a callback")
+        where = where.replace("Fatal error: ", "").rstrip(".")
+        if isinstance(exc, OSError):
+            # A socket error, not a bug (3.6 hands some here; 3.7+ drop them all).
+            log.debug("%s: %s", where, _os_error_text(exc))
+            return
+        what = "%s: %s (%s)" % (type(exc).__name__, exc, where) if exc is not None else where
+        key = (type(exc), str(exc), where)
+        verbose = log.isEnabledFor(logging.DEBUG)
+        if key in reported:
+            log.debug("internal error again: %s", what, exc_info=exc if verbose else None)
+            return
+        reported.add(key)
+        log.error("internal error: %s; run with -v for a traceback", what,
+                  exc_info=exc if verbose else None)
+    return handle
+
+
 def _run(main_coro):
-    """asyncio.run() for 3.6 too: a fresh loop, leftover tasks cancelled."""
+    """asyncio.run() for 3.6 too: a fresh loop, leftover tasks cancelled, and errors
+    that escape callbacks reported (see _callback_error_handler)."""
     loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_callback_error_handler())
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main_coro)
@@ -4162,10 +4191,17 @@ def _setup_logging(args):
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(_drop_send_warnings)          # once: the same object each time
     if args.verbose:
-        logging.getLogger("asyncio").setLevel(logging.DEBUG)
-    else:  # asyncio's own noise ("socket.send() raised exception") is ours to report
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        asyncio_log.setLevel(logging.DEBUG)
+
+
+def _drop_send_warnings(record):
+    """asyncio warns "socket.send() raised exception." for every write after a connection
+    is lost; the link that lost it reports that once, in words.  Everything else passes
+    (errors inside callbacks go to _callback_error_handler, which the loop calls instead)."""
+    return not record.getMessage().startswith("socket.send() raised exception")
 
 
 async def _serve(role, grace):
@@ -4299,7 +4335,7 @@ def main(argv=None):
     except Exception as exc:  # a bug: one line, unless debugging
         if args.verbose:
             raise
-        sys.stderr.write("mindmeld %s: internal error: %s: %s (run with -v for details)\n"
+        sys.stderr.write("mindmeld %s: internal error: %s: %s; run with -v for a traceback\n"
                          % (args.command, type(exc).__name__, exc))
         return 1
 
