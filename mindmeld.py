@@ -2441,8 +2441,8 @@ class ClientLink(Link):
         self.goaway = None
         self.failure = None             # a PermanentError the router sent (GOAWAY)
         self.dispatch.update({
-            HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self.on_reply,
-            LIST_REPLY: self.on_reply, GOAWAY: self.on_goaway, OPEN: self.on_open,
+            HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self._on_reply(REGISTERED),
+            LIST_REPLY: self._on_reply(LIST_REPLY), GOAWAY: self.on_goaway, OPEN: self.on_open,
             DATA: self.on_data,         # the hot path, routed by hand
         })
         for ftype, method, decode in CLIENT_STREAM_ROUTES:
@@ -2536,8 +2536,11 @@ class ClientLink(Link):
                     "MINDMELD_TOKEN" % self.client.router))
                 self.close()
                 return
-            self.send_json(AUTH, 0, {"mac": _auth_mac(token, binascii.unhexlify(
-                str(hello.get("nonce", ""))))})
+            try:
+                nonce = binascii.unhexlify(str(hello.get("nonce", "")))
+            except (binascii.Error, ValueError):
+                raise ProtocolError("HELLO with a malformed nonce")
+            self.send_json(AUTH, 0, {"mac": _auth_mac(token, nonce)})
         else:
             self._settle()
 
@@ -2568,10 +2571,13 @@ class ClientLink(Link):
         finally:
             self.requests.pop(request_id, None)
 
-    def on_reply(self, request_id, payload):
-        future = self.requests.get(request_id)
-        if future is not None and not future.done():
-            future.set_result(decode_json(REGISTERED, payload))
+    def _on_reply(self, ftype):
+        """The handler of `ftype` replies: each answers the request with its id."""
+        def on_reply(request_id, payload):
+            future = self.requests.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(decode_json(ftype, payload))
+        return on_reply
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self, stream, info):
@@ -3001,7 +3007,8 @@ class SharedStream(LocalStream):
     def on_open_ok(self, _payload):
         raise ProtocolError("OPEN_OK sent to the accepting side")
 
-    on_open_refused = on_open_ok
+    def on_open_refused(self, _info):
+        raise ProtocolError("OPEN_REFUSED sent to the accepting side")
 
     def on_challenge(self, _info):
         raise ProtocolError("CHALLENGE sent to the accepting side")
