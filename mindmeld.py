@@ -172,7 +172,7 @@ async def _close_server(server):
     so it is bounded here; our own sessions are closed by their owners."""
     server.close()
     try:
-        await asyncio.wait_for(server.wait_closed(), 0.5)
+        await asyncio.wait_for(server.wait_closed(), SERVER_CLOSE_WAIT)
     except asyncio.TimeoutError:
         pass
 
@@ -191,7 +191,7 @@ def _dual_stack_socket(port):
         except (OSError, AttributeError):
             pass                        # IPv6 only, then
         sock.bind(("::", port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
     except OSError:
@@ -207,7 +207,7 @@ async def _create_server(factory, host, port, **options):
         if sock is not None:
             return await loop.create_server(factory, sock=sock, **options)
     return await loop.create_server(factory, host or None, port, reuse_address=True,
-                                    backlog=1024, **options)
+                                    backlog=LISTEN_BACKLOG, **options)
 
 
 def _set_nodelay(transport):
@@ -298,6 +298,21 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 BACKOFF_RESET_AFTER = 60.0          # a link that stayed up this long resets the backoff
 LIVENESS_PROBE = 3.0                # router: how long a name's owner has to answer a ping
 
+# Internal timings, in seconds (as all times here).
+CLOSE_FLUSH_TIMEOUT = 2.0           # a closed link whose peer stops reading is aborted after this
+LINK_CLOSE_WAIT = 1.0               # a client's close waits this long for its link to go, then aborts
+SERVER_CLOSE_WAIT = 0.5             # bounds Server.wait_closed(): from 3.12.1 it waits for every client
+SERVICE_RETRY_INTERVAL = 0.25       # a forwarder asks again this often for a name not registered yet
+RTT_INITIAL = 0.001                 # a link's round-trip estimate until it has measured one
+RTT_MIN = 0.0001                    # a measured round trip is at least this (loopback can read 0)
+RTT_MAX = 60.0                      # a PONG claiming a longer round trip is nonsense, ignored
+WINDOW_GROWTH_FLOOR = 0.002         # windows grow when updated within max(4 RTT, this): loopback
+                                    # RTTs are microseconds, shorter than one busy loop turn
+
+HTTP_HEAD_MAX = 16 * 1024           # bytes: the most of an HTTP head read (a request to the router,
+                                    # the answer to an upgrade or a CONNECT); longer is not our HTTP
+
+LISTEN_BACKLOG = 1024               # pending connections a listening socket holds (bursts of streams)
 MAX_STREAMS_PER_PEER = 16384
 MAX_STREAM_ID = 2 ** 32 - 3
 MAX_SERVICES_PER_PEER = 64
@@ -696,7 +711,7 @@ class ReceiveWindow:
             return 0
         increment = self.unreturned
         if (self.size < MAX_WINDOW and self.budget is not None
-                and now - self.last_update < max(4 * rtt, 0.002)
+                and now - self.last_update < max(4 * rtt, WINDOW_GROWTH_FLOOR)
                 and self.budget.take(self.size)):
             increment += self.size
             self.size *= 2
@@ -833,7 +848,7 @@ class Link(BufferedProtocol):
         self.blocked = []            # local streams that wait for resume_writing()
         self.closing = False
         self.lost = self.loop.create_future()   # result: the reason it ended (str)
-        self.rtt = 0.001
+        self.rtt = RTT_INITIAL
         self.dispatch = {PING: self.on_ping, PONG: self.on_pong}
         self._rx_count = self._rx_seen = self._silent = 0
         self._rx_waiter = None          # a future for "anything arrived" (liveness probes)
@@ -969,7 +984,7 @@ class Link(BufferedProtocol):
     def on_pong(self, _id, payload):
         if len(payload) == PING_PAYLOAD.size:
             rtt = time.monotonic() - PING_PAYLOAD.unpack(payload)[0]
-            if 0 <= rtt < 60:
+            if 0 <= rtt < RTT_MAX:
                 self.rtt = rtt
 
     # -- closing ------------------------------------------------------------
@@ -983,7 +998,7 @@ class Link(BufferedProtocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
-            self.loop.call_later(2.0, self.transport.abort)
+            self.loop.call_later(CLOSE_FLUSH_TIMEOUT, self.transport.abort)
 
     def abort(self, reason):
         self._close_reason = self._close_reason or reason
@@ -1965,7 +1980,7 @@ class RouterPeer(Link):
         if kind is None:
             return
         if kind == "http":
-            if b"\r\n\r\n" in first or len(first) > 8192:
+            if b"\r\n\r\n" in first or len(first) > HTTP_HEAD_MAX:
                 self.phase = "http"
                 self._answer_http(first)
             else:
@@ -2477,7 +2492,7 @@ class ClientLink(Link):
         answer = self.frames.peek()
         end = answer.find(b"\r\n\r\n")
         if end < 0:
-            if len(answer) > 16384:
+            if len(answer) > HTTP_HEAD_MAX:
                 self.abort("oversized HTTP answer")
             self.frames.need = len(answer) + 1
             return
@@ -2527,7 +2542,7 @@ class ClientLink(Link):
 
     def on_hello(self, _id, payload):
         hello = decode_json(HELLO, payload)
-        self.rtt = max(self.loop.time() - self._hello_sent, 0.0001)
+        self.rtt = max(self.loop.time() - self._hello_sent, RTT_MIN)
         if hello.get("auth") == "token":
             token = self.client.token
             if not token:
@@ -2703,7 +2718,7 @@ async def proxy_connect(proxy, host, port):
             if not more:
                 raise LinkLost("the proxy %s closed the connection without answering" % name)
             answer += more
-            if len(answer) > 16384:
+            if len(answer) > HTTP_HEAD_MAX:
                 raise LinkLost("the proxy %s sent an oversized answer" % name)
         status = answer.split(b"\r\n", 1)[0].decode("latin-1").strip()
         code = status.split()[1] if len(status.split()) > 1 else "?"
