@@ -2280,6 +2280,7 @@ class Router:
         self.server = None
         self.addresses = []
         self.done = None               # a future, resolved when the router has closed
+        self.drained = None            # a future while close() waits for the last stream
 
     async def start(self):
         loop = _get_loop()
@@ -2396,6 +2397,8 @@ class Router:
         for peer in (leg.peer, other.peer):
             if peer.draining and not peer.legs:
                 peer.close()
+        if self.drained is not None and not self.drained.done() and not self.open_streams:
+            self.drained.set_result(None)
 
     def peer_lost(self, peer, reason):
         self.peers.discard(peer)
@@ -2414,9 +2417,9 @@ class Router:
             await _close_server(self.server)
         for peer in list(self.peers):
             peer.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the router is shutting down"})
-        deadline = _get_loop().time() + grace
-        while grace and self.open_streams and _get_loop().time() < deadline:
-            await asyncio.sleep(0.05)   # bounded by `grace`
+        if grace and self.open_streams:
+            self.drained = _get_loop().create_future()      # end_stream() resolves it
+            await asyncio.wait([self.drained], timeout=grace)
         for peer in list(self.peers):
             peer.abort("router shut down")
         await asyncio.sleep(0)
@@ -2634,6 +2637,7 @@ class ClientLink(Link):
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         self.client.stream_ended(stream)
+        self.client.streams_changed()
 
     def on_lost(self, reason):
         if not self.ready.done() and self.client.tls is None and "closed" in reason:
@@ -2769,6 +2773,7 @@ class _Client:
         self.closing = False
         self.link_up = None            # an Event, made inside the loop (3.6-3.9 bind loops)
         self.done = None               # a future: the role's outcome
+        self.drained = None            # a future while close() waits for the last stream
 
     def hello(self):
         return {"version": PROTOCOL_VERSION, "role": self.command,
@@ -2852,6 +2857,11 @@ class _Client:
     def stream_ended(self, stream):
         pass
 
+    def streams_changed(self):
+        """A stream left the link: wake close() if it waits for the last one."""
+        if self.drained is not None and not self.drained.done() and not self.open_streams():
+            self.drained.set_result(None)
+
     # -- lifecycle -----------------------------------------------------------------
     async def start(self):
         loop = _get_loop()
@@ -2929,14 +2939,14 @@ class _Client:
         link = self.link
         if link is not None:
             link.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the %s is shutting down" % self.command})
-        deadline = _get_loop().time() + grace
-        while grace and self.open_streams() and _get_loop().time() < deadline:
-            await asyncio.sleep(0.05)       # bounded by `grace`
+        if grace and link is not None and self.open_streams():
+            self.drained = _get_loop().create_future()      # streams_changed() resolves it
+            await asyncio.wait([self.drained, link.lost], timeout=grace)
         link = self.link
         if link is not None:
             link.close()
             try:
-                await asyncio.wait_for(asyncio.shield(link.lost), 1.0)
+                await asyncio.wait_for(asyncio.shield(link.lost), LINK_CLOSE_WAIT)
             except asyncio.TimeoutError:
                 link.abort("shutdown")
         await _cancel_all(self.tasks)
@@ -3283,9 +3293,10 @@ class Forwarder(_Client):
         """The router is back but the service is not (yet): ask again shortly, until the
         connection's own deadline."""
         stream.detach()
+        self.streams_changed()
         loop = _get_loop()
         self.waiting.append(stream)
-        stream.timer = loop.call_later(min(0.25, max(0.0, stream.wait_until - loop.time())),
+        stream.timer = loop.call_later(min(SERVICE_RETRY_INTERVAL, max(0.0, stream.wait_until - loop.time())),
                                        self._ask_again, stream)
 
     def _ask_again(self, stream):
