@@ -81,6 +81,18 @@ PAUSE_IN_CONNECTION_MADE_HOLDS = sys.version_info >= (3, 11)
 # (earlier ones copy it into a bytearray); TLS transports always keep it.
 TRANSPORT_KEEPS_BUFFERS = sys.version_info >= (3, 12)
 
+# ssl features.  `ssl` is None on builds without OpenSSL; then these catch and set nothing.
+# A hostname mismatch: a ValueError (not an SSLError, nor an OSError) on 3.6, an alias of
+# SSLCertVerificationError from 3.7.
+SSL_CERTIFICATE_ERROR = ssl.CertificateError if ssl is not None else ()
+# Certificate verification failing has its own exception from 3.7; 3.6 says
+# CERTIFICATE_VERIFY_FAILED in an SSLError's reason only.
+SSL_VERIFY_ERROR = getattr(ssl, "SSLCertVerificationError", ())
+# Refusing renegotiation: 3.7+ with OpenSSL 1.1.0h+; elsewhere nothing to set.
+SSL_OP_NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+# SSLContext.minimum_version (3.7+); 3.6 turns old versions off with OP_NO_* flags instead.
+SSL_HAS_MINIMUM_VERSION = hasattr(getattr(ssl, "SSLContext", None), "minimum_version")
+
 
 def _raw_socket(transport):
     """The socket under a plain selector TCP transport, for direct sendmsg(); else None."""
@@ -89,9 +101,38 @@ def _raw_socket(transport):
     return getattr(transport, "_sock", None)
 
 
+def _callback_error_handler():
+    """A loop exception handler: an exception that escaped a callback (a Protocol's, a
+    timer's, a task nobody awaited) is a bug, so it is said in one line at every log
+    level, with the traceback under -v.  Once per distinct error: a bug on the data path
+    would otherwise repeat for every connection that meets it."""
+    reported = set()
+
+    def handle(loop, context):
+        exc = context.get("exception")
+        where = str(context.get("message") or "in a callback")
+        where = where.replace("Fatal error: ", "").rstrip(".")
+        if isinstance(exc, OSError):
+            # A socket error, not a bug (3.6 hands some here; 3.7+ drop them all).
+            log.debug("%s: %s", where, _os_error_text(exc))
+            return
+        what = "%s: %s (%s)" % (type(exc).__name__, exc, where) if exc is not None else where
+        key = (type(exc), str(exc), where)
+        verbose = log.isEnabledFor(logging.DEBUG)
+        if key in reported:
+            log.debug("internal error again: %s", what, exc_info=exc if verbose else None)
+            return
+        reported.add(key)
+        log.error("internal error: %s; run with -v for a traceback", what,
+                  exc_info=exc if verbose else None)
+    return handle
+
+
 def _run(main_coro):
-    """asyncio.run() for 3.6 too: a fresh loop, leftover tasks cancelled."""
+    """asyncio.run() for 3.6 too: a fresh loop, leftover tasks cancelled, and errors
+    that escape callbacks reported (see _callback_error_handler)."""
     loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_callback_error_handler())
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main_coro)
@@ -132,7 +173,7 @@ async def _close_server(server):
     so it is bounded here; our own sessions are closed by their owners."""
     server.close()
     try:
-        await asyncio.wait_for(server.wait_closed(), 0.5)
+        await asyncio.wait_for(server.wait_closed(), SERVER_CLOSE_WAIT)
     except asyncio.TimeoutError:
         pass
 
@@ -151,7 +192,7 @@ def _dual_stack_socket(port):
         except (OSError, AttributeError):
             pass                        # IPv6 only, then
         sock.bind(("::", port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
     except OSError:
@@ -167,7 +208,7 @@ async def _create_server(factory, host, port, **options):
         if sock is not None:
             return await loop.create_server(factory, sock=sock, **options)
     return await loop.create_server(factory, host or None, port, reuse_address=True,
-                                    backlog=1024, **options)
+                                    backlog=LISTEN_BACKLOG, **options)
 
 
 def _set_nodelay(transport):
@@ -244,8 +285,6 @@ INITIAL_WINDOW = 256 * 1024         # credit each side grants a new stream, per 
 MAX_WINDOW = 16 * 1024 * 1024       # auto-tuning stops here
 PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all streams of a link
 MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the granter's error
-MIN_GROWTH_INTERVAL = 0.002         # s: on loopback's tiny RTT, "fast updates" means this fast
-HTTP_HEAD_MAX = 8192               # bytes: an HTTP request head the router reads at most
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
@@ -261,6 +300,21 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 BACKOFF_RESET_AFTER = 60.0          # a link that stayed up this long resets the backoff
 LIVENESS_PROBE = 3.0                # router: how long a name's owner has to answer a ping
 
+# Internal timings, in seconds (as all times here).
+CLOSE_FLUSH_TIMEOUT = 2.0           # a closed link whose peer stops reading is aborted after this
+LINK_CLOSE_WAIT = 1.0               # a client's close waits this long for its link to go, then aborts
+SERVER_CLOSE_WAIT = 0.5             # bounds Server.wait_closed(): from 3.12.1 it waits for every client
+SERVICE_RETRY_INTERVAL = 0.25       # a forwarder asks again this often for a name not registered yet
+RTT_INITIAL = 0.001                 # a link's round-trip estimate until it has measured one
+RTT_MIN = 0.0001                    # a measured round trip is at least this (loopback can read 0)
+RTT_MAX = 60.0                      # a PONG claiming a longer round trip is nonsense, ignored
+WINDOW_GROWTH_FLOOR = 0.002         # windows grow when updated within max(4 RTT, this): loopback
+                                    # RTTs are microseconds, shorter than one busy loop turn
+
+HTTP_HEAD_MAX = 16 * 1024           # bytes: the most of an HTTP head read (a request to the router,
+                                    # the answer to an upgrade or a CONNECT); longer is not our HTTP
+
+LISTEN_BACKLOG = 1024               # pending connections a listening socket holds (bursts of streams)
 MAX_STREAMS_PER_PEER = 16384
 MAX_STREAM_ID = 2 ** 32 - 3
 MAX_SERVICES_PER_PEER = 64
@@ -694,7 +748,7 @@ class ReceiveWindow:
             return 0
         increment = self.unreturned
         if (self.size < MAX_WINDOW and self.budget is not None
-                and now - self.last_update < max(4 * rtt, MIN_GROWTH_INTERVAL)
+                and now - self.last_update < max(4 * rtt, WINDOW_GROWTH_FLOOR)
                 and self.budget.take(self.size)):
             increment += self.size
             self.size *= 2
@@ -964,7 +1018,7 @@ class Link(BufferedProtocol):
         self.blocked = []            # local streams that wait for resume_writing()
         self.closing = False
         self.lost = self.loop.create_future()   # result: the reason it ended (str)
-        self.rtt = 0.001
+        self.rtt = RTT_INITIAL
         self.dispatch = {PING: self.on_ping, PONG: self.on_pong}
         self._rx_count = self._rx_seen = self._silent = 0
         self._rx_waiter = None          # a future for "anything arrived" (liveness probes)
@@ -1100,7 +1154,7 @@ class Link(BufferedProtocol):
     def on_pong(self, _id, payload):
         if len(payload) == PING_PAYLOAD.size:
             rtt = time.monotonic() - PING_PAYLOAD.unpack(payload)[0]
-            if 0 <= rtt < 60:
+            if 0 <= rtt < RTT_MAX:
                 self.rtt = rtt
 
     # -- closing ------------------------------------------------------------
@@ -1114,7 +1168,7 @@ class Link(BufferedProtocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
-            self.loop.call_later(2.0, self.transport.abort)
+            self.loop.call_later(CLOSE_FLUSH_TIMEOUT, self.transport.abort)
 
     def abort(self, reason):
         self._close_reason = self._close_reason or reason
@@ -1648,7 +1702,7 @@ def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_nam
             except OSError as exc:
                 raise MindmeldError("cannot write the TLS certificate under %s: %s (choose another "
                                     "place with --state-dir)" % (state_dir, exc.strerror or exc))
-    context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_SERVER", ssl.PROTOCOL_SSLv23))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _tls_policy(context)
     try:
         context.load_cert_chain(cert_file, key_file)
@@ -1662,8 +1716,8 @@ def router_tls_context(cert_file=None, key_file=None, state_dir=None, common_nam
 
 def _tls_policy(context):
     """TLS 1.2 or newer, and no renegotiation (OpenSSL 1.1.0h and newer can refuse it)."""
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    if hasattr(context, "minimum_version"):
+    context.options |= SSL_OP_NO_RENEGOTIATION
+    if SSL_HAS_MINIMUM_VERSION:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
     else:  # 3.6
         context.options |= ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
@@ -1708,7 +1762,7 @@ class TlsOptions:
         return context
 
     def _unverified(self):
-        context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         _tls_policy(context)
@@ -1852,7 +1906,7 @@ class TlsLayer(_Layer, BufferedProtocol):
         except ssl.SSLWantReadError:
             self._flush()
             return
-        except (ssl.SSLError, getattr(ssl, "CertificateError", ValueError), OSError) as exc:
+        except (ssl.SSLError, SSL_CERTIFICATE_ERROR, OSError) as exc:
             self._flush()               # the alert tells the peer why
             self.error = exc
             self._end_handshake(exc)
@@ -2704,8 +2758,8 @@ class ClientLink(Link):
         self.goaway = None
         self.failure = None             # a PermanentError the router sent (GOAWAY)
         self.dispatch.update({
-            HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self.on_reply,
-            LIST_REPLY: self.on_reply, GOAWAY: self.on_goaway, OPEN: self.on_open,
+            HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self._on_reply(REGISTERED),
+            LIST_REPLY: self._on_reply(LIST_REPLY), GOAWAY: self.on_goaway, OPEN: self.on_open,
             DATA: self.on_data,         # the hot path, routed by hand
         })
         for ftype, method, decode in CLIENT_STREAM_ROUTES:
@@ -2740,7 +2794,7 @@ class ClientLink(Link):
         answer = self.frames.peek()
         end = answer.find(b"\r\n\r\n")
         if end < 0:
-            if len(answer) > 16384:
+            if len(answer) > HTTP_HEAD_MAX:
                 self.abort("oversized HTTP answer")
             self.frames.need = len(answer) + 1
             return
@@ -2790,7 +2844,7 @@ class ClientLink(Link):
 
     def on_hello(self, _id, payload):
         hello = decode_json(HELLO, payload)
-        self.rtt = max(self.loop.time() - self._hello_sent, 0.0001)
+        self.rtt = max(self.loop.time() - self._hello_sent, RTT_MIN)
         if hello.get("auth") == "token":
             token = self.client.token
             if not token:
@@ -2799,8 +2853,11 @@ class ClientLink(Link):
                     "MINDMELD_TOKEN" % self.client.router))
                 self.close()
                 return
-            self.send_json(AUTH, 0, {"mac": _auth_mac(token, binascii.unhexlify(
-                str(hello.get("nonce", ""))))})
+            try:
+                nonce = binascii.unhexlify(str(hello.get("nonce", "")))
+            except (binascii.Error, ValueError):
+                raise ProtocolError("HELLO with a malformed nonce")
+            self.send_json(AUTH, 0, {"mac": _auth_mac(token, nonce)})
         else:
             self._settle()
 
@@ -2831,10 +2888,13 @@ class ClientLink(Link):
         finally:
             self.requests.pop(request_id, None)
 
-    def on_reply(self, request_id, payload):
-        future = self.requests.get(request_id)
-        if future is not None and not future.done():
-            future.set_result(decode_json(REGISTERED, payload))
+    def _on_reply(self, ftype):
+        """The handler of `ftype` replies: each answers the request with its id."""
+        def on_reply(request_id, payload):
+            future = self.requests.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(decode_json(ftype, payload))
+        return on_reply
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self, stream, info):
@@ -2876,6 +2936,7 @@ class ClientLink(Link):
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         self.client.stream_ended(stream)
+        self.client.streams_changed()
 
     def on_lost(self, reason):
         if not self.ready.done() and self.client.tls is None and "closed" in reason:
@@ -2960,7 +3021,7 @@ async def proxy_connect(proxy, host, port):
             if not more:
                 raise LinkLost("the proxy %s closed the connection without answering" % name)
             answer += more
-            if len(answer) > 16384:
+            if len(answer) > HTTP_HEAD_MAX:
                 raise LinkLost("the proxy %s sent an oversized answer" % name)
         status = answer.split(b"\r\n", 1)[0].decode("latin-1").strip()
         code = status.split()[1] if len(status.split()) > 1 else "?"
@@ -3011,6 +3072,7 @@ class _Client:
         self.closing = False
         self.link_up = None            # an Event, made inside the loop (3.6-3.9 bind loops)
         self.done = None               # a future: the role's outcome
+        self.drained = None            # a future while close() waits for the last stream
 
     def hello(self):
         return {"version": PROTOCOL_VERSION, "role": self.command,
@@ -3058,7 +3120,7 @@ class _Client:
             raise LinkLost("cannot resolve the router's host %r: %s" % (self.router_host, exc.strerror))
         except UnicodeError:
             raise PermanentError("bad router host name %r" % self.router_host)
-        except getattr(ssl, "CertificateError", ()) as exc:     # not an OSError on 3.6
+        except SSL_CERTIFICATE_ERROR as exc:     # not an OSError on 3.6
             if not isinstance(exc, OSError):
                 raise PermanentError("the router at %s failed certificate verification: %s"
                                      % (where, exc))
@@ -3093,6 +3155,11 @@ class _Client:
 
     def stream_ended(self, stream):
         pass
+
+    def streams_changed(self):
+        """A stream left the link: wake close() if it waits for the last one."""
+        if self.drained is not None and not self.drained.done() and not self.open_streams():
+            self.drained.set_result(None)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self):
@@ -3171,14 +3238,14 @@ class _Client:
         link = self.link
         if link is not None:
             link.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the %s is shutting down" % self.command})
-        deadline = _get_loop().time() + grace
-        while grace and self.open_streams() and _get_loop().time() < deadline:
-            await asyncio.sleep(0.05)       # bounded by `grace`
+        if grace and link is not None and self.open_streams():
+            self.drained = _get_loop().create_future()      # streams_changed() resolves it
+            await asyncio.wait([self.drained, link.lost], timeout=grace)
         link = self.link
         if link is not None:
             link.close()
             try:
-                await asyncio.wait_for(asyncio.shield(link.lost), 1.0)
+                await asyncio.wait_for(asyncio.shield(link.lost), LINK_CLOSE_WAIT)
             except asyncio.TimeoutError:
                 link.abort("shutdown")
         await _cancel_all(self.tasks)
@@ -3198,7 +3265,7 @@ def _tls_failure(exc, where):
         return PermanentError("the router at %s does not speak TLS (drop --tls, or start the "
                               "router with --tls)" % where)
     if "CERTIFICATE_VERIFY_FAILED" in reason.upper() or isinstance(
-            exc, getattr(ssl, "SSLCertVerificationError", ())):
+            exc, SSL_VERIFY_ERROR):
         failure = PermanentError("the router at %s failed certificate verification: %s (give its CA "
                                  "with --tls-ca, or pin it with --tls-fingerprint)"
                                  % (where, getattr(exc, "verify_message", None) or reason))
@@ -3458,7 +3525,6 @@ class Forwarder(_Client):
         self.server = None
 
     async def start(self):
-        loop = _get_loop()
         try:
             self.server = await _create_server(lambda: ForwardedStream(self), self.host, self.port)
         except OSError as exc:
@@ -3496,9 +3562,10 @@ class Forwarder(_Client):
         """The router is back but the service is not (yet): ask again shortly, until the
         connection's own deadline."""
         stream.detach()
+        self.streams_changed()
         loop = _get_loop()
         self.waiting.append(stream)
-        stream.timer = loop.call_later(min(0.25, max(0.0, stream.wait_until - loop.time())),
+        stream.timer = loop.call_later(min(SERVICE_RETRY_INTERVAL, max(0.0, stream.wait_until - loop.time())),
                                        self._ask_again, stream)
 
     def _ask_again(self, stream):
@@ -4484,10 +4551,17 @@ def _setup_logging(args):
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(_drop_send_warnings)          # once: the same object each time
     if args.verbose:
-        logging.getLogger("asyncio").setLevel(logging.DEBUG)
-    else:  # asyncio's own noise ("socket.send() raised exception") is ours to report
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        asyncio_log.setLevel(logging.DEBUG)
+
+
+def _drop_send_warnings(record):
+    """asyncio warns "socket.send() raised exception." for every write after a connection
+    is lost; the link that lost it reports that once, in words.  Everything else passes
+    (errors inside callbacks go to _callback_error_handler, which the loop calls instead)."""
+    return not record.getMessage().startswith("socket.send() raised exception")
 
 
 async def _serve(role, grace, ready_fd=None):
@@ -4630,7 +4704,7 @@ def main(argv=None):
     except Exception as exc:  # a bug: one line, unless debugging
         if args.verbose:
             raise
-        sys.stderr.write("mindmeld %s: internal error: %s: %s (run with -v for details)\n"
+        sys.stderr.write("mindmeld %s: internal error: %s: %s; run with -v for a traceback\n"
                          % (args.command, type(exc).__name__, exc))
         return 1
 
