@@ -2758,7 +2758,7 @@ def _sparkline(rates, width=360, height=48):
                           for i, pair in enumerate(rates))
         lines.append('<polyline fill="none" stroke="%s" stroke-width="1.5" points="%s"/>'
                      % (colour, points))
-    return ('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
+    return ('<svg width="%d" height="%d" viewBox="0 0 %d %d" '
             'role="img" aria-label="throughput"><rect width="%d" height="%d" fill="#f6f6f6"/>%s</svg>'
             ' <small>peak %s/s; <span style="color:#1f77b4">to sharers</span>, '
             '<span style="color:#d62728">from sharers</span></small>'
