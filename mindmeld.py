@@ -2744,7 +2744,9 @@ def _human_duration(seconds):
         return "%d d %d h" % (days, hours)
     if hours:
         return "%d h %d min" % (hours, minutes)
-    return "%d min %d s" % (minutes, seconds % 60) if minutes else "%d s" % seconds
+    if minutes:
+        return "%d min %d s" % (minutes, seconds % 60) if seconds % 60 else "%d min" % minutes
+    return "%d s" % seconds
 
 
 def _sparkline(rates, width=360, height=48):
@@ -2799,6 +2801,7 @@ class RouterMonitor:
                               if status_listen else None)
         self.status_server = None
         self.status_addresses = []
+        self.status_connections = set()     # closed with the router, answered or not
         self.sample_interval = STATUS_SAMPLE_INTERVAL
         self.started = time.time()
         self.streams_opened = 0
@@ -2815,6 +2818,7 @@ class RouterMonitor:
     # -- life: one timer, and perhaps a listener ----------------------------------
     async def start(self):
         self.started = time.time()
+        self.history = [(time.monotonic(), 0, 0)]
         self._timer = _get_loop().call_later(self.sample_interval, self._sample)
         if self.status_listen is None:
             return
@@ -2837,8 +2841,11 @@ class RouterMonitor:
         if self.status_server is not None:
             server, self.status_server = self.status_server, None
             await _close_server(server)
+        for connection in list(self.status_connections):
+            connection.transport.abort()
 
     def _sample(self):
+        self._timer = _get_loop().call_later(self.sample_interval, self._sample)
         totals, by_service = self.relayed_bytes()
         now = time.monotonic()
         self.history.append((now, totals[0], totals[1]))
@@ -2852,7 +2859,6 @@ class RouterMonitor:
                                             for i in (0, 1))
             last[registration] = (now, list(figures))
         self.service_rates, self._service_last = rates, last
-        self._timer = _get_loop().call_later(self.sample_interval, self._sample)
 
     # -- counting: the router's hooks call these ------------------------------------
     def stream_refused(self, code):
@@ -3104,6 +3110,7 @@ class StatusConnection(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        self.monitor.status_connections.add(self)
         self._timer = _get_loop().call_later(HANDSHAKE_TIMEOUT, transport.abort)
 
     def data_received(self, data):
@@ -3125,6 +3132,7 @@ class StatusConnection(asyncio.Protocol):
         self.transport.close()
 
     def connection_lost(self, exc):
+        self.monitor.status_connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
 

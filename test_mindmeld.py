@@ -5120,7 +5120,12 @@ class TestOperatorView(LoopTestCase):
             self.assertEqual((await http_get(port, "/healthz"))[::2], (200, "ok\n"))
             self.assertEqual((await http_get(port, "/mindmeld"))[0], 404)
             self.assertEqual((await http_get(port, "/", method="POST"))[0], 405)
+            idle_reader, _ = await self.connect(port)           # says nothing: closed with the router
             await router.close()
+            try:
+                self.assertEqual(await asyncio.wait_for(idle_reader.read(CHUNK), 5), b"")
+            except ConnectionResetError:
+                pass
             with self.assertRaises(OSError):
                 await asyncio.open_connection(LOCALHOST, port)
         self.run_async(main(), 30)
