@@ -2664,8 +2664,11 @@ def status_allowed(token, headers, client_host):
     every visitor look local)."""
     if token:
         scheme, _, credential = headers.get("authorization", "").strip().partition(" ")
-        return (scheme.lower() == "bearer"
-                and hmac.compare_digest(credential.strip().encode("latin-1"), token.encode()))
+        try:
+            given = credential.strip().encode("latin-1")    # the header's own bytes
+        except UnicodeEncodeError:
+            return False
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, token.encode())
     proxied = any(name in headers for name in ("forwarded", "x-forwarded-for", "x-real-ip"))
     return not proxied and is_loopback(client_host)
 

@@ -4910,7 +4910,8 @@ class TestOperatorView(LoopTestCase):
                 self.assertTrue(allowed("s3cret", {"authorization": "bearer  s3cret "}, client))
                 for wrong in ({}, {"authorization": "Bearer s3cre"}, {"authorization": "Bearer s3cret2"},
                               {"authorization": "Basic czNjcmV0"}, {"authorization": "s3cret"},
-                              {"authorization": "Bearer"}, {"authorization": "Bearer \xe9"}):
+                              {"authorization": "Bearer"}, {"authorization": "Bearer \xe9"},
+                              {"authorization": "Bearer s3cret\u0100"}):
                     self.assertFalse(allowed("s3cret", wrong, client), wrong)
         for client in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
             with self.subTest(client=client):      # no token: loopback only
