@@ -26,6 +26,7 @@ import datetime
 import errno
 import hashlib
 import hmac
+import html
 import ipaddress
 import itertools
 import json
@@ -650,8 +651,8 @@ def check_name(name):
     return name
 
 
-# What a terminal would act on: C0/C1 controls, and the marks that reorder text.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# What a terminal or a page would act on, or hide: C0/C1 controls, zero-width and bidi marks.
+_UNPRINTABLE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u200b-\\u200f\\u2028-\\u202e\\u2066-\\u2069\\ufeff]")
 
 
 def printable(text):
@@ -2107,6 +2108,7 @@ class FrontDoor:
         peer = self.peer
         log.warning("router: %s sent %s; closing", peer.peer, exc)
         peer.phase = "refused"
+        peer.drop_cause = "version" if getattr(exc, "version", None) is not None else "not_mindmeld"
         if getattr(exc, "version", None) is not None:     # frames look alike in every version
             peer.close("version", "this router speaks mindmeld protocol %d, the client %d: use "
                                   "the same version of mindmeld.py on both" % (PROTOCOL_VERSION, exc.version))
@@ -2130,9 +2132,10 @@ class FrontDoor:
             status, body = "426 Upgrade Required", "this path takes a WebSocket upgrade\n"
         elif path == "/healthz":
             status, body = "200 OK", "ok\n"
-        elif path == "/":
-            status, body = "200 OK", ("mindmeld router %s\nprotocol %d\nservices %d\n"
-                                      % (__version__, PROTOCOL_VERSION, len(self.router.services)))
+        elif path in STATUS_PATHS:
+            self.peer.send(self.router.monitor.http_response(parts[0], path, headers, self.peer.transport))
+            self.peer.close()
+            return
         else:
             status, body = "404 Not Found", "not found: this is a mindmeld router\n"
         body = body.encode()
@@ -2163,11 +2166,12 @@ class FrontDoor:
 
 class Leg:
     """The router's end of a relayed stream on one peer's link."""
-    __slots__ = ("peer", "end", "other", "relay")
+    __slots__ = ("peer", "end", "other", "relay", "received")
 
     def __init__(self, peer, end, relay):
         self.peer, self.end, self.relay = peer, end, relay
         self.other = None
+        self.received = 0               # DATA payload bytes from this leg's peer
         peer.legs[end.id] = self
 
 
@@ -2182,7 +2186,9 @@ class RelayedStream:
         self.acceptor = Leg(sharer, StreamEnd(sharer.ids.allocate(), OPEN_SENT), self)
         self.opener.other, self.acceptor.other = self.acceptor, self.opener
         registration.streams += 1
+        registration.opened += 1
         router.relayed += 1
+        router.monitor.streams_opened += 1
 
     def open(self, info):
         """Pass the OPEN on to the sharer, with who asked."""
@@ -2197,6 +2203,7 @@ class RelayedStream:
         other = leg.other
         other.end.send_data(n)
         other.peer.relay_data(other.end.id, payload)
+        leg.received += n
 
     def window(self, leg, payload):
         increment = leg.end.recv_window(payload)
@@ -2223,6 +2230,7 @@ class RelayedStream:
         reason = decode_json(OPEN_REFUSED, payload).get("reason", "refused")
         other = leg.other
         other.peer.send(other.end.send_json(OPEN_REFUSED, {"reason": short_reason(reason)}))
+        self.router.monitor.stream_refused("sharer")
         self.end()
 
     def challenge(self, leg, payload):
@@ -2253,6 +2261,7 @@ class RelayedStream:
         if opener.peer.legs.pop(opener.end.id, None) is None:
             return                              # already ended
         acceptor.peer.legs.pop(acceptor.end.id, None)
+        self.router.monitor.relay_ended(self)
         self.registration.streams -= 1
         self.router.relayed -= 1
         for peer in (opener.peer, acceptor.peer):
@@ -2262,12 +2271,14 @@ class RelayedStream:
 
 
 class Registration:
-    __slots__ = ("name", "peer", "owner", "verifier", "since", "streams")
+    __slots__ = ("name", "peer", "owner", "verifier", "since", "streams", "opened", "relayed")
 
     def __init__(self, name, peer, owner, verifier):
         self.name, self.peer, self.owner, self.verifier = name, peer, owner, verifier
         self.since = time.time()
         self.streams = 0
+        self.opened = 0
+        self.relayed = [0, 0]           # bytes of its ended streams, to and from the sharer
 
 
 def source_of(transport):
@@ -2323,6 +2334,7 @@ class PendingHandshakes:
         (log.debug if source in self.warned else log.warning)(
             "router: %s; dropping the oldest of them (logged once per flood)", why)
         self.warned.add(source)
+        oldest.drop_cause = "limits"
         oldest._handshake_done()
         oldest.abort("too many unfinished handshakes")
 
@@ -2357,6 +2369,8 @@ class RouterPeer(Link):
         self.registrations = []
         self.nonce = os.urandom(16)
         self.agent = "?"
+        self.hello_role = None          # what the client says it is (its command)
+        self.drop_cause = None          # why the router ended it, for the metrics
         self.tasks = set()
         self.draining = False           # sent GOAWAY: close when its last stream ends
         self.registering = set()        # names with a REGISTER in progress
@@ -2385,6 +2399,7 @@ class RouterPeer(Link):
     def _handshake_expired(self):
         log.warning("router: %s did not complete the handshake within %g s; dropping it",
                     self.peer, self.router.handshake_timeout)
+        self.drop_cause = "timeout"
         self.close("timeout", "handshake not completed in time")
 
     def _handshake_done(self):
@@ -2408,6 +2423,7 @@ class RouterPeer(Link):
     def on_hello(self, _id, payload):
         hello = decode_json(HELLO, payload)
         self.agent = short_reason(hello.get("agent", "?"))[:80]
+        self.hello_role = str(hello.get("role", ""))[:16]
         token = self.router.token
         self.send_json(HELLO, 0, {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
                                   "nonce": self.nonce.hex(), "auth": "token" if token else "none"})
@@ -2422,6 +2438,7 @@ class RouterPeer(Link):
         if not hmac.compare_digest(mac.encode(), expected.encode()):
             log.warning("router: %s presented a wrong or missing token; refused", self.peer)
             self._enter("refused")
+            self.drop_cause = "auth"
             self.close("auth", "wrong or missing token for this router")
             return
         self.send_json(AUTH, 0, {"ok": True})
@@ -2473,19 +2490,21 @@ class RouterPeer(Link):
         info = decode_json(OPEN, payload)
         name = info.get("service")
         registration = self.router.services.get(name) if valid_name(name) else None
-        code = None
+        code = refusal = None
         if self.draining:
             reason, code = "this link is going away", "going-away"
         elif len(self.legs) >= MAX_STREAMS_PER_PEER:
-            reason = "too many open streams on this link (limit %d)" % MAX_STREAMS_PER_PEER
+            reason, refusal = "too many open streams on this link (limit %d)" % MAX_STREAMS_PER_PEER, "limit"
         elif registration is None or registration.peer.closing:
             reason, code = "no service named %r is registered on this router" % (name,), "no-service"
         elif registration.peer.ids.exhausted:      # after 2**31 streams: the sharer relinks
+            registration.peer.drop_cause = "limits"
             registration.peer.close("ids-exhausted", "stream ids are used up; reconnect")
-            reason = "the sharer is reconnecting"
+            reason, refusal = "the sharer is reconnecting", "sharer_reconnecting"
         else:
             RelayedStream(self.router, registration, self, stream_id, registration.peer).open(info)
             return
+        self.router.monitor.stream_refused(refusal or code)
         self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
 
     def _leg(self, stream_id, ftype):
@@ -2520,14 +2539,22 @@ class RouterPeer(Link):
         if self.write_paused and not self.closing:
             self._check_backlog()
 
-    def _check_backlog(self):
+    def backlog_limit(self):
         """What a peer may make us queue: the windows it granted (its streams' initial
-        windows plus its growth budget) and some control frames.  More means it does
-        not read (a LIST or PING flood, say): drop it."""
+        windows plus its growth budget) and some control frames."""
+        return PEER_WINDOW_BUDGET + len(self.legs) * INITIAL_WINDOW + PEER_BUFFER_SLACK
+
+    def _check_backlog(self):
+        """More than backlog_limit() means it does not read (a LIST or PING flood, say): drop it."""
         queued = self.transport.get_write_buffer_size()
-        if queued > PEER_WINDOW_BUDGET + len(self.legs) * INITIAL_WINDOW + PEER_BUFFER_SLACK:
+        if queued > self.backlog_limit():
             log.warning("router: %s is not reading (%d bytes queued); dropping it", self.peer, queued)
+            self.drop_cause = "not_reading"
             self.abort("peer stopped reading")
+
+    def fail(self, exc):
+        self.drop_cause = self.drop_cause or "protocol"
+        Link.fail(self, exc)
 
     def on_lost(self, reason):
         if self.phase == "auth":
@@ -2554,7 +2581,8 @@ class Router:
 
     def __init__(self, host="", port=DEFAULT_PORT, token=None, ssl_context=None,
                  keepalive=KEEPALIVE_INTERVAL, handshake_timeout=HANDSHAKE_TIMEOUT,
-                 liveness_probe=LIVENESS_PROBE, ws_path=WS_PATH):
+                 liveness_probe=LIVENESS_PROBE, ws_path=WS_PATH, status_listen=None,
+                 metrics_per_service=False):
         self.host, self.port = host, port
         self.token = token
         self.ssl_context = ssl_context
@@ -2571,6 +2599,7 @@ class Router:
         self.server = None
         self.addresses = []
         self.done = None               # a future, resolved when the router has closed
+        self.monitor = RouterMonitor(self, status_listen, metrics_per_service)
 
     async def start(self):
         loop = _get_loop()
@@ -2584,6 +2613,7 @@ class Router:
         self.port = self.addresses[0][1]
         log.info("router listening on %s%s", ", ".join(format_hostport(h, p) for h, p in self.addresses),
                  " (TLS)" if self.ssl_context else "")
+        await self.monitor.start()
         return self
 
     def _accept(self):
@@ -2673,8 +2703,10 @@ class Router:
                 if len(self.displaced) >= MAX_DISPLACED_OWNERS:
                     del self.displaced[next(iter(self.displaced))]     # the oldest
                 self.displaced[(name, current.owner)] = message
+                current.peer.drop_cause = "taken_over"
                 current.peer.close("taken-over", message)
             elif not same_owner:
+                current.peer.drop_cause = "keepalive"
                 current.peer.abort("did not answer a liveness probe")
         return True
 
@@ -2696,6 +2728,7 @@ class Router:
 
     def peer_lost(self, peer, reason):
         self.peers.discard(peer)
+        self.monitor.peer_lost(peer, reason)
         if peer.registrations:
             self.unregister_all(peer, reason)
         for leg in list(peer.legs.values()):
@@ -2710,6 +2743,7 @@ class Router:
 
     async def close(self, grace=0.0):
         """Stop accepting, tell every peer (GOAWAY), let streams finish for `grace` s."""
+        await self.monitor.close()
         if self.server is not None:
             await _close_server(self.server)
         for peer in list(self.peers):
@@ -2725,6 +2759,532 @@ class Router:
         await asyncio.sleep(0)          # let the aborts' connection_lost() run
         if not self.done.done():
             self.done.set_result(None)
+
+
+# ###########################################################################
+# ### 5b. The router's status page and metrics
+# ###########################################################################
+# What an operator sees without a debugger: /metrics (Prometheus text format
+# 0.0.4) and a status page at /.  Only the router's token (Bearer), or without a
+# token a loopback client, sees them; anyone else learns only that this is a
+# mindmeld router.  The data path adds one number per frame (Leg.received);
+# everything else is read from the registry when someone asks.
+
+STATUS_SAMPLE_INTERVAL = 5.0        # s between throughput samples: one timer per router
+STATUS_HISTORY = 72                 # samples kept: the page's last 6 minutes
+STATUS_ROWS_MAX = 1000              # rows per table on the page; the rest are counted
+METRICS_SERVICE_SERIES_MAX = 1000   # --metrics-per-service: series, 4 per service
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RECENT_FAILURES = 20                # failed handshakes and dropped peers the page lists
+STATUS_PATHS = ("/", "/metrics")
+
+# Roles as clients name them in HELLO ("role": their command); older clients say nothing.
+PEER_ROLES = {"share": "sharer", "forward": "forwarder", "connect": "connector", "list": "lister"}
+PEER_ROLE_LABELS = ("sharer", "forwarder", "connector", "lister", "other", "handshaking")
+# Why things fail, as metric labels.  Every label exists from the start, at 0.
+STREAM_REFUSALS = ("no_service", "limit", "going_away", "sharer_reconnecting", "sharer")
+HANDSHAKE_FAILURES = ("version", "not_mindmeld", "tls", "auth", "timeout", "protocol", "limits",
+                      "closed")
+PEER_DROPS = ("protocol", "keepalive", "not_reading", "limits", "taken_over")
+REFUSAL_CODES = {"no-service": "no_service", "going-away": "going_away"}    # OPEN_REFUSED codes
+DIRECTIONS = ("to_sharer", "from_sharer")
+HANDSHAKE_PHASES = frozenset(("preamble", "hello", "auth", "refused"))
+
+_LOADED_AT = time.time()
+# Peer-supplied text may carry terminal escapes or bidi overrides: shown as \uXXXX.
+
+
+def is_loopback(host):
+    """Is this peer address (text, as getpeername gives it) a loopback address?"""
+    try:
+        address = ipaddress.ip_address(str(host).split("%")[0])
+    except ValueError:
+        return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def status_allowed(token, headers, client_host):
+    """May this HTTP client see the status page and /metrics?
+
+    With a token: only with `Authorization: Bearer TOKEN`, from anywhere.  Without
+    one: only loopback clients, and not through a proxy on this host (which makes
+    every visitor look local)."""
+    if token:
+        scheme, _, credential = headers.get("authorization", "").strip().partition(" ")
+        try:
+            given = credential.strip().encode("latin-1")    # the header's own bytes
+        except UnicodeEncodeError:
+            return False
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, token.encode())
+    proxied = any(name in headers for name in ("forwarded", "x-forwarded-for", "x-real-ip"))
+    return not proxied and is_loopback(client_host)
+
+
+def html_text(text):
+    """Text for HTML: markup escaped, control and invisible characters made visible."""
+    return html.escape(printable(text), quote=True)
+
+
+def metric_label_value(value):
+    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def metric_number(value):
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(int(value))
+
+
+def metric_family(name, kind, help_text, samples):
+    """One metric in the text format: HELP, TYPE, then `name{labels} value` lines.
+    `samples` is a number (no labels) or a list of ((label, value) pairs, number)."""
+    lines = ["# HELP %s %s" % (name, help_text.replace("\\", "\\\\").replace("\n", "\\n")),
+             "# TYPE %s %s" % (name, kind)]
+    if not isinstance(samples, list):
+        samples = [((), samples)]
+    for labels, value in samples:
+        text = ",".join('%s="%s"' % (k, metric_label_value(v)) for k, v in labels)
+        lines.append("%s%s %s" % (name, "{%s}" % text if text else "", metric_number(value)))
+    return lines
+
+
+def _process_figures():
+    """(resident bytes, open descriptors, start time): None where this system cannot say."""
+    rss = fds = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            fds = len(os.listdir(directory))
+            break
+        except OSError:
+            pass
+    return rss, fds, _process_start_time()
+
+
+def _process_start_time():
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])    # field 22, starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return _LOADED_AT           # not Linux: when this module was loaded
+
+
+def _human_bytes(n):
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000.0
+
+
+def _human_duration(seconds):
+    seconds = int(seconds)
+    days, hours, minutes = seconds // 86400, seconds // 3600 % 24, seconds // 60 % 60
+    if days:
+        return "%d d %d h" % (days, hours)
+    if hours:
+        return "%d h %d min" % (hours, minutes)
+    if minutes:
+        return "%d min %d s" % (minutes, seconds % 60) if seconds % 60 else "%d min" % minutes
+    return "%d s" % seconds
+
+
+def _sparkline(rates, width=360, height=48):
+    """An inline SVG of [(to_sharer, from_sharer) bytes/s, ...], oldest first."""
+    top = max([max(pair) for pair in rates] + [1.0])
+    step = width / float(max(STATUS_HISTORY - 2, 1))
+    x0 = width - step * (len(rates) - 1)
+    lines = []
+    for index, colour in ((0, "#1f77b4"), (1, "#d62728")):
+        points = " ".join("%.1f,%.1f" % (x0 + i * step, height - 1 - (height - 2) * pair[index] / top)
+                          for i, pair in enumerate(rates))
+        lines.append('<polyline fill="none" stroke="%s" stroke-width="1.5" points="%s"/>'
+                     % (colour, points))
+    return ('<svg width="%d" height="%d" viewBox="0 0 %d %d" '
+            'role="img" aria-label="throughput"><rect width="%d" height="%d" fill="#f6f6f6"/>%s</svg>'
+            ' <small>peak %s/s; <span style="color:#1f77b4">to sharers</span>, '
+            '<span style="color:#d62728">from sharers</span></small>'
+            % (width, height, width, height, width, height, "".join(lines), _human_bytes(top)))
+
+
+def _table(headings, rows, total):
+    if not total:
+        return "<p>none</p>"
+    out = ["<table><tr>%s</tr>" % "".join("<th>%s</th>" % h for h in headings)]
+    for row in rows[:STATUS_ROWS_MAX]:
+        out.append("<tr>%s</tr>" % "".join(
+            '<td class="n">%s</td>' % html_text(c) if isinstance(c, (int, float)) else
+            "<td>%s</td>" % html_text(c) for c in row))
+    out.append("</table>")
+    if total > min(len(rows), STATUS_ROWS_MAX):
+        out.append("<p>and %d more</p>" % (total - min(len(rows), STATUS_ROWS_MAX)))
+    return "\n".join(out)
+
+
+MINIMAL_STATUS_PAGE = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>mindmeld router"
+                       "</title></head>\n<body><p>This is a mindmeld router.</p></body></html>\n")
+STATUS_STYLE = ("body{font-family:sans-serif;margin:1.5em;color:#222}"
+                "table{border-collapse:collapse;margin-bottom:1em}"
+                "th,td{padding:.15em .7em;border-bottom:1px solid #ddd;text-align:left}"
+                "td.n{text-align:right;font-variant-numeric:tabular-nums}h2{font-size:1.1em}")
+
+
+class RouterMonitor:
+    """The router's counters, its throughput history (one timer, started by the
+    router's start() and cancelled by its close()), and the answers made of them:
+    /metrics, the status page, and the optional --status-listen address."""
+
+    def __init__(self, router, status_listen=None, per_service=False):
+        self.router = router
+        self.per_service = per_service
+        self.status_listen = (parse_hostport(status_listen, "", None, "status listen address")
+                              if status_listen else None)
+        self.status_server = None
+        self.status_addresses = []
+        self.status_connections = set()     # closed with the router, answered or not
+        self.sample_interval = STATUS_SAMPLE_INTERVAL
+        self.started = time.time()
+        self.streams_opened = 0
+        self.streams_refused = dict.fromkeys(STREAM_REFUSALS, 0)
+        self.handshakes_failed = dict.fromkeys(HANDSHAKE_FAILURES, 0)
+        self.peers_dropped = dict.fromkeys(PEER_DROPS, 0)
+        self.ended_bytes = [0, 0]       # relayed by streams that have ended, per DIRECTIONS
+        self.recent = []                # (time, peer address, what, why): newest last
+        self.history = []               # (monotonic time, to sharers, from sharers) totals
+        self.service_rates = {}         # Registration -> (bytes/s to, from), last interval
+        self._service_last = {}
+        self._timer = None
+
+    # -- life: one timer, and perhaps a listener ----------------------------------
+    async def start(self):
+        self.started = time.time()
+        self.history = [(time.monotonic(), 0, 0)]
+        self._timer = _get_loop().call_later(self.sample_interval, self._sample)
+        if self.status_listen is None:
+            return
+        host, port = self.status_listen
+        try:
+            self.status_server = await _create_server(lambda: StatusConnection(self), host, port)
+        except OSError as exc:
+            await self.close()
+            await _close_server(self.router.server)
+            raise MindmeldError("cannot listen on %s for the status page: %s" % (
+                format_hostport(host or "*", port), exc.strerror or exc))
+        self.status_addresses = [s.getsockname()[:2] for s in self.status_server.sockets]
+        log.info("router status page and /metrics on %s", ", ".join(
+            "http://%s/" % format_hostport(h, p) for h, p in self.status_addresses))
+
+    async def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.status_server is not None:
+            server, self.status_server = self.status_server, None
+            await _close_server(server)
+        for connection in list(self.status_connections):
+            connection.transport.abort()
+
+    def _sample(self):
+        self._timer = _get_loop().call_later(self.sample_interval, self._sample)
+        totals, by_service = self.relayed_bytes()
+        now = time.monotonic()
+        self.history.append((now, totals[0], totals[1]))
+        del self.history[:-STATUS_HISTORY]
+        rates, last = {}, {}
+        for registration in self.router.services.values():
+            figures = by_service.get(registration, registration.relayed)
+            before = self._service_last.get(registration)
+            if before is not None and now > before[0]:
+                rates[registration] = tuple((figures[i] - before[1][i]) / (now - before[0])
+                                            for i in (0, 1))
+            last[registration] = (now, list(figures))
+        self.service_rates, self._service_last = rates, last
+
+    # -- counting: the router's hooks call these ------------------------------------
+    def stream_refused(self, code):
+        reason = REFUSAL_CODES.get(code, code)
+        self.streams_refused[reason if reason in self.streams_refused else "limit"] += 1
+
+    def relay_ended(self, relay):
+        """A stream ended: its legs' counts move to the totals, in one step."""
+        to_sharer, from_sharer = relay.opener.received, relay.acceptor.received
+        self.ended_bytes[0] += to_sharer
+        self.ended_bytes[1] += from_sharer
+        relay.registration.relayed[0] += to_sharer
+        relay.registration.relayed[1] += from_sharer
+
+    def peer_lost(self, peer, reason):
+        """Sort a peer that left: a failed handshake, a drop, or a normal goodbye."""
+        cause = peer.drop_cause
+        layer = peer.transport
+        tls_error = getattr(layer, "error", None)
+        if cause is None and ssl is not None and isinstance(tls_error, ssl.SSLError):
+            cause = "tls"
+        if cause is None and peer._silent >= KEEPALIVE_MISSES:
+            cause = "keepalive"
+        if peer.phase in HANDSHAKE_PHASES:
+            cause = cause or ("auth" if peer.phase == "auth" else "closed")
+            self.handshakes_failed[cause if cause in self.handshakes_failed else "protocol"] += 1
+            what = "handshake failed"
+        elif peer.phase == "ready" and cause is not None:
+            self.peers_dropped[cause if cause in self.peers_dropped else "protocol"] += 1
+            what = "dropped"
+        else:
+            return
+        self.recent.append((time.time(), peer.peer, "%s (%s)" % (what, cause), short_reason(reason)))
+        del self.recent[:-RECENT_FAILURES]
+
+    # -- reading --------------------------------------------------------------------
+    def relayed_bytes(self):
+        """Bytes relayed so far: ([to sharers, from sharers], {Registration: [to, from]})."""
+        totals = list(self.ended_bytes)
+        by_service = {}
+        for peer in self.router.peers:
+            for leg in peer.legs.values():
+                relay = leg.relay
+                if leg is not relay.opener:
+                    continue
+                figures = by_service.get(relay.registration)
+                if figures is None:
+                    figures = by_service[relay.registration] = list(relay.registration.relayed)
+                figures[0] += leg.received
+                figures[1] += relay.acceptor.received
+                totals[0] += leg.received
+                totals[1] += relay.acceptor.received
+        return totals, by_service
+
+    def peer_role(self, peer):
+        if peer.phase != "ready":
+            return "handshaking"
+        return PEER_ROLES.get(peer.hello_role) or ("sharer" if peer.registrations else "other")
+
+    def _connected(self):
+        """Peers that are, or are becoming, mindmeld sessions (not HTTP visitors)."""
+        return [p for p in self.router.peers if p.phase not in ("http", "refused")]
+
+    def buffers(self):
+        """Bytes held for peers now ([receive, send]), and the most they may make us hold."""
+        held, budget = [0, 0], 0
+        for peer in self._connected():
+            held[0] += len(peer.frames.data)
+            if peer.transport is not None:
+                held[1] += peer.transport.get_write_buffer_size()
+            budget += peer.frames.maximum + peer.backlog_limit()
+        return held, budget
+
+    def metrics_text(self):
+        router = self.router
+        totals, by_service = self.relayed_bytes()
+        roles = dict.fromkeys(PEER_ROLE_LABELS, 0)
+        for peer in self._connected():
+            roles[self.peer_role(peer)] += 1
+        held, budget = self.buffers()
+        rss, fds, process_start = _process_figures()
+        out = []
+        add = out.extend
+        add(metric_family("mindmeld_build_info", "gauge", "The router's version and protocol version.",
+                          [((("version", __version__), ("protocol", PROTOCOL_VERSION)), 1)]))
+        add(metric_family("mindmeld_start_time_seconds", "gauge",
+                          "When the router started, in seconds since the Unix epoch.", self.started))
+        add(metric_family("mindmeld_peers", "gauge", "Connected peers by role (handshaking: not yet ready).",
+                          [((("role", r),), roles[r]) for r in PEER_ROLE_LABELS]))
+        add(metric_family("mindmeld_services", "gauge", "Services registered now.", len(router.services)))
+        add(metric_family("mindmeld_open_streams", "gauge", "Streams relayed now.", router.relayed))
+        add(metric_family("mindmeld_streams_opened_total", "counter",
+                          "Streams the router passed on to a sharer.", self.streams_opened))
+        add(metric_family("mindmeld_streams_refused_total", "counter",
+                          "Streams refused, by reason (sharer: refused by the sharer itself).",
+                          [((("reason", r),), n) for r, n in sorted(self.streams_refused.items())]))
+        add(metric_family("mindmeld_relayed_bytes_total", "counter",
+                          "Stream payload bytes relayed, by direction (frame headers not counted).",
+                          [((("direction", d),), totals[i]) for i, d in enumerate(DIRECTIONS)]))
+        add(metric_family("mindmeld_handshakes_failed_total", "counter",
+                          "Connections that did not become a session, by reason.",
+                          [((("reason", r),), n) for r, n in sorted(self.handshakes_failed.items())]))
+        add(metric_family("mindmeld_peers_dropped_total", "counter",
+                          "Peers the router disconnected after the handshake, by reason.",
+                          [((("reason", r),), n) for r, n in sorted(self.peers_dropped.items())]))
+        add(metric_family("mindmeld_peer_buffer_bytes", "gauge",
+                          "Memory held for peers: receive buffers and queued sends.",
+                          [((("buffer", "receive"),), held[0]), ((("buffer", "send"),), held[1])]))
+        add(metric_family("mindmeld_peer_buffer_budget_bytes", "gauge",
+                          "The most the connected peers may make the router hold before it drops them.",
+                          budget))
+        if self.per_service:
+            out.extend(self._service_metrics(by_service))
+        if rss is not None:
+            add(metric_family("process_resident_memory_bytes", "gauge",
+                              "Resident memory size in bytes.", rss))
+        if fds is not None:
+            add(metric_family("process_open_fds", "gauge", "Number of open file descriptors.", fds))
+        add(metric_family("process_start_time_seconds", "gauge",
+                          "Start time of the process since unix epoch in seconds.", process_start))
+        return "\n".join(out) + "\n"
+
+    def _service_metrics(self, by_service):
+        """Per-service series, opt-in: names are chosen by strangers, so at most
+        METRICS_SERVICE_SERIES_MAX series (the first services by name)."""
+        registrations = sorted(self.router.services.values(), key=lambda r: r.name)
+        shown = registrations[:METRICS_SERVICE_SERIES_MAX // 4]
+        opened, open_now, relayed = [], [], []
+        for r in shown:
+            figures = by_service.get(r, r.relayed)
+            opened.append(((("service", r.name),), r.opened))
+            open_now.append(((("service", r.name),), r.streams))
+            relayed.extend(((("service", r.name), ("direction", d)), figures[i])
+                           for i, d in enumerate(DIRECTIONS))
+        out = []
+        out.extend(metric_family("mindmeld_service_open_streams", "gauge",
+                                 "Streams relayed now, by service.", open_now))
+        out.extend(metric_family("mindmeld_service_streams_opened_total", "counter",
+                                 "Streams opened since the service was registered.", opened))
+        out.extend(metric_family("mindmeld_service_relayed_bytes_total", "counter",
+                                 "Payload bytes relayed since the service was registered, by direction.",
+                                 relayed))
+        out.extend(metric_family("mindmeld_metrics_services_omitted", "gauge",
+                                 "Services left out of the per-service series (over the cap).",
+                                 len(registrations) - len(shown)))
+        return out
+
+    def status_html(self):
+        router = self.router
+        now = time.time()
+        totals, by_service = self.relayed_bytes()
+        peers = sorted(self._connected(), key=lambda p: p.peer)
+        listening = ", ".join(format_hostport(h, p) for h, p in router.addresses) or "-"
+        summary = [
+            "mindmeld router %s" % __version__,
+            "protocol %d" % PROTOCOL_VERSION,
+            "services %d" % len(router.services),
+            "peers %d" % len(peers),
+            "open streams %d" % router.relayed,
+            "relayed %s to sharers, %s from sharers" % (_human_bytes(totals[0]), _human_bytes(totals[1])),
+            "uptime %s (since %s)" % (_human_duration(now - self.started),
+                                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))),
+            "host %s, pid %d" % (socket.gethostname(), os.getpid()),
+            "listening on %s%s%s" % (listening, " (TLS)" if router.ssl_context else "",
+                                     ", token required" if router.token else ""),
+        ]
+        rates = [((b[1] - a[1]) / (b[0] - a[0]), (b[2] - a[2]) / (b[0] - a[0]))
+                 for a, b in zip(self.history, self.history[1:]) if b[0] > a[0]]
+        services = []
+        for r in sorted(router.services.values(), key=lambda r: r.name)[:STATUS_ROWS_MAX]:
+            figures = by_service.get(r, r.relayed)
+            rate = self.service_rates.get(r)
+            services.append((r.name, r.peer.peer, _human_duration(now - r.since),
+                             "yes" if r.verifier else "no", r.streams, r.opened,
+                             _human_bytes(figures[0]), _human_bytes(figures[1]),
+                             "%s/s" % _human_bytes(rate[0]) if rate else "-",
+                             "%s/s" % _human_bytes(rate[1]) if rate else "-"))
+        peer_rows = [(p.peer, self.peer_role(p), p.agent, len(p.legs),
+                      " ".join(r.name for r in p.registrations) or "-") for p in peers[:STATUS_ROWS_MAX]]
+        failures = [("refused stream: %s" % r, n) for r, n in sorted(self.streams_refused.items()) if n]
+        failures += [("failed handshake: %s" % r, n) for r, n in sorted(self.handshakes_failed.items()) if n]
+        failures += [("dropped peer: %s" % r, n) for r, n in sorted(self.peers_dropped.items()) if n]
+        recent = [(time.strftime("%H:%M:%S", time.localtime(t)), who, what, why)
+                  for t, who, what, why in reversed(self.recent)]
+        return "\n".join([
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta http-equiv="refresh" content="5">',
+            "<title>mindmeld router %s</title>" % html_text(socket.gethostname()),
+            "<style>%s</style></head><body>" % STATUS_STYLE,
+            "<h1>mindmeld router</h1>",
+            "<pre>\n%s\n</pre>" % "\n".join(html_text(line) for line in summary),
+            "<h2>Throughput, last %s</h2>" % _human_duration(STATUS_HISTORY * self.sample_interval),
+            "<p>%s</p>" % (_sparkline(rates) if len(rates) > 1 else "(sampled every %g s)" % self.sample_interval),
+            "<h2>Services</h2>",
+            _table(("name", "sharer", "registered for", "secret", "open streams", "streams",
+                    "to sharer", "from sharer", "rate to", "rate from"), services, len(router.services)),
+            "<h2>Peers</h2>",
+            _table(("address", "role", "agent", "open streams", "services"), peer_rows, len(peers)),
+            "<h2>Refused and dropped</h2>",
+            _table(("what", "count"), failures, len(failures)),
+            "<h2>Recent failures</h2>",
+            _table(("time", "peer", "what", "why"), recent, len(recent)),
+            "<p><small>Updated %s; this page reloads every 5 s.  Metrics: /metrics.</small></p>"
+            % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+            "</body></html>", ""])
+
+    # -- HTTP --------------------------------------------------------------------------
+    def http_response(self, method, path, headers, transport):
+        """The whole HTTP answer to GET/HEAD of / or /metrics (and /healthz here)."""
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        client = peer[0] if isinstance(peer, tuple) else ""
+        allowed = status_allowed(self.router.token, headers, client)
+        extra = ""
+        content_type = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            status, body, extra = "405 Method Not Allowed", "use GET\n", "Allow: GET, HEAD\r\n"
+        elif path == "/healthz":
+            status, body = "200 OK", "ok\n"
+        elif path == "/metrics" and allowed:
+            status, body, content_type = "200 OK", self.metrics_text(), METRICS_CONTENT_TYPE
+        elif path == "/metrics" and self.router.token:
+            status, body = "401 Unauthorized", "this is a mindmeld router\n"
+            extra = 'WWW-Authenticate: Bearer realm="mindmeld router"\r\n'
+        elif path == "/metrics":
+            status, body = "403 Forbidden", "this is a mindmeld router\n"
+        elif path == "/":
+            status, content_type = "200 OK", "text/html; charset=utf-8"
+            body = self.status_html() if allowed else MINIMAL_STATUS_PAGE
+        else:
+            status, body = "404 Not Found", "not found: this is a mindmeld router\n"
+        body = body.encode("utf-8")
+        head = ("HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s"
+                "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+                "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n"
+                "Referrer-Policy: no-referrer\r\nConnection: close\r\n\r\n"
+                % (status, content_type, len(body), extra))
+        return head.encode("latin-1") + (b"" if method == "HEAD" else body)
+
+
+class StatusConnection(asyncio.Protocol):
+    """One HTTP request on the --status-listen address: read the head, answer, close."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+        self.transport = None
+        self.head = bytearray()
+        self._timer = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.monitor.status_connections.add(self)
+        self._timer = _get_loop().call_later(HANDSHAKE_TIMEOUT, transport.abort)
+
+    def data_received(self, data):
+        if self.transport.is_closing():
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0 and len(self.head) <= HTTP_HEAD_MAX:
+            return
+        if end < 0 or end + 4 > HTTP_HEAD_MAX:
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        else:
+            line, headers = parse_http_head(bytes(self.head[:end + 4]))
+            parts = line.split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+            self.transport.write(self.monitor.http_response(parts[0] if parts else "", path, headers,
+                                                            self.transport))
+        self.transport.close()
+
+    def connection_lost(self, exc):
+        self.monitor.status_connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 # --- 5b. The clients --------------------------------------------------------
@@ -4487,6 +5047,8 @@ def build_parser():
                    "$MINDMELD_STATE_DIR, else %s)" % default_state_dir().replace(os.path.expanduser("~"), "~"))
     p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
+    p.add_argument("--status-listen", metavar="[HOST]:PORT", help="also serve / and /metrics here (same access rules)")
+    p.add_argument("--metrics-per-service", action="store_true", help="label metrics by service too (at most 1000 series)")
 
     p = sub.add_parser("share", parents=[client, secret, retrying, ready], help="offer a local TCP service under a name",
                        usage="mindmeld share [options] NAME [HOST:]PORT\n"
@@ -4606,7 +5168,8 @@ def _run_router(args):
     if args.tls or args.tls_cert or args.tls_key:
         context, fingerprint = router_tls_context(args.tls_cert, args.tls_key, args.state_dir)
         log.info("router TLS certificate SHA256 fingerprint: %s", fingerprint)
-    router = Router(host, port, token=token, ssl_context=context, keepalive=args.keepalive)
+    router = Router(host, port, token=token, ssl_context=context, keepalive=args.keepalive,
+                    status_listen=args.status_listen, metrics_per_service=args.metrics_per_service)
     return _run(_serve(router, args.grace, args.ready_fd))
 
 

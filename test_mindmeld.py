@@ -5017,7 +5017,7 @@ class TestFuzz(HostileTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 11. Readiness: --ready-fd, the structured way to learn that a role is up and where
+# 12. Readiness: --ready-fd, the structured way to learn that a role is up and where
 # ---------------------------------------------------------------------------
 
 @unittest.skipUnless(os.name == "posix", "passes a pipe's file descriptor to the child")
@@ -5108,6 +5108,336 @@ class TestReadyFd(unittest.TestCase):
         self.assertEqual(child.report["role"], "router")
         status, _headers, body = http_request(child.port, b"GET /healthz HTTP/1.0\r\n\r\n")
         self.assertEqual((status.split()[1], body), ("200", b"ok\n"))
+# The operator's view: /metrics, the status page, who may see them
+# ---------------------------------------------------------------------------
+
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+METRIC_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z")
+METRIC_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|\Z)')
+METRIC_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def parse_exposition(test, text):
+    """Prometheus text format 0.0.4, read strictly, line by line: ({name: type},
+    {(name, ((label, value), ...)): value}).  Every sample follows its HELP and TYPE."""
+    test.assertTrue(text.endswith("\n"), "the text must end with a newline")
+    helps, types, samples = {}, {}, {}
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            test.assertRegex(name, METRIC_NAME)
+            test.assertNotIn(name, helps, "HELP twice")
+            test.assertTrue(help_text, "an empty HELP for %s" % name)
+            helps[name] = help_text
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            test.assertIn(name, helps, "TYPE before HELP for %s" % name)
+            test.assertNotIn(name, types, "TYPE twice")
+            test.assertIn(kind, ("counter", "gauge"))
+            if kind == "counter":
+                test.assertTrue(name.endswith("_total"), name)
+            types[name] = kind
+        else:
+            match = METRIC_SAMPLE.match(line)
+            test.assertIsNotNone(match, "not a sample line: %r" % line)
+            name, label_text, value = match.groups()
+            test.assertIn(name, types, "a sample with no TYPE: %r" % line)
+            labels, rest = [], label_text or ""
+            for _ in range(100):
+                if not rest:
+                    break
+                pair = METRIC_LABEL.match(rest)
+                test.assertIsNotNone(pair, "bad labels in %r" % line)
+                labels.append((pair.group(1), re.sub(r'\\[\\"n]', lambda m: METRIC_UNESCAPE[m.group()],
+                                                     pair.group(2))))
+                rest = rest[pair.end():]
+            key = (name, tuple(labels))
+            test.assertNotIn(key, samples, "a sample twice: %r" % line)
+            samples[key] = float(value)
+            if types[name] == "counter":
+                test.assertGreaterEqual(samples[key], 0)
+    return types, samples
+
+
+async def http_get(port, path, headers=(), method="GET"):
+    """(status code, {header: value}, body) of one request to 127.0.0.1:port."""
+    reader, writer = await asyncio.open_connection(LOCALHOST, port)
+    try:
+        writer.write(("%s %s HTTP/1.1\r\nHost: router\r\n%s\r\n" % (
+            method, path, "".join("%s: %s\r\n" % h for h in headers))).encode("latin-1"))
+        answer = await asyncio.wait_for(reader.read(), 10)     # to EOF: the router closes
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict((k.strip().lower(), v.strip()) for k, _, v in (l.partition(":") for l in lines[1:]))
+    test_length = int(fields.get("content-length", -1))
+    if method != "HEAD" and test_length != len(body):
+        raise AssertionError("Content-Length %d, body %d bytes" % (test_length, len(body)))
+    return int(lines[0].split()[1]), fields, body.decode("utf-8")
+
+
+HOSTILE_AGENT = '<script>alert("agent")</script>\x1b[2J\u202egnp.exe'
+
+
+class TestOperatorView(LoopTestCase):
+    """What the router shows its operator, to whom, and what it costs nobody else."""
+
+    # -- pure parts: no sockets --------------------------------------------------------
+    def test_who_may_see_the_status(self):
+        allowed = mindmeld.status_allowed
+        bearer = {"authorization": "Bearer s3cret"}
+        for client in ("127.0.0.1", "10.1.2.3", "2001:db8::1", ""):
+            with self.subTest(client=client):      # with a token, only the token counts
+                self.assertTrue(allowed("s3cret", bearer, client))
+                self.assertTrue(allowed("s3cret", {"authorization": "bearer  s3cret "}, client))
+                for wrong in ({}, {"authorization": "Bearer s3cre"}, {"authorization": "Bearer s3cret2"},
+                              {"authorization": "Basic czNjcmV0"}, {"authorization": "s3cret"},
+                              {"authorization": "Bearer"}, {"authorization": "Bearer \xe9"},
+                              {"authorization": "Bearer s3cret\u0100"}):
+                    self.assertFalse(allowed("s3cret", wrong, client), wrong)
+        for client in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+            with self.subTest(client=client):      # no token: loopback only
+                self.assertTrue(allowed(None, {}, client))
+                self.assertTrue(allowed(None, bearer, client))
+                self.assertFalse(allowed(None, {"x-forwarded-for": "203.0.113.9"}, client))
+                self.assertFalse(allowed(None, {"forwarded": "for=203.0.113.9"}, client))
+        for client in ("10.1.2.3", "192.168.0.1", "203.0.113.9", "2001:db8::1", "::ffff:10.0.0.1",
+                       "fe80::1%eth0", "", "localhost", "not an address"):
+            with self.subTest(client=client):
+                self.assertFalse(allowed(None, {}, client))
+                self.assertFalse(allowed(None, bearer, client))
+                self.assertFalse(allowed("", bearer, client))
+
+    def test_exposition_lines_and_label_escaping_parse_back(self):
+        hostile = 'a "quoted" \\ back\nslash'
+        lines = mindmeld.metric_family("x_things_total", "counter", "Things.\nWith \\ a second line.",
+                                       [((("name", hostile), ("kind", "plain")), 3),
+                                        ((("name", "other"), ("kind", "")), 0)])
+        lines += mindmeld.metric_family("x_level", "gauge", "A level.", 0.25)
+        lines += mindmeld.metric_family("x_big", "gauge", "A big one.", 2 ** 53 + 1)
+        self.assertEqual(lines[0], "# HELP x_things_total Things.\\nWith \\\\ a second line.")
+        self.assertEqual(lines[2], 'x_things_total{name="a \\"quoted\\" \\\\ back\\nslash",kind="plain"} 3')
+        self.assertEqual(lines[-1], "x_big %d" % (2 ** 53 + 1))    # integers stay exact
+        types, samples = parse_exposition(self, "\n".join(lines) + "\n")
+        self.assertEqual(types, {"x_things_total": "counter", "x_level": "gauge", "x_big": "gauge"})
+        self.assertEqual(samples[("x_things_total", (("name", hostile), ("kind", "plain")))], 3)
+        self.assertEqual(samples[("x_things_total", (("name", "other"), ("kind", "")))], 0)
+        self.assertEqual(samples[("x_level", ())], 0.25)
+        self.assertEqual([mindmeld.metric_number(v) for v in (float("inf"), float("-inf"), 1.5, True)],
+                         ["+Inf", "-Inf", "1.5", "1"])
+
+    def test_html_text_makes_hostile_text_inert(self):
+        text = mindmeld.html_text(HOSTILE_AGENT + "\x00\x7f\x9b'&")
+        self.assertEqual(text, "&lt;script&gt;alert(&quot;agent&quot;)&lt;/script&gt;\\x1b[2J\\u202egnp.exe"
+                               "\\x00\\x7f\\x9b&#x27;&amp;")
+
+    # -- one router in this event loop ------------------------------------------------
+    async def tunnel_with_monitor(self, **router_options):
+        router = Router(LOCALHOST, 0, **router_options)
+        router.monitor.sample_interval = 0.05       # the sparkline fills in a blink
+        await router.start()
+        self._async_cleanups.append(lambda: router.close(0))
+        self.router, self.router_address = router, "%s:%d" % (LOCALHOST, router.port)
+        token = router_options.get("token")
+        client = {"token": token} if token else {}
+        target = await self.start_target(echo_handler)
+        self.sharer = await self.start_sharer({"web": (LOCALHOST, target)}, **client)
+        self.forwarder = await self.start_forwarder("web", **client)
+        return router
+
+    async def scrape(self, port, headers=()):
+        code, fields, body = await http_get(port, "/metrics", headers)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(fields["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        return parse_exposition(self, body)
+
+    def assert_grew(self, types, before, after):
+        for key, value in before.items():
+            if types[key[0]] == "counter":
+                self.assertGreaterEqual(after.get(key, -1), value, key)
+
+    def test_metrics_after_a_known_transfer(self):
+        async def main():
+            router = await self.tunnel_with_monitor(metrics_per_service=True)
+            types, first = await self.scrape(router.port)
+            for name in ("mindmeld_peers", "mindmeld_services", "mindmeld_open_streams",
+                         "mindmeld_streams_opened_total", "mindmeld_streams_refused_total",
+                         "mindmeld_relayed_bytes_total", "mindmeld_handshakes_failed_total",
+                         "mindmeld_peers_dropped_total", "mindmeld_peer_buffer_bytes",
+                         "mindmeld_peer_buffer_budget_bytes", "process_start_time_seconds",
+                         "mindmeld_service_relayed_bytes_total"):
+                self.assertIn(name, types)
+            if os.path.exists("/proc/self/statm"):
+                self.assertGreater(first[("process_resident_memory_bytes", ())], MB)
+                self.assertGreater(first[("process_open_fds", ())], 3)
+            self.assertEqual(first[("mindmeld_peers", (("role", "sharer"),))], 1)
+            self.assertEqual(first[("mindmeld_peers", (("role", "forwarder"),))], 1)
+            self.assertEqual(first[("mindmeld_services", ())], 1)
+
+            reader, writer = await self.connect(self.forwarder.port)
+            half = os.urandom(1536 * 1024 + 7)
+            writer.write(half)
+            back = await asyncio.wait_for(reader.readexactly(len(half)), 20)
+            self.assertTrue(back == half)
+            _, middle = await self.scrape(router.port)          # the stream is still open
+            self.assertEqual(middle[("mindmeld_open_streams", ())], 1)
+            for direction in ("to_sharer", "from_sharer"):
+                self.assertEqual(middle[("mindmeld_relayed_bytes_total", (("direction", direction),))],
+                                 len(half))
+            writer.write(half[::-1])
+            writer.write_eof()
+            count, _, _ = await read_to_end(reader, 4 * MB)
+            self.assertEqual(count, len(half))
+            await wait_until(lambda: router.relayed == 0, 5, 'router.relayed == 0')
+            await wait_until(lambda: len(router.monitor.history) >= 3, 5, 'len(router.monitor.history) >= 3')
+            _, last = await self.scrape(router.port)
+            # payload bytes exactly: the 10-byte frame headers are not counted
+            for direction in ("to_sharer", "from_sharer"):
+                self.assertEqual(last[("mindmeld_relayed_bytes_total", (("direction", direction),))],
+                                 2 * len(half))
+                self.assertEqual(last[("mindmeld_service_relayed_bytes_total",
+                                       (("service", "web"), ("direction", direction)))], 2 * len(half))
+            self.assertEqual(last[("mindmeld_streams_opened_total", ())], 1)
+            self.assertEqual(last[("mindmeld_service_streams_opened_total", (("service", "web"),))], 1)
+            self.assertEqual(last[("mindmeld_open_streams", ())], 0)
+            self.assertEqual(sum(v for (n, _), v in last.items() if n.endswith("_failed_total")
+                                 or n.endswith("_dropped_total") or n.endswith("_refused_total")), 0)
+            self.assert_grew(types, first, middle)
+            self.assert_grew(types, middle, last)
+
+            code, fields, page = await http_get(router.port, "/")
+            self.assertEqual((code, fields["content-type"]), (200, "text/html; charset=utf-8"))
+            self.assertIn('<meta http-equiv="refresh" content="5">', page)
+            self.assertIn("<svg", page)
+            self.assertIn("<td>web</td>", page)
+            self.assertIn("3.1 MB", page)                # 2 x 1.5 MiB, each way
+            self.assertRegex(page, r"(?m)^services 1$")   # the text at the top reads well in curl
+            for external in ("<script", "src=", "href=", "url(", "@import", "<link", "http:", "https:"):
+                self.assertNotIn(external, page)
+            await router.close()
+            self.assertIsNone(router.monitor._timer, "close() cancels the sampling timer")
+        self.run_async(main(), 40)
+
+    def test_the_token_guards_the_page_and_the_metrics(self):
+        token = "tok-3f9a-never-shown"
+        async def main():
+            router = await self.tunnel_with_monitor(token=token)
+            port = router.port
+            code, _, page = await http_get(port, "/healthz")
+            self.assertEqual((code, page), (200, "ok\n"))
+            for headers in ((), (("Authorization", "Bearer wrong"),), (("Authorization", token),),
+                            (("Authorization", "Bearer " + token + "x"),)):
+                with self.subTest(headers=headers):
+                    code, _, page = await http_get(port, "/", headers)
+                    self.assertEqual((code, page), (200, mindmeld.MINIMAL_STATUS_PAGE))
+                    code, fields, body = await http_get(port, "/metrics", headers)
+                    self.assertEqual(code, 401)
+                    self.assertTrue(fields["www-authenticate"].startswith("Bearer"))
+                    for secret in ("web", mindmeld.__version__, "127.0.0.1", token, "mindmeld_"):
+                        self.assertNotIn(secret, page + body)
+            bearer = (("Authorization", "Bearer " + token),)
+            _, samples = await self.scrape(port, bearer)
+            self.assertEqual(samples[("mindmeld_services", ())], 1)
+            self.assertNotIn("mindmeld_service_relayed_bytes_total", {n for n, _ in samples})
+            code, _, page = await http_get(port, "/", bearer)
+            self.assertEqual(code, 200)
+            self.assertIn("<td>web</td>", page)
+            self.assertIn("token required", page)
+            self.assertNotIn(token, page)
+            code, _, body = await http_get(port, "/metrics", bearer, method="HEAD")
+            self.assertEqual((code, body), (200, ""))
+        self.run_async(main(), 30)
+
+    def test_peer_supplied_text_is_escaped_on_the_page(self):
+        async def main():
+            router = await self.tunnel_with_monitor()
+            reader, writer = await self.connect(router.port)
+            writer.write(PREAMBLE + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION, "role": "forward",
+                                                           "agent": HOSTILE_AGENT}))
+            writer.write(encode_json(OPEN, 1, {"service": "nope"}))
+            decoder, seen = FrameDecoder(), []
+            for _ in range(100):                    # HELLO, then OPEN_REFUSED for "nope"
+                if any(f[0] == OPEN_REFUSED for f in seen):
+                    break
+                data = await asyncio.wait_for(reader.read(CHUNK), 5)
+                self.assertTrue(data, "the router closed the connection")
+                seen.extend(decoder.feed(data))
+            code, _, page = await http_get(router.port, "/")
+            self.assertEqual(code, 200)
+            self.assertIn(mindmeld.html_text(HOSTILE_AGENT), page)
+            for raw in ("<script", "\x1b", "\u202e"):
+                self.assertNotIn(raw, page)
+            # a protocol error that quotes the peer's own text: listed, escaped
+            writer.write(encode_json(REGISTER, 2, {"name": "<b>bold</b>"}))
+            await wait_until(lambda: len(router.peers) == 2, 5, 'len(router.peers) == 2')
+            code, _, page = await http_get(router.port, "/")
+            self.assertIn("invalid service name &#x27;&lt;b&gt;bold&lt;/b&gt;&#x27;", page)
+            self.assertNotIn("<b>", page)
+            _, samples = await self.scrape(router.port)
+            self.assertEqual(samples[("mindmeld_streams_refused_total", (("reason", "no_service"),))], 1)
+            self.assertEqual(samples[("mindmeld_peers_dropped_total", (("reason", "protocol"),))], 1)
+            # and a handshake that fails: the wrong protocol version
+            reader, writer = await self.connect(router.port)
+            writer.write(MAGIC + bytes([PROTOCOL_VERSION + 1]))
+            try:
+                await asyncio.wait_for(read_to_end(reader, MB), 5)   # a GOAWAY, then closed
+            except ConnectionResetError:
+                pass
+            await wait_until(lambda: len(router.peers) == 2, 5, 'len(router.peers) == 2')
+            _, samples = await self.scrape(router.port)
+            self.assertEqual(samples[("mindmeld_handshakes_failed_total", (("reason", "version"),))], 1)
+        self.run_async(main(), 30)
+
+    def test_status_listen_serves_the_same_rules(self):
+        async def main():
+            router = await self.tunnel_with_monitor(status_listen="127.0.0.1:0")
+            (host, port), = router.monitor.status_addresses
+            self.assertEqual(host, LOCALHOST)
+            code, _, page = await http_get(port, "/")
+            self.assertEqual(code, 200)
+            self.assertIn("<td>web</td>", page)
+            code, _, page = await http_get(port, "/", (("X-Forwarded-For", "203.0.113.9"),))
+            self.assertEqual((code, page), (200, mindmeld.MINIMAL_STATUS_PAGE))
+            _, samples = await self.scrape(port)
+            self.assertEqual(samples[("mindmeld_peers", (("role", "forwarder"),))], 1)
+            self.assertEqual((await http_get(port, "/healthz"))[::2], (200, "ok\n"))
+            self.assertEqual((await http_get(port, "/mindmeld"))[0], 404)
+            self.assertEqual((await http_get(port, "/", method="POST"))[0], 405)
+            idle_reader, _ = await self.connect(port)           # says nothing: closed with the router
+            await router.close()
+            try:
+                self.assertEqual(await asyncio.wait_for(idle_reader.read(CHUNK), 5), b"")
+            except ConnectionResetError:
+                pass
+            with self.assertRaises(OSError):
+                await asyncio.open_connection(LOCALHOST, port)
+        self.run_async(main(), 30)
+
+    def test_command_line_flags(self):
+        router = Proc(self, ["router", "--listen", "127.0.0.1:0", "--status-listen", "127.0.0.1:0",
+                             "--token", "cli-token", "--metrics-per-service"])
+        port = int(router.wait_line(r"status page and /metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+        line, headers, body = http_request(port, b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer "
+                                                 b"cli-token\r\n\r\n")
+        self.assertIn(" 200 ", line)
+        types, _ = parse_exposition(self, body.decode())
+        self.assertIn("mindmeld_service_relayed_bytes_total", types)
+        self.assertEqual(http_request(port, b"GET /metrics HTTP/1.1\r\n\r\n")[0].split()[1], "401")
+        code, lines = router.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
+        with socket.socket() as busy:
+            busy.bind((LOCALHOST, 0))
+            busy.listen(1)
+            for address, words in (("127.0.0.1:http", "bad status listen address"),
+                                   ("127.0.0.1:%d" % busy.getsockname()[1], "for the status page")):
+                done = run_cli("router", "--listen", "127.0.0.1:0", "--status-listen", address)
+                self.assertEqual(done.code, 1, done.err)
+                errors = [l for l in done.err.splitlines() if "error" in l]
+                self.assertEqual(len(errors), 1, done.err)
+                self.assertTrue(errors[0].startswith("mindmeld router: error: "), errors[0])
+                self.assertIn(words, errors[0])
+                self.assertNotIn("Traceback", done.err)
 
 
 if __name__ == "__main__":
@@ -5115,7 +5445,7 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------
-# Far-end faults: what the other end of one stream gets wrong ends that stream only
+# 14. Hardening: what the other end of one stream gets wrong ends that stream only
 # ---------------------------------------------------------------------------
 
 class TestFarEndFaults(HostileTestCase):
