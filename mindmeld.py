@@ -117,13 +117,12 @@ def _callback_error_handler():
             return
         what = "%s: %s (%s)" % (type(exc).__name__, exc, where) if exc is not None else where
         key = (type(exc), str(exc), where)
-        verbose = log.isEnabledFor(logging.DEBUG)
         if key in reported:
-            log.debug("internal error again: %s", what, exc_info=exc if verbose else None)
+            log.debug("internal error again: %s", what)
             return
         reported.add(key)
         log.error("internal error: %s; run with -v for a traceback", what,
-                  exc_info=exc if verbose else None)
+                  exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
     return handle
 
 
