@@ -119,13 +119,12 @@ def _callback_error_handler():
             return
         what = "%s: %s (%s)" % (type(exc).__name__, exc, where) if exc is not None else where
         key = (type(exc), str(exc), where)
-        verbose = log.isEnabledFor(logging.DEBUG)
         if key in reported:
-            log.debug("internal error again: %s", what, exc_info=exc if verbose else None)
+            log.debug("internal error again: %s", what)
             return
         reported.add(key)
         log.error("internal error: %s; run with -v for a traceback", what,
-                  exc_info=exc if verbose else None)
+                  exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
     return handle
 
 
@@ -2595,7 +2594,7 @@ class Router:
         self.peers = set()
         self.handshakes = PendingHandshakes()
         self.relayed = 0                # streams relayed now
-        self._all_streams_ended = None  # a future while close() waits for them
+        self.drained = None  # a future while close() waits for them
         self.server = None
         self.addresses = []
         self.done = None               # a future, resolved when the router has closed
@@ -2737,7 +2736,7 @@ class Router:
             log.debug("router: %s disconnected: %s", peer.peer, reason)
 
     def stream_ended(self):
-        waiter = self._all_streams_ended
+        waiter = self.drained
         if waiter is not None and not self.relayed and not waiter.done():
             waiter.set_result(None)
 
@@ -2749,9 +2748,9 @@ class Router:
         for peer in list(self.peers):
             peer.send_json(GOAWAY, 0, {"code": "shutdown", "message": "the router is shutting down"})
         if grace and self.relayed:
-            self._all_streams_ended = _get_loop().create_future()
+            self.drained = _get_loop().create_future()
             try:
-                await asyncio.wait_for(self._all_streams_ended, grace)
+                await asyncio.wait_for(self.drained, grace)
             except asyncio.TimeoutError:
                 pass
         for peer in list(self.peers):
@@ -4963,13 +4962,27 @@ def _bench_report(results, out):
 # ### 6. Command line: a thin layer over the roles above
 # ###########################################################################
 
-def _positive_float(text):
+def _seconds(text):
     try:
         value = float(text)
     except ValueError:
+        value = math.nan
+    if math.isnan(value):
         raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    return value
+
+
+def _positive_float(text):
+    value = _seconds(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _nonnegative_float(text):
+    value = _seconds(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -4998,59 +5011,85 @@ def build_parser():
     role.add_argument("--keepalive", type=_positive_float, default=KEEPALIVE_INTERVAL,
                         metavar="SECONDS", help="ping after this much silence; the link is dead "
                         "after %d silent intervals (default %.0f)" % (KEEPALIVE_MISSES, KEEPALIVE_INTERVAL))
-    client = argparse.ArgumentParser(add_help=False, parents=[role])
-    client.add_argument("--router", metavar="HOST:PORT",
-                        help="the router: HOST:PORT, ws://HOST[:PORT]/PATH or wss://... "
-                        "(default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
-    client.add_argument("--token", help="the router's token (or $MINDMELD_TOKEN)")
-    client.add_argument("--token-file", metavar="FILE", help="read the router's token from FILE")
-    client.add_argument("--tls", action="store_true", help="TLS to the router: system CAs, else trust "
-                        "the first certificate seen and refuse a changed one (known_routers)")
-    client.add_argument("--tls-ca", metavar="FILE", help="verify the router against this CA (implies --tls)")
-    client.add_argument("--tls-fingerprint", metavar="HEX", help="accept only the router certificate with "
-                        "this SHA-256 fingerprint, as the router prints it (implies --tls)")
-    client.add_argument("--tls-insecure", action="store_true", help="TLS without checking the router "
-                        "(warns at every start)")
-    client.add_argument("--proxy", metavar="URL", help="reach the router through this HTTP CONNECT "
-                        "proxy, http://[USER:PASS@]HOST:PORT (default: $HTTPS_PROXY or $ALL_PROXY, "
-                        "unless $NO_PROXY names the router's host)")
-    client.add_argument("--state-dir", metavar="DIR", help="where known_routers lives (default: "
-                        "$MINDMELD_STATE_DIR, else %s)" % default_state_dir().replace(os.path.expanduser("~"), "~"))
-    secret = argparse.ArgumentParser(add_help=False)
+
+    def options():
+        return argparse.ArgumentParser(add_help=False)      # a parent: options shared by commands
+
+    def tokens(token_help, whose):
+        """--token and --token-file, worded for the router or for its clients."""
+        parent = options()
+        parent.add_argument("--token", help=token_help + " (or $MINDMELD_TOKEN)")
+        parent.add_argument("--token-file", metavar="FILE", help="read %s from FILE" % whose)
+        return parent
+
+    def state_dir(what):
+        parent = options()
+        parent.add_argument("--state-dir", metavar="DIR", help="where %s lives (default: "
+                            "$MINDMELD_STATE_DIR, else %s)"
+                            % (what, default_state_dir().replace(os.path.expanduser("~"), "~")))
+        return parent
+
+    graceful = options()
+    graceful.add_argument("--grace", type=_nonnegative_float, default=GRACE_PERIOD, metavar="SECONDS",
+                          help="on SIGTERM/SIGINT, how long open streams may finish "
+                          "(default %.0f)" % GRACE_PERIOD)
+    router_address = options()
+    router_address.add_argument("--router", metavar="HOST:PORT",
+                                help="the router: HOST:PORT, ws://HOST[:PORT]/PATH or wss://... "
+                                "(default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
+    client_tls = options()
+    client_tls.add_argument("--tls", action="store_true", help="TLS to the router: system CAs, else trust "
+                            "the first certificate seen and refuse a changed one (known_routers)")
+    client_tls.add_argument("--tls-ca", metavar="FILE",
+                            help="verify the router against this CA (implies --tls)")
+    client_tls.add_argument("--tls-fingerprint", metavar="HEX", help="accept only the router certificate "
+                            "with this SHA-256 fingerprint, as the router prints it (implies --tls)")
+    client_tls.add_argument("--tls-insecure", action="store_true", help="TLS without checking the router "
+                            "(warns at every start)")
+    client_tls.add_argument("--proxy", metavar="URL", help="reach the router through this HTTP CONNECT "
+                            "proxy, http://[USER:PASS@]HOST:PORT (default: $HTTPS_PROXY or $ALL_PROXY, "
+                            "unless $NO_PROXY names the router's host)")
+    client = argparse.ArgumentParser(add_help=False, parents=[
+        role, router_address, tokens("the router's token", "the router's token"), client_tls,
+        state_dir("known_routers")])
+    secret = options()
     secret.add_argument("--secret", help="the service secret, proved end to end; the router never "
                         "learns it (or $MINDMELD_SECRET)")
     secret.add_argument("--secret-file", metavar="FILE", help="read the service secret from FILE")
-    ready = argparse.ArgumentParser(add_help=False)
+    retrying = options()
+    retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
+                          help="give up after N retries in a row (default: never)")
+    ready = options()
     ready.add_argument("--ready-fd", type=_nonnegative_int, metavar="FD",
                        help="once ready (router: listening; forward: listening and linked to the "
                        "router; share: every name registered), write one JSON line to file "
                        "descriptor FD, such as {\"role\": \"router\", \"listen\": [[HOST, PORT]]}, "
                        "then close FD unless it is 0-2")
-    retrying = argparse.ArgumentParser(add_help=False)
-    retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
-                          help="give up after N retries in a row (default: never)")
+    listening = options()
+    listening.add_argument("--listen", metavar="[HOST]:PORT", help="address to listen on "
+                           "(default: all interfaces, port $PORT or %d)" % DEFAULT_PORT)
+    router_tls = options()
+    router_tls.add_argument("--tls", action="store_true", help="speak TLS, with a self-signed certificate "
+                            "made once in the state directory unless --tls-cert/--tls-key are given")
+    router_tls.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM; implies --tls)")
+    router_tls.add_argument("--tls-key", metavar="FILE", help="private key (PEM)")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("router", parents=[role, ready], help="run the relay that everyone can reach",
+    p = sub.add_parser("router", parents=[role, listening,
+                                          tokens("require peers to prove this token", "the token"),
+                                          router_tls, state_dir("the self-signed certificate"),
+                                          graceful, ready],
+                       help="run the relay that everyone can reach",
                        description="Run the router: a registry of service names and a relay of "
                                    "streams between sharers and forwarders.")
-    p.add_argument("--listen", metavar="[HOST]:PORT",
-                   help="address to listen on (default: all interfaces, port $PORT or %d)" % DEFAULT_PORT)
-    p.add_argument("--token", help="require peers to prove this token (or $MINDMELD_TOKEN)")
-    p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
-    p.add_argument("--tls", action="store_true", help="speak TLS, with a self-signed certificate made "
-                   "once in the state directory unless --tls-cert/--tls-key are given")
-    p.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM; implies --tls)")
-    p.add_argument("--tls-key", metavar="FILE", help="private key (PEM)")
-    p.add_argument("--state-dir", metavar="DIR", help="where the self-signed certificate lives (default: "
-                   "$MINDMELD_STATE_DIR, else %s)" % default_state_dir().replace(os.path.expanduser("~"), "~"))
-    p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
-    p.add_argument("--status-listen", metavar="[HOST]:PORT", help="also serve / and /metrics here (same access rules)")
-    p.add_argument("--metrics-per-service", action="store_true", help="label metrics by service too (at most 1000 series)")
+    p.add_argument("--status-listen", metavar="[HOST]:PORT",
+                   help="also serve / and /metrics here (same access rules)")
+    p.add_argument("--metrics-per-service", action="store_true",
+                   help="label metrics by service too (at most %d series)" % METRICS_SERVICE_SERIES_MAX)
 
-    p = sub.add_parser("share", parents=[client, secret, retrying, ready], help="offer a local TCP service under a name",
+    p = sub.add_parser("share", parents=[client, secret, retrying, graceful, ready],
+                       help="offer a local TCP service under a name",
                        usage="mindmeld share [options] NAME [HOST:]PORT\n"
                              "       mindmeld share [options] NAME=[HOST:]PORT [NAME=[HOST:]PORT ...]",
                        description="Register NAME on the router; every stream opened to it is "
@@ -5058,16 +5097,13 @@ def build_parser():
                                    "Several services share one link: share web=8000 db=localhost:5432")
     p.add_argument("services", nargs="+", metavar="SERVICE",
                    help="one service as NAME and target, or several as NAME=TARGET pairs")
-    p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
 
-    p = sub.add_parser("forward", parents=[client, secret, retrying, ready], help="listen locally and forward to a name",
+    p = sub.add_parser("forward", parents=[client, secret, retrying, graceful, ready],
+                       help="listen locally and forward to a name",
                        description="Listen on [BIND:]PORT (BIND defaults to 127.0.0.1, PORT to any "
                                    "free port); each connection becomes a stream to NAME.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("listen", metavar="[BIND:]PORT", nargs="?", default="0")
-    p.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long open streams may finish (default %.0f)" % GRACE_PERIOD)
 
     p = sub.add_parser("connect", parents=[client, secret], help="one stream to a name on stdin/stdout (ssh ProxyCommand)",
                        description="Join standard input and output to one stream to NAME: binary-safe, "
@@ -5087,7 +5123,7 @@ def build_parser():
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--tls", action="store_true", help="TLS on the router's links")
     p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
-                   "100 stalled streams, and 5,000 concurrent streams (about 15 s more)")
+                   "100 stalled streams, and 5,000 concurrent streams (about 6 s more)")
     p.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
     parser.commands = sub.choices
     return parser

@@ -5438,6 +5438,207 @@ class TestOperatorView(LoopTestCase):
                 self.assertTrue(errors[0].startswith("mindmeld router: error: "), errors[0])
                 self.assertIn(words, errors[0])
                 self.assertNotIn("Traceback", done.err)
+# Messages a user sees: internal errors, mislabelled frames, numeric flags
+# ---------------------------------------------------------------------------
+
+# The real command line, with the protocol of every connection the router accepts
+# broken so that its receive callback raises: a bug that escapes a callback.
+BROKEN_ROUTER = """
+import sys
+sys.path.insert(0, %(here)r)
+import mindmeld
+
+real_create_server = mindmeld._create_server
+
+
+async def broken_create_server(factory, host, port, **options):
+    def broken():
+        protocol = factory()
+
+        def boom(*_args):
+            sys.stderr.write("test: raising inside a callback\\n")
+            raise ZeroDivisionError("boom")
+        protocol.buffer_updated = protocol.data_received = boom
+        return protocol
+    server = await real_create_server(broken, host, port, **options)
+    sys.stderr.write("test: port %%d\\n" %% server.sockets[0].getsockname()[1])
+    return server
+
+mindmeld._create_server = broken_create_server
+sys.exit(mindmeld.main(sys.argv[1:]))
+"""
+
+INTERNAL_ERROR_LINE = (r"internal error: ZeroDivisionError: boom \(.*\); "
+                       r"run with -v for a traceback$")
+
+
+def read_frame(conn):
+    """(type, id, payload) of the next frame, or None at EOF."""
+    header = recv_exactly(conn, HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        return None
+    length, ftype, _flags, stream_id = HEADER.unpack(header)
+    return ftype, stream_id, recv_exactly(conn, length)
+
+
+class TestWhatUsersSee(unittest.TestCase):
+    """One line for what went wrong, naming the right thing; usage errors exit 2."""
+
+    def broken_router(self, *flags):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        script = os.path.join(folder, "broken_router.py")
+        with open(script, "w") as f:
+            f.write(BROKEN_ROUTER % {"here": HERE})
+        router = Proc(self, ["router", "--listen", "127.0.0.1:0"] + list(flags), script=script)
+        return router, int(router.wait_line(r"^test: port (\d+)").group(1))
+
+    def poke(self, router, port):
+        """Send a preamble; the router's callback raises (the line says so before)."""
+        with socket.create_connection((LOCALHOST, port), timeout=10) as conn:
+            conn.sendall(PREAMBLE)
+            router.wait_line(r"^test: raising inside a callback")
+
+    def test_an_exception_inside_a_callback_is_one_line_at_every_level(self):
+        for flags in ([], ["-q"]):
+            with self.subTest(flags=flags):
+                router, port = self.broken_router(*flags)
+                self.poke(router, port)
+                self.poke(router, port)         # the same bug again: not another line
+                code, lines = router.signal(signal.SIGTERM)
+                self.assertEqual(code, 0, lines)
+                errors = [l for l in lines if "internal error" in l]
+                self.assertEqual(len(errors), 1, lines)
+                self.assertRegex(errors[0], INTERNAL_ERROR_LINE)
+                self.assertFalse([l for l in lines if "Traceback" in l], lines)
+
+    def test_with_v_the_internal_error_has_its_traceback(self):
+        router, port = self.broken_router("-v")
+        self.poke(router, port)
+        code, lines = router.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
+        errors = [i for i, l in enumerate(lines) if re.search(INTERNAL_ERROR_LINE, l)]
+        self.assertEqual(len(errors), 1, lines)
+        after = lines[errors[0] + 1:]
+        self.assertTrue(after and after[0].startswith("Traceback"), lines)
+        self.assertIn("ZeroDivisionError: boom", after)
+
+    def test_negative_numbers_are_usage_errors(self):
+        cases = [
+            (("share", "web", "1", "--grace", "-1"), "argument --grace: must be 0 or more"),
+            (("router", "--grace", "-0.5"), "argument --grace: must be 0 or more"),
+            (("forward", "web", "--grace", "nan"), "argument --grace: 'nan' is not a number of seconds"),
+            (("list", "--keepalive", "-1"), "argument --keepalive: must be more than 0"),
+            (("share", "web", "1", "--max-retries", "-1"),
+             "argument --max-retries: '-1' is not a whole number of 0 or more"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args):
+                completed = run_cli(*args)
+                self.assertEqual(completed.code, 2, completed.err)
+                self.assertTrue(completed.err.startswith("usage: "), completed.err)
+                errors = [l for l in completed.err.splitlines() if "error" in l]
+                self.assertEqual(errors, ["mindmeld %s: error: %s" % (args[0], message)],
+                                 completed.err)
+
+    def test_shared_options_keep_their_defaults_and_appear_once(self):
+        parser = mindmeld.build_parser()
+        for args in (["router"], ["share", "web", "1"], ["forward", "web"]):
+            with self.subTest(args=args):
+                self.assertEqual(parser.parse_args(args).grace, mindmeld.GRACE_PERIOD)
+                self.assertEqual(parser.parse_args(args + ["--grace", "0"]).grace, 0.0)
+        for command in ("router", "share", "list"):
+            with self.subTest(command=command):
+                completed = run_cli(command, "--help")
+                self.assertEqual(completed.code, 0, completed.err)
+                for flag in ("--token TOKEN", "--token-file FILE", "--state-dir DIR"):
+                    self.assertEqual(len(re.findall(r"^  %s" % re.escape(flag), completed.out.decode(),
+                                                    re.MULTILINE)), 1, completed.out.decode())
+
+    # -- a router that breaks the protocol: the line names the frame at fault ---------
+    def fake_router(self, hello, answer):
+        """A router that sends `hello` after the client's, then answer(type, id, payload)
+        (bytes) for each frame it receives."""
+        def handler(conn):
+            recv_exactly(conn, len(PREAMBLE))
+            read_frame(conn)
+            conn.sendall(encode_json(HELLO, 0, hello))
+            for _ in range(100):
+                frame = read_frame(conn)
+                if frame is None:
+                    return
+                conn.sendall(answer(*frame))
+        return "%s:%d" % (LOCALHOST, ThreadedServer(self, handler).port)
+
+    def assertOneLine(self, completed, text):
+        self.assertEqual(completed.code, 1, completed.err)
+        self.assertNotIn("internal error", completed.err)
+        self.assertNotIn("Traceback", completed.err)
+        self.assertEqual(completed.err.splitlines()[-1].split(": error: ", 1)[1:],
+                         ["protocol error: " + text], completed.err)
+
+    def test_malformed_nonce_in_hello_is_a_protocol_error(self):
+        router = self.fake_router({"version": PROTOCOL_VERSION, "agent": "fake", "nonce": "not hex",
+                                   "auth": "token"}, lambda *_frame: b"")
+        completed = run_cli("list", "--router", router, "--token", "secret")
+        self.assertOneLine(completed, "HELLO with a malformed nonce")
+
+    def test_malformed_list_reply_is_named_list_reply(self):
+        def answer(ftype, request_id, _payload):
+            return encode_frame(LIST_REPLY, request_id, b"{not json") if ftype == LIST else b""
+        router = self.fake_router({"version": PROTOCOL_VERSION, "agent": "fake",
+                                   "nonce": "00" * 16, "auth": "none"}, answer)
+        completed = run_cli("list", "--router", router)
+        self.assertOneLine(completed, "LIST_REPLY frame carries malformed JSON")
+
+    def test_open_refused_sent_to_a_sharer_is_named_open_refused(self):
+        target = socket.socket()
+        self.addCleanup(target.close)
+        target.bind((LOCALHOST, 0))
+        target.listen(4)
+
+        def answer(ftype, request_id, _payload):
+            if ftype != REGISTER:
+                return b""
+            return (encode_json(REGISTERED, request_id, {"ok": True, "name": "web"})
+                    + encode_json(OPEN, 2, {"service": "web"})
+                    + encode_json(OPEN_REFUSED, 2, {"reason": "nonsense"}))
+        router = self.fake_router({"version": PROTOCOL_VERSION, "agent": "fake",
+                                   "nonce": "00" * 16, "auth": "none"}, answer)
+        completed = run_cli("share", "web", "%d" % target.getsockname()[1], "--router", router,
+                        "--max-retries", "0")
+        self.assertIn("OPEN_REFUSED on stream 2 in state open-received", completed.err)
+        self.assertNotIn("OPEN_OK", completed.err)
+        self.assertEqual(completed.code, 1, completed.err)
+
+
+
+class TestCloseEndsWithTheLastStream(LoopTestCase):
+    """close(grace) waits for open streams, and no longer than the last of them."""
+
+    def close_while_a_stream_is_open(self, which):
+        async def main():
+            port = await self.tunnel(echo_handler)
+            reader, writer = await self.connect(port)
+            writer.write(b"x")
+            self.assertEqual(await reader.readexactly(1), b"x")        # the stream is open
+            role = getattr(self, which)
+            closing = asyncio.ensure_future(role.close(60))
+            await wait_until(lambda: role.drained is not None, 10, "close() is not waiting for the open stream")
+            self.assertFalse(closing.done())
+            writer.write_eof()                                          # the stream ends
+            self.assertEqual(await reader.read(), b"")
+            await asyncio.wait_for(closing, 10)                         # not the 60 s grace
+        self.run_async(main(), 30)
+
+    def test_router(self):
+        self.close_while_a_stream_is_open("router")
+
+    def test_forwarder(self):
+        self.close_while_a_stream_is_open("forwarder")
+
+    def test_sharer(self):
+        self.close_while_a_stream_is_open("sharer")
 
 
 if __name__ == "__main__":
