@@ -1472,7 +1472,7 @@ class TestTunnel(LoopTestCase):
                     h.update(chunk)
                     sent[0] += len(chunk)
                     await writer.drain()
-                    if stalled[0]:                   # it was held back: enough
+                    if stalled[0]:                   # it was held back long enough
                         break
                 pushed.set_result((sent[0], h.hexdigest()))
 
@@ -1488,7 +1488,6 @@ class TestTunnel(LoopTestCase):
             slow_writer.write(b"push\n")             # ... and never read, for now
             await wait_until(lambda: held_back() or pushed.done(), 60, "the stream held back")
             self.assertFalse(pushed.done(), "%d MB went in without back-pressure" % (cap // MB))
-            stalled[0] = True
             self.assertLess(sent[0], cap)
             payload = os.urandom(5 * MB)            # a blocking client, so the loop runs on
             echoed = await self.loop.run_in_executor(
@@ -1496,6 +1495,7 @@ class TestTunnel(LoopTestCase):
             self.assertTrue(echoed == b"!" + payload, "the busy stream's echo differs")
             self.assertFalse(pushed.done())          # the stalled stream is still held back
             self.assertTrue(held_back())
+            stalled[0] = True                        # the target may stop once it can write again
             count, digest, _ = await read_to_end(slow_reader, cap)
             self.assertEqual((count, digest), await asyncio.wait_for(pushed, 30))
         self.run_async(main(), 120)
