@@ -11,10 +11,20 @@ One file, standard library only, CPython 3.6 to 3.13.  Each peer holds one TCP
 length-prefixed frames with per-stream, credit-based flow control.  The protocol
 is documented in README.md ("Protocol").
 
-Table of contents (grep -n '^# ###'):
-  1. compatibility shims        4. link and stream plumbing (asyncio)
-  2. constants and errors       5. roles: router, sharer, forwarder, clients
-  3. protocol core (no I/O)     6. command line
+Table of contents (grep -n '^# ###'), from the bottom layer up:
+  1. compatibility shims: every version difference, once
+  2. constants and errors
+  3. sans-IO core, no I/O: 3a frames, 3b preamble and peer text, 3c WebSocket
+     framing, 3d stream ends (state table, credit, windows, ids), 3e handshake
+     phases and proofs
+  4. asyncio plumbing: 4a link, 4b local streams, 4c stdio transport,
+     4d WebSocket and TLS layers
+  5. TLS trust: certificates, pins, known routers
+  6. the router: 6a front door, session, relayed streams, registry;
+     6b status page and metrics
+  7. clients (share, forward, connect, list) and proxy egress
+  8. bench
+  9. command line
 """
 
 import argparse
@@ -372,8 +382,10 @@ class LinkLost(MindmeldError):
 
 
 # ###########################################################################
-# ### 3. Protocol core: frames, windows and stream states.  No I/O here.
+# ### 3. Sans-IO core: frames, preamble, WebSocket framing, stream ends, handshake. No I/O.
 # ###########################################################################
+
+# ### 3a. Frames: the codec
 
 def encode_frame(ftype, stream_id=0, payload=b""):
     """A whole frame as bytes (control frames; DATA goes out as header + payload)."""
@@ -514,6 +526,8 @@ class FrameDecoder:
                 return out
 
 
+# ### 3b. The preamble, HTTP heads, names and peer text
+
 class PreambleError(MindmeldError):
     """What a non-mindmeld client sent, as a short description for the log."""
 
@@ -544,6 +558,49 @@ def classify_preamble(first):
         raise failure
     return "mindmeld"
 
+
+def parse_http_head(head):
+    """b"GET /x HTTP/1.1\r\nA: b\r\n\r\n" -> ("GET /x HTTP/1.1", {"a": "b"})."""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def valid_name(name):
+    return isinstance(name, str) and 0 < len(name) <= NAME_MAX and NAME_CHARS.issuperset(name)
+
+
+def check_name(name):
+    if not valid_name(name):
+        raise MindmeldError("invalid service name %r: use 1 to %d letters, digits, '.', '_' or '-'"
+                            % (name, NAME_MAX))
+    return name
+
+
+# What a terminal or a page would act on, or hide: C0/C1 controls, zero-width and bidi marks.
+_UNPRINTABLE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u200b-\\u200f\\u2028-\\u202e\\u2066-\\u2069\\ufeff]")
+
+
+def printable(text):
+    """Text a peer chose, safe to print: control characters shown as \\xNN or \\uNNNN."""
+    return _UNPRINTABLE.sub(lambda m: ("\\x%02x" if ord(m.group()) < 256 else "\\u%04x")
+                            % ord(m.group()), str(text))
+
+
+def short_reason(text):
+    """A peer's reason or message, one printable line of at most REASON_MAX characters."""
+    text = printable(str(text).replace("\n", " "))
+    return text if len(text) <= REASON_MAX else text[:REASON_MAX - 3] + "..."
+
+
+# ### 3c. WebSocket framing (RFC 6455)
 
 # WebSocket (RFC 6455) framing, for routers behind HTTP-only front ends.  The
 # mindmeld byte stream rides in binary messages; message boundaries mean nothing.
@@ -625,50 +682,8 @@ class WsDecoder:
         return out
 
 
-def parse_http_head(head):
-    """b"GET /x HTTP/1.1\r\nA: b\r\n\r\n" -> ("GET /x HTTP/1.1", {"a": "b"})."""
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    return lines[0], headers
+# ### 3d. One end of a stream (h2's H2Stream): state, credit and window
 
-
-NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-
-
-def valid_name(name):
-    return isinstance(name, str) and 0 < len(name) <= NAME_MAX and NAME_CHARS.issuperset(name)
-
-
-def check_name(name):
-    if not valid_name(name):
-        raise MindmeldError("invalid service name %r: use 1 to %d letters, digits, '.', '_' or '-'"
-                            % (name, NAME_MAX))
-    return name
-
-
-# What a terminal or a page would act on, or hide: C0/C1 controls, zero-width and bidi marks.
-_UNPRINTABLE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u200b-\\u200f\\u2028-\\u202e\\u2066-\\u2069\\ufeff]")
-
-
-def printable(text):
-    """Text a peer chose, safe to print: control characters shown as \\xNN or \\uNNNN."""
-    return _UNPRINTABLE.sub(lambda m: ("\\x%02x" if ord(m.group()) < 256 else "\\u%04x")
-                            % ord(m.group()), str(text))
-
-
-def short_reason(text):
-    """A peer's reason or message, one printable line of at most REASON_MAX characters."""
-    text = printable(str(text).replace("\n", " "))
-    return text if len(text) <= REASON_MAX else text[:REASON_MAX - 3] + "..."
-
-
-# ---------------------------------------------------------------------------
-# 3c. One end of a stream (h2's H2Stream): state, credit and window, no I/O.
-# ---------------------------------------------------------------------------
 # One row per state: the frames this end may send or receive there, and the
 # state each leads to.  The opener starts in OPEN_SENT, the acceptor (and the
 # router's leg toward the opener) in OPEN_RECEIVED.  Anything not in the table
@@ -905,6 +920,49 @@ class StreamIds:
                                 % (FRAME_NAMES[ftype], stream_id))
 
 
+# ### 3e. Handshake phases and proofs; addresses and backoff
+
+# Router-side handshake phases: which frames a peer may send in each (others are errors).
+PEER_PHASES = {
+    "hello": (HELLO,),
+    "auth": (AUTH, PING),
+    "ready": (PING, PONG, REGISTER, OPEN, LIST, GOAWAY, DATA, WINDOW, EOF, RESET,
+              OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF),
+}
+def _auth_mac(token, nonce):
+    return hmac.new(token.encode(), b"mindmeld-auth:" + nonce, hashlib.sha256).hexdigest()
+
+
+def _secret_mac(secret, purpose, name, nonce=b""):
+    """Proofs of a service secret.  The router relays them but cannot make them:
+    'owner' lets a restarted sharer take its name back, 'open' is the forwarder's
+    answer to the sharer's challenge, 'accept' the sharer's answer to the forwarder's."""
+    message = b"mindmeld-" + purpose.encode() + b":" + name.encode() + b":" + nonce
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _nonce_from(info):
+    try:
+        nonce = binascii.unhexlify(str(info.get("nonce", "")))
+    except (binascii.Error, ValueError):
+        nonce = b""
+    if len(nonce) != 16:
+        raise StreamError("a secret challenge without a 16-byte nonce")
+    return nonce
+
+
+def _checked_secret_frame(ftype, payload, fields):
+    """A CHALLENGE or PROOF reduced to its hex string fields; anything else is an error."""
+    info = decode_json(ftype, payload)
+    out = {}
+    for field in fields:
+        value = info.get(field)
+        if not isinstance(value, str) or len(value) > 128 or any(c not in "0123456789abcdef" for c in value):
+            raise ProtocolError("%s frame without a valid %r" % (FRAME_NAMES[ftype], field))
+        out[field] = value
+    return out
+
+
 def backoff_delays(first=BACKOFF_FIRST, cap=BACKOFF_MAX, rng=random.random):
     """Exponential backoff with full jitter in [delay/2, delay]: 0.5 s, 1 s, ... 30 s."""
     delay = first
@@ -953,8 +1011,10 @@ def format_hostport(host, port):
 
 
 # ###########################################################################
-# ### 4. Link and stream plumbing (asyncio Protocols on the data path)
+# ### 4. Asyncio plumbing: the link, local streams, stdio, WebSocket and TLS layers
 # ###########################################################################
+
+# ### 4a. The link: one multiplexed connection
 
 PING_PAYLOAD = struct.Struct("!d")
 
@@ -1183,93 +1243,7 @@ class Link(BufferedProtocol):
         self.close(getattr(exc, "code", "protocol"), str(exc))
 
 
-class _Layer:
-    """What a layer (WebSocket, TLS) passes straight to the transport under it; it is
-    the protocol of that transport and the transport of the Link above."""
-
-    def write_parts(self, header, payload):
-        """What _write_parts() asks of a layer: it encodes (copies) at once."""
-        self.write(b"".join((header, payload)))
-
-    def abort(self):
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def is_closing(self):
-        return self.closing or self.transport.is_closing()
-
-    def get_write_buffer_size(self):
-        return self.transport.get_write_buffer_size()
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        self.transport.set_write_buffer_limits(high, low)
-
-    def pause_reading(self):
-        self.transport.pause_reading()
-
-    def resume_reading(self):
-        self.transport.resume_reading()
-
-    def get_extra_info(self, name, default=None):
-        return self.transport.get_extra_info(name, default)
-
-
-class WebSocketLayer(_Layer, asyncio.Protocol):
-    """Puts a Link inside a WebSocket: the protocol of the real transport, and the
-    transport the Link writes to.  Binary messages carry the mindmeld byte
-    stream; pings are answered; a close is answered and ends the link."""
-
-    def __init__(self, link, transport, client_side):
-        self.link, self.transport = link, transport
-        self.masked = client_side             # clients mask what they send
-        self.decoder = WsDecoder(not client_side,
-                                 WS_MAX_FRAME if client_side else WS_MAX_FRAME_BEFORE_AUTH)
-        self.closing = False
-        transport.set_protocol(self)
-
-    # -- protocol of the real transport -------------------------------------------
-    def data_received(self, data):
-        try:
-            for opcode, payload in self.decoder.feed(data):
-                if opcode in (WS_BINARY, WS_CONTINUATION, WS_TEXT):
-                    if payload:
-                        self.link.data_received(payload)
-                elif opcode == WS_PING:     # a peer that does not read gets no more pongs
-                    if self.transport.get_write_buffer_size() < WS_PONG_BACKLOG:
-                        self.transport.write(ws_encode(WS_PONG, payload, self.masked))
-                elif opcode == WS_CLOSE:
-                    self.close()
-                    return
-        except ProtocolError as exc:
-            self.link.fail(exc)
-
-    def eof_received(self):
-        return self.link.eof_received()
-
-    def connection_lost(self, exc):
-        self.link.connection_lost(exc)
-
-    def pause_writing(self):
-        self.link.pause_writing()
-
-    def resume_writing(self):
-        self.link.resume_writing()
-
-    # -- transport of the Link ----------------------------------------------------------
-    def write(self, data):
-        if not self.closing:
-            self.transport.write(ws_encode(WS_BINARY, data, self.masked))
-
-    def writelines(self, parts):
-        self.write(b"".join(parts))
-
-    def close(self):
-        if not self.closing:
-            self.closing = True
-            self.transport.write(ws_encode(WS_CLOSE, struct.pack("!H", 1000), self.masked))
-            self.transport.close()
-
+# ### 4b. Local streams: one TCP connection joined to one stream
 
 class LocalStream(asyncio.Protocol):
     """One local TCP connection joined to one stream of a ClientLink.
@@ -1505,7 +1479,446 @@ class LocalStream(asyncio.Protocol):
                 self.link.stream_closed(self)
 
 
-# --- 4b. TLS without a PKI: a self-signed certificate, pins, trust on first use ---
+# ### 4c. Standard input and output as a transport (connect)
+
+class _StdioTransport(asyncio.Transport):
+    """Standard input and output as a transport, through two threads.
+
+    Threads work on every platform and every kind of stdin (pipe, file, tty,
+    socket), where the loop's pipe support does not.  Reading pauses between
+    reads (at most one read beyond a pause), writes are queued and reported
+    drained, so a LocalStream's flow control works unchanged."""
+
+    def __init__(self, loop, protocol, read_fd, write_fd):
+        import threading
+        import queue
+        asyncio.Transport.__init__(self)
+        self._loop, self._protocol = loop, protocol
+        self._read_fd, self._write_fd = read_fd, write_fd
+        self._reading = threading.Event()
+        self._reading.set()
+        self._writes = queue.Queue()
+        self._queued = 0
+        self._closing = False
+        self._paused_writing = False
+        self._lost = False
+        protocol.connection_made(self)
+        for target in (self._reader, self._writer):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _reader(self):
+        while True:
+            self._reading.wait()
+            try:
+                data = os.read(self._read_fd, MAX_DATA)
+            except OSError:
+                data = b""
+            self._call(self._protocol.data_received if data else self._protocol.eof_received,
+                       *([data] if data else []))
+            if not data:
+                return
+
+    _EOF, _CLOSE = object(), object()
+
+    def _writer(self):
+        while True:
+            item = self._writes.get()
+            if item is self._EOF or item is self._CLOSE:
+                if self._write_fd is not None:      # EOF for whoever reads our stdout
+                    try:
+                        os.close(self._write_fd)
+                    except OSError:
+                        pass
+                    self._write_fd = None
+                if item is self._CLOSE:
+                    self._call(self._connection_lost)
+                    return
+                continue
+            try:
+                view = memoryview(item)
+                while view:
+                    view = view[os.write(self._write_fd, view):]
+            except OSError as exc:
+                self._call(self._connection_lost, exc)
+                return
+            self._call(self._drained, len(item))
+
+    def _call(self, callback, *args):
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:            # the loop has closed: the process is ending
+            pass
+
+    def _drained(self, n):
+        self._queued -= n
+        if self._queued == 0 and self._paused_writing:
+            self._paused_writing = False
+            self._protocol.resume_writing()
+
+    def _connection_lost(self, exc=None):
+        if not self._lost:
+            self._lost = self._closing = True
+            self._protocol.connection_lost(exc)
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_write_buffer_size(self):
+        return self._queued
+
+    def is_closing(self):
+        return self._closing
+
+    def pause_reading(self):
+        self._reading.clear()
+
+    def resume_reading(self):
+        self._reading.set()
+
+    def write(self, data):
+        if self._closing:
+            return
+        data = bytes(data)
+        self._queued += len(data)
+        self._writes.put(data)
+        if not self._paused_writing:
+            self._paused_writing = True
+            self._protocol.pause_writing()
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self._writes.put(self._EOF)
+
+    def close(self):
+        if not self._closing:
+            self._closing = True
+            self._writes.put(self._CLOSE)
+
+    def abort(self):
+        self.close()
+
+
+# ### 4d. Layers under a link: WebSocket and TLS
+
+class _Layer:
+    """What a layer (WebSocket, TLS) passes straight to the transport under it; it is
+    the protocol of that transport and the transport of the Link above."""
+
+    def write_parts(self, header, payload):
+        """What _write_parts() asks of a layer: it encodes (copies) at once."""
+        self.write(b"".join((header, payload)))
+
+    def abort(self):
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def is_closing(self):
+        return self.closing or self.transport.is_closing()
+
+    def get_write_buffer_size(self):
+        return self.transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.transport.set_write_buffer_limits(high, low)
+
+    def pause_reading(self):
+        self.transport.pause_reading()
+
+    def resume_reading(self):
+        self.transport.resume_reading()
+
+    def get_extra_info(self, name, default=None):
+        return self.transport.get_extra_info(name, default)
+
+
+class WebSocketLayer(_Layer, asyncio.Protocol):
+    """Puts a Link inside a WebSocket: the protocol of the real transport, and the
+    transport the Link writes to.  Binary messages carry the mindmeld byte
+    stream; pings are answered; a close is answered and ends the link."""
+
+    def __init__(self, link, transport, client_side):
+        self.link, self.transport = link, transport
+        self.masked = client_side             # clients mask what they send
+        self.decoder = WsDecoder(not client_side,
+                                 WS_MAX_FRAME if client_side else WS_MAX_FRAME_BEFORE_AUTH)
+        self.closing = False
+        transport.set_protocol(self)
+
+    # -- protocol of the real transport -------------------------------------------
+    def data_received(self, data):
+        try:
+            for opcode, payload in self.decoder.feed(data):
+                if opcode in (WS_BINARY, WS_CONTINUATION, WS_TEXT):
+                    if payload:
+                        self.link.data_received(payload)
+                elif opcode == WS_PING:     # a peer that does not read gets no more pongs
+                    if self.transport.get_write_buffer_size() < WS_PONG_BACKLOG:
+                        self.transport.write(ws_encode(WS_PONG, payload, self.masked))
+                elif opcode == WS_CLOSE:
+                    self.close()
+                    return
+        except ProtocolError as exc:
+            self.link.fail(exc)
+
+    def eof_received(self):
+        return self.link.eof_received()
+
+    def connection_lost(self, exc):
+        self.link.connection_lost(exc)
+
+    def pause_writing(self):
+        self.link.pause_writing()
+
+    def resume_writing(self):
+        self.link.resume_writing()
+
+    # -- transport of the Link ----------------------------------------------------------
+    def write(self, data):
+        if not self.closing:
+            self.transport.write(ws_encode(WS_BINARY, data, self.masked))
+
+    def writelines(self, parts):
+        self.write(b"".join(parts))
+
+    def close(self):
+        if not self.closing:
+            self.closing = True
+            self.transport.write(ws_encode(WS_CLOSE, struct.pack("!H", 1000), self.masked))
+            self.transport.close()
+
+
+TLS_CHUNK = 256 * 1024              # most ciphertext read at once
+TLS_FIRST_CHUNK = 16 * 1024         # ... and to begin with (handshakes are small)
+TLS_RECORD_SIZE = 16 * 1024         # the most plaintext one TLS record holds
+
+
+class TlsLayer(_Layer, BufferedProtocol):
+    """TLS done by hand with ssl.SSLObject and memory BIOs: the protocol of the TCP
+    transport, and the transport of the Link (or WebSocketLayer) above.
+
+    Rather than asyncio's own TLS transport: plaintext is decrypted straight into
+    the Link's frame buffer, ciphertext goes straight to the socket, and 3.6 to 3.13
+    behave alike.  A server's app is connected at once, so that its own handshake
+    deadline covers TLS too (3.6's asyncio cannot bound a TLS handshake); a client's
+    app is connected once the handshake is done, so it can check the certificate.
+
+    `handshake` is a future whose result is None once the handshake is done, or the
+    exception that ended it (a result, not an exception: a router awaits nobody)."""
+
+    def __init__(self, app, context, server_side, server_hostname=None):
+        self.app = app
+        self._app_buffered = hasattr(app, "get_buffer")
+        self._app_connected = False
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.server_side = server_side
+        self.handshake = _get_loop().create_future()
+        self.transport = self.sock = None
+        self.closing = False
+        self.reading = True
+        self.error = None
+        self._ciphertext = memoryview(bytearray(TLS_FIRST_CHUNK))
+
+    # -- protocol of the TCP transport ------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        self.sock = _raw_socket(transport)
+        _set_nodelay(transport)
+        if self.server_side:
+            self._connect_app()
+        if not self.closing:
+            self._shake()
+
+    def get_buffer(self, sizehint):
+        return self._ciphertext
+
+    def buffer_updated(self, nbytes):
+        buf = self._ciphertext
+        self.incoming.write(buf[:nbytes])
+        if nbytes == len(buf) and nbytes < TLS_CHUNK:   # busy: read more at once
+            self._ciphertext = memoryview(bytearray(min(2 * nbytes, TLS_CHUNK)))
+        self._received()
+
+    def data_received(self, data):      # 3.6: no BufferedProtocol
+        self.incoming.write(data)
+        self._received()
+
+    def _received(self):
+        if self.closing:
+            return
+        if self.handshake.done():
+            self._read_app()
+        else:
+            self._shake()
+
+    def eof_received(self):
+        if self._app_connected:
+            return self.app.eof_received()
+        return False
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self._end_handshake(exc or ConnectionResetError(
+            "the connection closed during the TLS handshake"))
+        if self._app_connected:
+            self.app.connection_lost(exc or self.error)
+
+    def pause_writing(self):
+        if self._app_connected:
+            self.app.pause_writing()
+
+    def resume_writing(self):
+        if self._app_connected:
+            self.app.resume_writing()
+
+    # -- TLS ----------------------------------------------------------------------
+    def _connect_app(self):
+        self._app_connected = True
+        self.app.connection_made(self)
+
+    def _shake(self):
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, SSL_CERTIFICATE_ERROR, OSError) as exc:
+            self._flush()               # the alert tells the peer why
+            self.error = exc
+            self._end_handshake(exc)
+            self.closing = True
+            self.transport.close()
+            return
+        self._flush()
+        self._end_handshake(None)
+        if not self._app_connected:
+            self._connect_app()
+        if self.incoming.pending and not self.closing:
+            self._read_app()            # application data that came with the last flight
+
+    def _end_handshake(self, exc):
+        if not self.handshake.done():
+            self.handshake.set_result(exc)
+
+    def _read_app(self):
+        tls = self.tls
+        try:
+            while self.reading and not self.closing:
+                app = self.app          # which may change as it reads (a WebSocket upgrade)
+                if self._app_buffered:  # fill the app's buffer record by record, then hand it up
+                    space = app.get_buffer(-1)
+                    size, filled = len(space), 0
+                    try:
+                        while filled < size:
+                            count = tls.read(size - filled, space[filled:])
+                            if not count:
+                                break
+                            filled += count
+                    finally:
+                        if filled:
+                            app.buffer_updated(filled)
+                    if filled < size:
+                        break
+                else:
+                    data = tls.read(TLS_CHUNK)
+                    if not data:
+                        break
+                    app.data_received(data)
+            else:
+                return
+        except ssl.SSLWantReadError:
+            self._flush()               # post-handshake messages may want an answer
+            return
+        except ssl.SSLZeroReturnError:
+            pass
+        except ssl.SSLError as exc:     # a damaged or forged record
+            self._fail(exc)
+            return
+        self._flush()                   # close_notify: the peer has finished
+        if not self.app.eof_received():
+            self.close()
+
+    def _fail(self, exc):
+        app = getattr(self.app, "link", self.app)       # under a WebSocketLayer, its Link
+        log.warning("%s %s: TLS error (%s); disconnecting", getattr(app, "role", "link"),
+                    _peer_name(self.transport), getattr(exc, "reason", None) or exc)
+        self.error = exc
+        self.abort()
+
+    def _flush(self):
+        data = self.outgoing.read()
+        if data and self.transport is not None:
+            _write_parts(self.transport, self.sock, b"", data)
+
+    # -- transport of the app -------------------------------------------------------
+    def _encrypt(self, *parts):
+        if self.closing or not self.handshake.done():
+            return                      # nothing to say before TLS is up
+        try:
+            for part in parts:
+                self.tls.write(part)
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        self._flush()
+
+    def write(self, data):
+        self._encrypt(data)
+
+    def writelines(self, parts):
+        self._encrypt(b"".join(parts))
+
+    def write_parts(self, header, payload):
+        """A large payload goes as records of its own: cheaper than joining it to its header."""
+        if header and len(payload) >= TLS_RECORD_SIZE:
+            self._encrypt(header, payload)
+        else:
+            self._encrypt(b"".join((header, payload)))
+
+    def close(self):
+        if self.closing:
+            return
+        self.closing = True
+        if self.handshake.done() and self.error is None:
+            try:
+                self.tls.unwrap()       # queues close_notify
+            except (ssl.SSLError, ValueError):
+                pass
+            self._flush()
+        self.transport.close()
+
+    def pause_reading(self):
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+            _get_loop().call_soon(self._received)       # what the BIO already holds
+
+    def set_protocol(self, protocol):
+        self.app = protocol
+        self._app_buffered = hasattr(protocol, "get_buffer")
+
+    def get_extra_info(self, name, default=None):
+        if name == "ssl_object":
+            return self.tls
+        return _Layer.get_extra_info(self, name, default)
+
+
+# ###########################################################################
+# ### 5. TLS trust: a self-signed certificate, pins, known routers
+# ###########################################################################
+
 # The router can make its own RSA-2048 certificate (pure Python, `secrets` for
 # randomness); clients verify it by CA, by pinned fingerprint, or by what they
 # recorded the first time (like ssh's known_hosts).
@@ -1810,269 +2223,11 @@ def _colons(hexdigits):
     return ":".join(hexdigits[i:i + 2] for i in range(0, len(hexdigits), 2)).upper()
 
 
-TLS_CHUNK = 256 * 1024              # most ciphertext read at once
-TLS_FIRST_CHUNK = 16 * 1024         # ... and to begin with (handshakes are small)
-TLS_RECORD_SIZE = 16 * 1024         # the most plaintext one TLS record holds
-
-
-class TlsLayer(_Layer, BufferedProtocol):
-    """TLS done by hand with ssl.SSLObject and memory BIOs: the protocol of the TCP
-    transport, and the transport of the Link (or WebSocketLayer) above.
-
-    Rather than asyncio's own TLS transport: plaintext is decrypted straight into
-    the Link's frame buffer, ciphertext goes straight to the socket, and 3.6 to 3.13
-    behave alike.  A server's app is connected at once, so that its own handshake
-    deadline covers TLS too (3.6's asyncio cannot bound a TLS handshake); a client's
-    app is connected once the handshake is done, so it can check the certificate.
-
-    `handshake` is a future whose result is None once the handshake is done, or the
-    exception that ended it (a result, not an exception: a router awaits nobody)."""
-
-    def __init__(self, app, context, server_side, server_hostname=None):
-        self.app = app
-        self._app_buffered = hasattr(app, "get_buffer")
-        self._app_connected = False
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
-                                    server_hostname=server_hostname)
-        self.server_side = server_side
-        self.handshake = _get_loop().create_future()
-        self.transport = self.sock = None
-        self.closing = False
-        self.reading = True
-        self.error = None
-        self._ciphertext = memoryview(bytearray(TLS_FIRST_CHUNK))
-
-    # -- protocol of the TCP transport ------------------------------------------------
-    def connection_made(self, transport):
-        self.transport = transport
-        self.sock = _raw_socket(transport)
-        _set_nodelay(transport)
-        if self.server_side:
-            self._connect_app()
-        if not self.closing:
-            self._shake()
-
-    def get_buffer(self, sizehint):
-        return self._ciphertext
-
-    def buffer_updated(self, nbytes):
-        buf = self._ciphertext
-        self.incoming.write(buf[:nbytes])
-        if nbytes == len(buf) and nbytes < TLS_CHUNK:   # busy: read more at once
-            self._ciphertext = memoryview(bytearray(min(2 * nbytes, TLS_CHUNK)))
-        self._received()
-
-    def data_received(self, data):      # 3.6: no BufferedProtocol
-        self.incoming.write(data)
-        self._received()
-
-    def _received(self):
-        if self.closing:
-            return
-        if self.handshake.done():
-            self._read_app()
-        else:
-            self._shake()
-
-    def eof_received(self):
-        if self._app_connected:
-            return self.app.eof_received()
-        return False
-
-    def connection_lost(self, exc):
-        self.closing = True
-        self._end_handshake(exc or ConnectionResetError(
-            "the connection closed during the TLS handshake"))
-        if self._app_connected:
-            self.app.connection_lost(exc or self.error)
-
-    def pause_writing(self):
-        if self._app_connected:
-            self.app.pause_writing()
-
-    def resume_writing(self):
-        if self._app_connected:
-            self.app.resume_writing()
-
-    # -- TLS ----------------------------------------------------------------------
-    def _connect_app(self):
-        self._app_connected = True
-        self.app.connection_made(self)
-
-    def _shake(self):
-        try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
-        except (ssl.SSLError, SSL_CERTIFICATE_ERROR, OSError) as exc:
-            self._flush()               # the alert tells the peer why
-            self.error = exc
-            self._end_handshake(exc)
-            self.closing = True
-            self.transport.close()
-            return
-        self._flush()
-        self._end_handshake(None)
-        if not self._app_connected:
-            self._connect_app()
-        if self.incoming.pending and not self.closing:
-            self._read_app()            # application data that came with the last flight
-
-    def _end_handshake(self, exc):
-        if not self.handshake.done():
-            self.handshake.set_result(exc)
-
-    def _read_app(self):
-        tls = self.tls
-        try:
-            while self.reading and not self.closing:
-                app = self.app          # which may change as it reads (a WebSocket upgrade)
-                if self._app_buffered:  # fill the app's buffer record by record, then hand it up
-                    space = app.get_buffer(-1)
-                    size, filled = len(space), 0
-                    try:
-                        while filled < size:
-                            count = tls.read(size - filled, space[filled:])
-                            if not count:
-                                break
-                            filled += count
-                    finally:
-                        if filled:
-                            app.buffer_updated(filled)
-                    if filled < size:
-                        break
-                else:
-                    data = tls.read(TLS_CHUNK)
-                    if not data:
-                        break
-                    app.data_received(data)
-            else:
-                return
-        except ssl.SSLWantReadError:
-            self._flush()               # post-handshake messages may want an answer
-            return
-        except ssl.SSLZeroReturnError:
-            pass
-        except ssl.SSLError as exc:     # a damaged or forged record
-            self._fail(exc)
-            return
-        self._flush()                   # close_notify: the peer has finished
-        if not self.app.eof_received():
-            self.close()
-
-    def _fail(self, exc):
-        app = getattr(self.app, "link", self.app)       # under a WebSocketLayer, its Link
-        log.warning("%s %s: TLS error (%s); disconnecting", getattr(app, "role", "link"),
-                    _peer_name(self.transport), getattr(exc, "reason", None) or exc)
-        self.error = exc
-        self.abort()
-
-    def _flush(self):
-        data = self.outgoing.read()
-        if data and self.transport is not None:
-            _write_parts(self.transport, self.sock, b"", data)
-
-    # -- transport of the app -------------------------------------------------------
-    def _encrypt(self, *parts):
-        if self.closing or not self.handshake.done():
-            return                      # nothing to say before TLS is up
-        try:
-            for part in parts:
-                self.tls.write(part)
-        except ssl.SSLError as exc:
-            self._fail(exc)
-            return
-        self._flush()
-
-    def write(self, data):
-        self._encrypt(data)
-
-    def writelines(self, parts):
-        self._encrypt(b"".join(parts))
-
-    def write_parts(self, header, payload):
-        """A large payload goes as records of its own: cheaper than joining it to its header."""
-        if header and len(payload) >= TLS_RECORD_SIZE:
-            self._encrypt(header, payload)
-        else:
-            self._encrypt(b"".join((header, payload)))
-
-    def close(self):
-        if self.closing:
-            return
-        self.closing = True
-        if self.handshake.done() and self.error is None:
-            try:
-                self.tls.unwrap()       # queues close_notify
-            except (ssl.SSLError, ValueError):
-                pass
-            self._flush()
-        self.transport.close()
-
-    def pause_reading(self):
-        if self.reading:
-            self.reading = False
-            self.transport.pause_reading()
-
-    def resume_reading(self):
-        if not self.reading:
-            self.reading = True
-            self.transport.resume_reading()
-            _get_loop().call_soon(self._received)       # what the BIO already holds
-
-    def set_protocol(self, protocol):
-        self.app = protocol
-        self._app_buffered = hasattr(protocol, "get_buffer")
-
-    def get_extra_info(self, name, default=None):
-        if name == "ssl_object":
-            return self.tls
-        return _Layer.get_extra_info(self, name, default)
-
-
 # ###########################################################################
-# ### 5. Roles: the router, and the clients (share, forward, list, connect)
+# ### 6. The router
 # ###########################################################################
 
-def _auth_mac(token, nonce):
-    return hmac.new(token.encode(), b"mindmeld-auth:" + nonce, hashlib.sha256).hexdigest()
-
-
-def _secret_mac(secret, purpose, name, nonce=b""):
-    """Proofs of a service secret.  The router relays them but cannot make them:
-    'owner' lets a restarted sharer take its name back, 'open' is the forwarder's
-    answer to the sharer's challenge, 'accept' the sharer's answer to the forwarder's."""
-    message = b"mindmeld-" + purpose.encode() + b":" + name.encode() + b":" + nonce
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-
-
-def _nonce_from(info):
-    try:
-        nonce = binascii.unhexlify(str(info.get("nonce", "")))
-    except (binascii.Error, ValueError):
-        nonce = b""
-    if len(nonce) != 16:
-        raise StreamError("a secret challenge without a 16-byte nonce")
-    return nonce
-
-
-# ###########################################################################
-# ### 5a. The router: front door, session, relayed streams, registry
-# ###########################################################################
-
-def _checked_secret_frame(ftype, payload, fields):
-    """A CHALLENGE or PROOF reduced to its hex string fields; anything else is an error."""
-    info = decode_json(ftype, payload)
-    out = {}
-    for field in fields:
-        value = info.get(field)
-        if not isinstance(value, str) or len(value) > 128 or any(c not in "0123456789abcdef" for c in value):
-            raise ProtocolError("%s frame without a valid %r" % (FRAME_NAMES[ftype], field))
-        out[field] = value
-    return out
-
+# ### 6a. Front door, session, relayed streams, registry
 
 class FrontDoor:
     """What arrives on a router connection before it is a mindmeld session: the
@@ -2338,13 +2493,6 @@ class PendingHandshakes:
         oldest.abort("too many unfinished handshakes")
 
 
-# Router-side handshake phases: which frames a peer may send in each (others are errors).
-PEER_PHASES = {
-    "hello": (HELLO,),
-    "auth": (AUTH, PING),
-    "ready": (PING, PONG, REGISTER, OPEN, LIST, GOAWAY, DATA, WINDOW, EOF, RESET,
-              OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF),
-}
 # Stream frames the router relays: (frame type, RelayedStream method).
 RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, "open_ok"),
                   (OPEN_REFUSED, "open_refused"), (CHALLENGE, "challenge"), (PROOF, "proof"))
@@ -2760,9 +2908,8 @@ class Router:
             self.done.set_result(None)
 
 
-# ###########################################################################
-# ### 5b. The router's status page and metrics
-# ###########################################################################
+# ### 6b. The router's status page and metrics
+
 # What an operator sees without a debugger: /metrics (Prometheus text format
 # 0.0.4) and a status page at /.  Only the router's token (Bearer), or without a
 # token a loopback client, sees them; anyone else learns only that this is a
@@ -3286,7 +3433,9 @@ class StatusConnection(asyncio.Protocol):
             self._timer.cancel()
 
 
-# --- 5b. The clients --------------------------------------------------------
+# ###########################################################################
+# ### 7. Clients (share, forward, connect, list) and proxy egress
+# ###########################################################################
 
 # Stream frames a client hands to its LocalStream: (type, method, payload decoder).
 CLIENT_STREAM_ROUTES = (
@@ -4173,128 +4322,6 @@ class Forwarder(_Client):
         self.waiting = []
 
 
-class _StdioTransport(asyncio.Transport):
-    """Standard input and output as a transport, through two threads.
-
-    Threads work on every platform and every kind of stdin (pipe, file, tty,
-    socket), where the loop's pipe support does not.  Reading pauses between
-    reads (at most one read beyond a pause), writes are queued and reported
-    drained, so a LocalStream's flow control works unchanged."""
-
-    def __init__(self, loop, protocol, read_fd, write_fd):
-        import threading
-        import queue
-        asyncio.Transport.__init__(self)
-        self._loop, self._protocol = loop, protocol
-        self._read_fd, self._write_fd = read_fd, write_fd
-        self._reading = threading.Event()
-        self._reading.set()
-        self._writes = queue.Queue()
-        self._queued = 0
-        self._closing = False
-        self._paused_writing = False
-        self._lost = False
-        protocol.connection_made(self)
-        for target in (self._reader, self._writer):
-            threading.Thread(target=target, daemon=True).start()
-
-    def _reader(self):
-        while True:
-            self._reading.wait()
-            try:
-                data = os.read(self._read_fd, MAX_DATA)
-            except OSError:
-                data = b""
-            self._call(self._protocol.data_received if data else self._protocol.eof_received,
-                       *([data] if data else []))
-            if not data:
-                return
-
-    _EOF, _CLOSE = object(), object()
-
-    def _writer(self):
-        while True:
-            item = self._writes.get()
-            if item is self._EOF or item is self._CLOSE:
-                if self._write_fd is not None:      # EOF for whoever reads our stdout
-                    try:
-                        os.close(self._write_fd)
-                    except OSError:
-                        pass
-                    self._write_fd = None
-                if item is self._CLOSE:
-                    self._call(self._connection_lost)
-                    return
-                continue
-            try:
-                view = memoryview(item)
-                while view:
-                    view = view[os.write(self._write_fd, view):]
-            except OSError as exc:
-                self._call(self._connection_lost, exc)
-                return
-            self._call(self._drained, len(item))
-
-    def _call(self, callback, *args):
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:            # the loop has closed: the process is ending
-            pass
-
-    def _drained(self, n):
-        self._queued -= n
-        if self._queued == 0 and self._paused_writing:
-            self._paused_writing = False
-            self._protocol.resume_writing()
-
-    def _connection_lost(self, exc=None):
-        if not self._lost:
-            self._lost = self._closing = True
-            self._protocol.connection_lost(exc)
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_write_buffer_size(self):
-        return self._queued
-
-    def is_closing(self):
-        return self._closing
-
-    def pause_reading(self):
-        self._reading.clear()
-
-    def resume_reading(self):
-        self._reading.set()
-
-    def write(self, data):
-        if self._closing:
-            return
-        data = bytes(data)
-        self._queued += len(data)
-        self._writes.put(data)
-        if not self._paused_writing:
-            self._paused_writing = True
-            self._protocol.pause_writing()
-
-    def can_write_eof(self):
-        return True
-
-    def write_eof(self):
-        self._writes.put(self._EOF)
-
-    def close(self):
-        if not self._closing:
-            self._closing = True
-            self._writes.put(self._CLOSE)
-
-    def abort(self):
-        self.close()
-
-
 class StdioStream(ForwardedStream):
     """`connect`: the one stream, joined to standard input and output."""
 
@@ -4389,7 +4416,9 @@ async def list_services(router=None, **options):
     return services
 
 
-# --- 5c. bench: the whole tool on this machine, measured -------------------
+# ###########################################################################
+# ### 8. bench: the whole tool on this machine, measured
+# ###########################################################################
 
 BENCH_SIZES = {  # (single-stream bytes, per-stream bytes x 100 streams, round trips, seconds of new streams)
     "default": (1 << 30, 4 << 20, 5000, 2.0),
@@ -4959,7 +4988,7 @@ def _bench_report(results, out):
 
 
 # ###########################################################################
-# ### 6. Command line: a thin layer over the roles above
+# ### 9. Command line: a thin layer over the roles above
 # ###########################################################################
 
 def _seconds(text):
