@@ -1175,6 +1175,14 @@ class Link(BufferedProtocol):
         for stream in blocked:
             stream.link_resumed()
 
+    def known_stream(self, streams, stream_id, ftype):
+        """streams[stream_id], or None for a late frame of a stream that has ended;
+        a frame for a stream that was never opened is a protocol error."""
+        stream = streams.get(stream_id)
+        if stream is None:
+            self.ids.check_unknown(stream_id, ftype)
+        return stream
+
     # -- to be overridden ------------------------------------------------
     def on_lost(self, reason):
         pass
@@ -2655,10 +2663,7 @@ class RouterPeer(Link):
         self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
 
     def _leg(self, stream_id, ftype):
-        leg = self.legs.get(stream_id)
-        if leg is None:
-            self.ids.check_unknown(stream_id, ftype)    # None: a late frame, normal
-        return leg
+        return self.known_stream(self.legs, stream_id, ftype)
 
     def on_data(self, stream_id, payload):
         leg = self.legs.get(stream_id) or self._leg(stream_id, DATA)
@@ -3616,10 +3621,7 @@ class ClientLink(Link):
         self.client.stream_requested(self, stream_id, decode_json(OPEN, payload))
 
     def _stream(self, stream_id, ftype):
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            self.ids.check_unknown(stream_id, ftype)    # None: a late frame, normal
-        return stream
+        return self.known_stream(self.streams, stream_id, ftype)
 
     def on_data(self, stream_id, payload):
         stream = self.streams.get(stream_id) or self._stream(stream_id, DATA)

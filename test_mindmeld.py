@@ -1266,14 +1266,19 @@ async def send_pattern(writer, pattern, total):
         await writer.drain()
 
 
-async def echo_handler(reader, writer):
-    """Echo everything, then close (EOF after EOF)."""
-    for _ in range(100000):
+async def copy_to_eof(reader, writer):
+    """Copy what arrives until EOF (bounded: a million reads)."""
+    for _ in range(1000000):
         data = await reader.read(CHUNK)
         if not data:
-            break
+            return
         writer.write(data)
         await writer.drain()
+
+
+async def echo_handler(reader, writer):
+    """Echo everything, then close (EOF after EOF)."""
+    await copy_to_eof(reader, writer)
 
 
 class RecordingLink:
@@ -2263,12 +2268,7 @@ class LoopThread:
 
 async def pipe(reader, writer):
     """Copy until EOF, then pass the EOF on (half-close) where the transport can."""
-    for _ in range(1000000):
-        data = await reader.read(CHUNK)
-        if not data:
-            break
-        writer.write(data)
-        await writer.drain()
+    await copy_to_eof(reader, writer)
     if writer.can_write_eof() and not writer.transport.is_closing():
         writer.write_eof()
 
