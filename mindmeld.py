@@ -298,6 +298,13 @@ MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the grant
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
+PEER_INITIAL_BUDGET = 24 * 1024 * 1024  # router: full initial windows toward one peer, in all ...
+MIN_STREAM_WINDOW = 512             # ... beyond it a new stream starts with this window (it grows)
+# So the router holds for one peer at most 24 MiB + 16,384 x 512 B + 32 MiB of growth = 64 MiB of
+# stream data (PEER_MEMORY_BUDGET), plus PEER_BUFFER_SLACK of control frames.
+PEER_MEMORY_BUDGET = PEER_INITIAL_BUDGET + 16384 * MIN_STREAM_WINDOW + PEER_WINDOW_BUDGET
+NOT_READING_TIMEOUT = 20.0          # s: a peer with data queued that reads none of it is dropped
+NOT_READING_CHECK = 1.0             # s between the router's checks for such peers (one timer)
 
 HANDSHAKE_TIMEOUT = 15.0            # preamble + hello (+ auth) must complete in this time
 DIAL_TIMEOUT = 10.0                 # sharer dialling its target
@@ -741,10 +748,10 @@ class ReceiveWindow:
     bytes the application really took (`delivered`), in batches of half a
     window; when whole windows are consumed faster than about two round trips,
     the window doubles (up to MAX_WINDOW, within the link's budget)."""
-    __slots__ = ("size", "available", "unreturned", "last_update", "budget")
+    __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget")
 
     def __init__(self, budget=None, size=INITIAL_WINDOW):
-        self.size = size
+        self.size = self.initial = size
         self.available = size      # what the sender may still send
         self.unreturned = 0        # delivered but not yet credited back
         self.last_update = 0.0
@@ -774,9 +781,9 @@ class ReceiveWindow:
 
     def release(self):
         """The stream is gone: give its growth back to the link's budget."""
-        if self.budget is not None and self.size > INITIAL_WINDOW:
-            self.budget.give(self.size - INITIAL_WINDOW)
-            self.size = INITIAL_WINDOW
+        if self.budget is not None and self.size > self.initial:
+            self.budget.give(self.size - self.initial)
+            self.size = self.initial
 
 
 def add_credit(credit, increment):
@@ -797,11 +804,16 @@ class StreamEnd:
     `window` what the other end may still send here."""
     __slots__ = ("id", "state", "credit", "window")
 
-    def __init__(self, stream_id, state, window=None):
+    def __init__(self, stream_id, state, window=None, credit=INITIAL_WINDOW):
         self.id = stream_id
         self.state = state
-        self.credit = INITIAL_WINDOW
+        self.credit = credit
         self.window = window if window is not None else ReceiveWindow()
+
+    def start_with(self, credit, window_size):
+        """The initial credit and window the router chose (OPEN, OPEN_OK); before any data."""
+        self.credit = credit
+        self.window = ReceiveWindow(self.window.budget, window_size)
 
     def __repr__(self):
         return "<StreamEnd %d %s credit=%d window=%d>" % (
@@ -881,6 +893,20 @@ class StreamEnd:
     def release(self):
         """The stream is gone: its window's growth goes back to the link's budget."""
         self.window.release()
+
+
+def initial_windows(info):
+    """(credit, window) from an OPEN or OPEN_OK: what this end may send first, and what it
+    grants the other end.  Absent: INITIAL_WINDOW each (peers from before the router chose)."""
+    out = []
+    for field in ("credit", "window"):
+        value = info.get(field, INITIAL_WINDOW)
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                not MIN_STREAM_WINDOW <= value <= MAX_WINDOW:
+            raise ProtocolError("%s of %r in an opening frame (must be %d to %d)"
+                                % (field, value, MIN_STREAM_WINDOW, MAX_WINDOW), "flow-control")
+        out.append(value)
+    return tuple(out)
 
 
 class StreamIds:
@@ -1440,9 +1466,16 @@ class LocalStream(asyncio.Protocol):
 
     # The opening frames.  Each role overrides the ones it expects; the rest are
     # refused by the state table (an acceptor never receives OPEN_OK, say).
-    def on_open_ok(self, _payload):
+    def on_open_ok(self, payload):
         self.end.receive(OPEN_OK)
-        self._flush_pending()
+        info = decode_far_json(OPEN_OK, payload) if payload else {}
+        self.end.start_with(*initial_windows(info))
+        if self.accepted(info):
+            self._flush_pending()
+
+    def accepted(self, _info):
+        """Does the opener take this OPEN_OK?  (A forwarder with a secret checks the proof.)"""
+        return True
 
     def on_open_refused(self, _info):
         self.end.receive(OPEN_REFUSED)
@@ -2327,14 +2360,56 @@ class FrontDoor:
 
 
 class Leg:
-    """The router's end of a relayed stream on one peer's link."""
-    __slots__ = ("peer", "end", "other", "relay", "received")
+    """The router's end of a relayed stream on one peer's link, and what it may cost:
+    the window toward that peer is its initial credit plus the growth the peer granted."""
+    __slots__ = ("peer", "end", "other", "relay", "received", "initial", "growth", "unacked")
 
     def __init__(self, peer, end, relay):
         self.peer, self.end, self.relay = peer, end, relay
         self.other = None
         self.received = 0               # DATA payload bytes from this leg's peer
+        self.initial = end.credit       # the window toward this peer when the stream opened
+        self.growth = 0                 # what the peer added to it since (WINDOW beyond returns)
+        self.unacked = 0                # bytes sent to the peer that no WINDOW has returned yet
         peer.legs[end.id] = self
+        peer.windows.opened(self)
+
+
+class PeerWindows:
+    """What one peer's streams may make the router hold for it: the windows toward it
+    (initial credit plus the growth it granted).  New streams get a full window while
+    the initial windows stay within PEER_INITIAL_BUDGET, then MIN_STREAM_WINDOW; growth
+    beyond PEER_WINDOW_BUDGET (what an honest peer's own budget allows) is its error."""
+    __slots__ = ("initial", "growth", "ended")
+
+    def __init__(self):
+        self.initial = self.growth = 0
+        self.ended = 0                  # windows of streams that ended while data still queued
+
+    def next_window(self):
+        if self.initial + INITIAL_WINDOW <= PEER_INITIAL_BUDGET:
+            return INITIAL_WINDOW
+        return MIN_STREAM_WINDOW
+
+    def opened(self, leg):
+        self.initial += leg.initial
+
+    def grew(self, leg, growth):
+        if self.growth + growth > PEER_WINDOW_BUDGET:
+            raise ProtocolError("windows grown by more than %d bytes over all streams"
+                                % PEER_WINDOW_BUDGET, "flow-control")
+        leg.growth += growth
+        self.growth += growth
+
+    def closed(self, leg, queue_full):
+        self.initial -= leg.initial
+        self.growth -= leg.growth
+        if queue_full:                  # its bytes may still be queued: counted until drained
+            self.ended += leg.initial + leg.growth
+
+    @property
+    def total(self):
+        return self.initial + self.growth + self.ended
 
 
 class RelayedStream:
@@ -2344,8 +2419,13 @@ class RelayedStream:
 
     def __init__(self, router, registration, opener, opener_id, sharer):
         self.router, self.registration = router, registration
-        self.opener = Leg(opener, StreamEnd(opener_id, OPEN_RECEIVED), self)
-        self.acceptor = Leg(sharer, StreamEnd(sharer.ids.allocate(), OPEN_SENT), self)
+        # The router chooses each direction's first window, within what it may hold for the
+        # peer that direction leads to; both ends learn it from OPEN and OPEN_OK.
+        to_opener, to_sharer = opener.windows.next_window(), sharer.windows.next_window()
+        self.opener = Leg(opener, StreamEnd(opener_id, OPEN_RECEIVED, ReceiveWindow(None, to_sharer),
+                                            credit=to_opener), self)
+        self.acceptor = Leg(sharer, StreamEnd(sharer.ids.allocate(), OPEN_SENT,
+                                              ReceiveWindow(None, to_opener), credit=to_sharer), self)
         self.opener.other, self.acceptor.other = self.acceptor, self.opener
         registration.streams += 1
         registration.opened += 1
@@ -2355,8 +2435,10 @@ class RelayedStream:
     def open(self, info):
         """Pass the OPEN on to the sharer, with who asked."""
         forwarded = {k: v for k, v in info.items() if k in ("service", "nonce")}
-        forwarded["peer"] = self.opener.peer.peer
-        self.acceptor.peer.send_json(OPEN, self.acceptor.end.id, forwarded)
+        acceptor = self.acceptor.end
+        forwarded.update(peer=self.opener.peer.peer, credit=acceptor.window.size,
+                         window=acceptor.credit)
+        self.acceptor.peer.send_json(OPEN, acceptor.id, forwarded)
 
     # -- frames from one leg, passed to the other ---------------------------------
     def data(self, leg, payload):
@@ -2364,11 +2446,17 @@ class RelayedStream:
         leg.end.recv_data(n)
         other = leg.other
         other.end.send_data(n)
+        other.unacked += n
         other.peer.relay_data(other.end.id, payload)
         leg.received += n
 
     def window(self, leg, payload):
         increment = leg.end.recv_window(payload)
+        if increment <= leg.unacked:
+            leg.unacked -= increment            # credit returned for bytes delivered
+        else:                                   # the peer grew its window: within its budget
+            leg.peer.windows.grew(leg, increment - leg.unacked)
+            leg.unacked = 0
         other = leg.other
         other.peer.send(other.end.grant(increment))
 
@@ -2384,8 +2472,10 @@ class RelayedStream:
 
     def open_ok(self, leg, payload):
         leg.end.receive(OPEN_OK)
+        info = decode_json(OPEN_OK, payload) if payload else {}
         other = leg.other
-        other.peer.send(other.end.send(OPEN_OK, bytes(payload)))
+        info.update(credit=other.end.credit, window=other.end.window.size)
+        other.peer.send(other.end.send_json(OPEN_OK, info))
 
     def open_refused(self, leg, payload):
         leg.end.receive(OPEN_REFUSED)
@@ -2423,6 +2513,8 @@ class RelayedStream:
         if opener.peer.legs.pop(opener.end.id, None) is None:
             return                              # already ended
         acceptor.peer.legs.pop(acceptor.end.id, None)
+        opener.peer.windows.closed(opener, opener.peer.write_paused)
+        acceptor.peer.windows.closed(acceptor, acceptor.peer.write_paused)
         self.router.monitor.relay_ended(self)
         self.registration.streams -= 1
         self.router.relayed -= 1
@@ -2520,6 +2612,9 @@ class RouterPeer(Link):
         self.door = FrontDoor(self)
         self.phase = "preamble"
         self.legs = {}                  # stream id on this link -> Leg
+        self.windows = PeerWindows()    # what its streams may make us hold for it
+        self.written = 0                # bytes handed to its transport, for the not-reading check
+        self.stalled_since = None       # (time, queued then, written then) while writing is paused
         self.ids = StreamIds(odd=False)  # the router opens even ids here
         self.registrations = []
         self.nonce = os.urandom(16)
@@ -2683,26 +2778,53 @@ class RouterPeer(Link):
         if self.closing:
             return
         _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
+        self.written += HEADER_SIZE + len(payload)
         if self.write_paused:
             self._check_backlog()
 
     def send(self, frame):
         Link.send(self, frame)
+        self.written += len(frame)
         if self.write_paused and not self.closing:
             self._check_backlog()
 
     def backlog_limit(self):
-        """What a peer may make us queue: the windows it granted (its streams' initial
-        windows plus its growth budget) and some control frames."""
-        return PEER_WINDOW_BUDGET + len(self.legs) * INITIAL_WINDOW + PEER_BUFFER_SLACK
+        """What a peer may make us queue: the windows toward it (PeerWindows) and some
+        control frames.  At most PEER_MEMORY_BUDGET + PEER_BUFFER_SLACK."""
+        return self.windows.total + PEER_BUFFER_SLACK
 
     def _check_backlog(self):
-        """More than backlog_limit() means it does not read (a LIST or PING flood, say): drop it."""
+        """More than backlog_limit() means it asked for more than it reads (a LIST or PING
+        flood, say): drop it."""
         queued = self.transport.get_write_buffer_size()
         if queued > self.backlog_limit():
-            log.warning("router: %s is not reading (%d bytes queued); dropping it", self.peer, queued)
-            self.drop_cause = "not_reading"
-            self.abort("peer stopped reading")
+            self.drop_not_reading("%d bytes queued, over its limit of %d" % (queued, self.backlog_limit()))
+
+    def drop_not_reading(self, why):
+        log.warning("router: %s is not reading (%s); dropping it", self.peer, why)
+        self.drop_cause = "not_reading"
+        self.abort("peer stopped reading")
+
+    def pause_writing(self):
+        Link.pause_writing(self)
+        if self.transport is not None:
+            self.stalled_since = (self.loop.time(), self.transport.get_write_buffer_size(), self.written)
+            self.router.paused.add(self)
+
+    def resume_writing(self):
+        self.stalled_since = None
+        self.router.paused.discard(self)
+        self.windows.ended = 0          # what ended streams left queued has drained
+        Link.resume_writing(self)
+
+    def check_reading(self, now, timeout):
+        """The router's periodic check while writing is paused: has it read anything lately?"""
+        since, queued_then, written_then = self.stalled_since
+        queued = self.transport.get_write_buffer_size()
+        if queued < queued_then + (self.written - written_then):
+            self.stalled_since = (now, queued, self.written)     # some of it left: reading
+        elif now - since >= timeout:
+            self.drop_not_reading("%d bytes queued and none read for %.0f s" % (queued, now - since))
 
     def fail(self, exc):
         self.drop_cause = self.drop_cause or "protocol"
@@ -2734,8 +2856,9 @@ class Router:
     def __init__(self, host="", port=DEFAULT_PORT, token=None, ssl_context=None,
                  keepalive=KEEPALIVE_INTERVAL, handshake_timeout=HANDSHAKE_TIMEOUT,
                  liveness_probe=LIVENESS_PROBE, ws_path=WS_PATH, status_listen=None,
-                 metrics_per_service=False):
+                 metrics_per_service=False, not_reading_timeout=NOT_READING_TIMEOUT):
         self.host, self.port = host, port
+        self.not_reading_timeout = not_reading_timeout
         self.token = token
         self.ssl_context = ssl_context
         self.keepalive = keepalive
@@ -2747,7 +2870,9 @@ class Router:
         self.peers = set()
         self.handshakes = PendingHandshakes()
         self.relayed = 0                # streams relayed now
-        self.drained = None  # a future while close() waits for them
+        self.paused = set()             # peers whose link we cannot write to now (not reading?)
+        self._reading_timer = None      # one timer checks them all
+        self.drained = None             # a future while close() waits for the last stream
         self.server = None
         self.addresses = []
         self.done = None               # a future, resolved when the router has closed
@@ -2766,7 +2891,18 @@ class Router:
         log.info("router listening on %s%s", ", ".join(format_hostport(h, p) for h, p in self.addresses),
                  " (TLS)" if self.ssl_context else "")
         await self.monitor.start()
+        self._reading_timer = loop.call_later(NOT_READING_CHECK, self._check_reading)
         return self
+
+    def _check_reading(self):
+        """Peers whose links stay full: drop those that have read nothing for a while."""
+        now = _get_loop().time()
+        for peer in list(self.paused):
+            if peer.closing or peer.stalled_since is None:
+                self.paused.discard(peer)
+            else:
+                peer.check_reading(now, self.not_reading_timeout)
+        self._reading_timer = _get_loop().call_later(NOT_READING_CHECK, self._check_reading)
 
     def _accept(self):
         peer = RouterPeer(self)
@@ -2880,6 +3016,7 @@ class Router:
 
     def peer_lost(self, peer, reason):
         self.peers.discard(peer)
+        self.paused.discard(peer)
         self.monitor.peer_lost(peer, reason)
         if peer.registrations:
             self.unregister_all(peer, reason)
@@ -2895,6 +3032,8 @@ class Router:
 
     async def close(self, grace=0.0):
         """Stop accepting, tell every peer (GOAWAY), let streams finish for `grace` s."""
+        if self._reading_timer is not None:
+            self._reading_timer.cancel()
         await self.monitor.close()
         if self.server is not None:
             await _close_server(self.server)
@@ -4097,6 +4236,7 @@ class Sharer(_Client):
         name = info.get("service")
         target = self.services.get(name)
         stream = SharedStream(link, stream_id)
+        stream.end.start_with(*initial_windows(info))
         stream.sharer, stream.service = self, name
         stream.label = "%s#%d" % (name, stream_id)
         if self.closing:
@@ -4168,17 +4308,19 @@ class ForwardedStream(LocalStream):
 
     def on_open_ok(self, payload):
         self._cancel_timer()
-        self.end.receive(OPEN_OK)
+        LocalStream.on_open_ok(self, payload)
+
+    def accepted(self, info):
         secret, name = self.forwarder.secret, self.forwarder.service
         if secret:
-            proof = str(decode_far_json(OPEN_OK, payload).get("proof", "")) if payload else ""
+            proof = str(info.get("proof", ""))
             expected = _secret_mac(secret, "accept", name, self.nonce) if self.nonce else ""
             if not expected or not hmac.compare_digest(proof.encode(), expected.encode()):
                 self.refused("the sharer of %r did not prove the secret (it may be an impostor, "
                              "or the service has no secret)" % name)
                 self.reset("sharer did not prove the secret")
-                return
-        self._flush_pending()
+                return False
+        return True
 
     def refused(self, reason):
         log.warning("forward: connection to %r refused: %s", self.forwarder.service, reason)

@@ -4420,14 +4420,18 @@ class HostileTestCase(LoopTestCase):
         self.assertIn(words, goaway["message"])
         return self.one_line_about(peer)
 
-    async def honest(self, secret=None, tls=None, **router_options):
+    async def honest(self, secret=None, tls=None, more_services=(), **router_options):
+        """more_services: (name, handler) pairs the same sharer also shares."""
         router_options.setdefault("handshake_timeout", 0.5)
         self.router = await self.start_router(**router_options)
         target = await self.start_target(echo_handler)
         client = {"secret": secret} if secret else {}
         if tls is not None:
             client["tls"] = tls
-        self.sharer = await self.start_sharer({"web": (LOCALHOST, target)}, **client)
+        services = {"web": (LOCALHOST, target)}
+        for name, handler in more_services:
+            services[name] = (LOCALHOST, await self.start_target(handler))
+        self.sharer = await self.start_sharer(services, **client)
         self.forwarder = await self.start_forwarder("web", **client)
         traffic = Traffic(self, self.forwarder.port)
 
@@ -4448,13 +4452,13 @@ class HostileTestCase(LoopTestCase):
             await peer.handshake()
         return peer
 
-    async def after(self, traffic):
+    async def after(self, traffic, services=("web",)):
         """The honest stream finishes byte-exact; only the honest peers are left."""
         await traffic.finish()
         await wait_until(lambda: len(self.router.peers) == 2, 5,
                          lambda: "router peers: %r" % [p.peer for p in self.router.peers])
         self.assertEqual(self.router.handshaking, 0)
-        self.assertEqual(sorted(self.router.services), ["web"])
+        self.assertEqual(sorted(self.router.services), sorted(services))
         assert_clean_output(self.logs)
 
     def one_line_about(self, peer, words="", since=0):
@@ -5818,3 +5822,88 @@ class TestWebSocketStrangers(HostileTestCase):
             self.assertTrue([l for l in self.logs if "over the limit" in l], self.logs)
             await wait_until(lambda: not self.router.peers, 5, 'not self.router.peers')
         self.run_async(main(), 30)
+
+
+class TestRouterMemory(HostileTestCase):
+    """What one peer can make the router hold, and for how long."""
+
+    def router_side(self, peer):
+        sides = [p for p in self.router.peers if p.peer == peer.address]
+        self.assertEqual(len(sides), 1)
+        return sides[0]
+
+    def test_a_peer_that_never_reads_is_held_to_its_budget_then_dropped(self):
+        """400 streams pushed at a link that never reads: the router used to queue all 400
+        windows (100 MB) and keep the link."""
+        async def pusher(_reader, writer):
+            block = bytes(64 * 1024)
+            for _ in range(100000):
+                writer.write(block)
+                await writer.drain()
+
+        async def main():
+            traffic = await self.honest(more_services=[("push", pusher)], not_reading_timeout=1.0)
+            peer = await self.raw_peer()
+            for stream_id in range(1, 801, 2):
+                peer.send(encode_json(OPEN, stream_id, {"service": "push"}))
+            side, peak = self.router_side(peer), [0]
+
+            def all_sent():             # everything the windows allow is on its way to it
+                if side.closing:
+                    return True
+                peak[0] = max(peak[0], side.transport.get_write_buffer_size())
+                return len(side.legs) == 400 and not any(l.end.credit for l in side.legs.values())
+            await wait_until(all_sent, 20, lambda: "credit left on %d streams" % sum(
+                1 for l in side.legs.values() if l.end.credit))
+            self.assertLessEqual(peak[0], mindmeld.PEER_MEMORY_BUDGET)
+            self.assertLessEqual(peak[0], mindmeld.PEER_INITIAL_BUDGET + 400 * INITIAL_WINDOW // 8)
+            await wait_until(lambda: side.closing, 5, "the peer that reads nothing is dropped")
+            self.one_line_about(peer, "not reading")
+            peer.writer.close()
+            await self.after(traffic, services=("push", "web"))
+        self.run_async(main(), 60)
+
+    def test_what_a_stranger_queued_and_reset_does_not_knock_a_reading_sharer_off(self):
+        """A stranger fills 300 windows toward a sharer that reads, then resets them all: the
+        router used to shrink the sharer's allowance at once, and drop it as not reading."""
+        async def main():
+            traffic = await self.honest(not_reading_timeout=5.0)
+            sharer = await self.raw_peer()
+            sharer.send(encode_json(REGISTER, 1, {"name": "slow", "owner": "ab" * 16}))
+            await sharer.frame(REGISTER + 1, 1)                   # REGISTERED
+            stranger = await self.raw_peer()
+            streams = list(range(1, 601, 2))
+            for stream_id in streams:
+                stranger.send(encode_json(OPEN, stream_id, {"service": "slow"}))
+            credits = {}
+            for _ in streams:
+                _t, _f, there, payload = await sharer.frame(OPEN)
+                sharer.send(encode_frame(OPEN_OK, there))
+            for stream_id in streams:
+                info = json.loads((await stranger.frame(OPEN_OK, stream_id))[3].decode() or "{}")
+                credits[stream_id] = info.get("credit", INITIAL_WINDOW)
+            for stream_id in streams:                              # every window, filled
+                for offset in range(0, credits[stream_id], MAX_DATA):
+                    stranger.send(encode_frame(DATA, stream_id,
+                                               bytes(min(MAX_DATA, credits[stream_id] - offset))))
+            await stranger.writer.drain()
+            side = self.router_side(sharer)
+            await wait_until(lambda: side.write_paused or side.closing, 10, "the sharer's queue fills")
+            for stream_id in streams:
+                stranger.send(encode_json(RESET, stream_id, {"reason": "gone"}))
+            await stranger.writer.drain()
+            drained = 0
+            for _ in range(100000):                                # the sharer reads it all
+                chunk = await asyncio.wait_for(sharer.reader.read(256 * 1024), 10)
+                self.assertTrue(chunk, "the router closed the sharer's link")
+                sharer.decoder.feed(chunk)                        # keeps the framing; dropped
+                drained += len(chunk)
+                if not side.write_paused and not side.transport.get_write_buffer_size():
+                    break
+            self.assertFalse(side.closing)
+            self.assertEqual(await sharer.settled(), "pong")
+            self.assertFalse([l for l in self.logs if "not reading" in l], self.logs)
+            sharer.writer.close()
+            stranger.writer.close()
+            await self.after(traffic)
+        self.run_async(main(), 60)
