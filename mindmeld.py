@@ -303,6 +303,9 @@ MIN_STREAM_WINDOW = 512             # ... beyond it a new stream starts with thi
 # So the router holds for one peer at most 24 MiB + 16,384 x 512 B + 32 MiB of growth = 64 MiB of
 # stream data (PEER_MEMORY_BUDGET), plus PEER_BUFFER_SLACK of control frames.
 PEER_MEMORY_BUDGET = PEER_INITIAL_BUDGET + 16384 * MIN_STREAM_WINDOW + PEER_WINDOW_BUDGET
+OPEN_DATA_MAX = 8 * 1024            # bytes: a stream's first bytes may ride in its OPEN ...
+OPEN_DATA_WAIT = 0.005              # s: ... so a forwarder waits this long for them (a server that
+                                    # speaks first, as sshd does, pays it once per connection)
 NOT_READING_TIMEOUT = 20.0          # s: a peer with data queued that reads none of it is dropped
 NOT_READING_CHECK = 1.0             # s between the router's checks for such peers (one timer)
 
@@ -895,6 +898,20 @@ class StreamEnd:
         self.window.release()
 
 
+def open_data(info):
+    """The first bytes an OPEN carries ("data", base64), or b"": they consume no window."""
+    text = info.get("data")
+    if text is None:
+        return b""
+    try:
+        data = base64.b64decode(text.encode("ascii") if isinstance(text, str) else b"!", validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        data = None
+    if data is None or len(data) > OPEN_DATA_MAX:
+        raise ProtocolError("OPEN with data that is not base64 of at most %d bytes" % OPEN_DATA_MAX)
+    return data
+
+
 def initial_windows(info):
     """(credit, window) from an OPEN or OPEN_OK: what this end may send first, and what it
     grants the other end.  Absent: INITIAL_WINDOW each (peers from before the router chose)."""
@@ -1288,6 +1305,9 @@ class LocalStream(asyncio.Protocol):
     when the local write buffer has drained (write buffer limits are 0, so
     resume_writing() means "everything written has been handed to the kernel")."""
 
+    reads_before_open = False       # a forwarder reads the client's first bytes, for its OPEN
+    early = None                    # those bytes, until the stream is accepted
+
     def __init__(self, link=None, stream_id=0):
         self.link = None
         self.end = None                 # a StreamEnd once attached to a link
@@ -1323,7 +1343,7 @@ class LocalStream(asyncio.Protocol):
         self.sock = _raw_socket(transport)
         _set_nodelay(transport)
         transport.set_write_buffer_limits(0, 0)
-        if self._unaccepted():
+        if self._unaccepted() and not self.reads_before_open:
             if PAUSE_IN_CONNECTION_MADE_HOLDS:
                 self.pause_reading()
             else:
@@ -2434,7 +2454,7 @@ class RelayedStream:
 
     def open(self, info):
         """Pass the OPEN on to the sharer, with who asked."""
-        forwarded = {k: v for k, v in info.items() if k in ("service", "nonce")}
+        forwarded = {k: v for k, v in info.items() if k in ("service", "nonce", "data")}
         acceptor = self.acceptor.end
         forwarded.update(peer=self.opener.peer.peer, credit=acceptor.window.size,
                          window=acceptor.credit)
@@ -2738,6 +2758,7 @@ class RouterPeer(Link):
     def on_open(self, stream_id, payload):
         self.ids.opened_by_peer(stream_id)
         info = decode_json(OPEN, payload)
+        early = open_data(info)                 # checked here: a bad one is this peer's error
         name = info.get("service")
         registration = self.router.services.get(name) if valid_name(name) else None
         code = refusal = None
@@ -2752,7 +2773,9 @@ class RouterPeer(Link):
             registration.peer.close("ids-exhausted", "stream ids are used up; reconnect")
             reason, refusal = "the sharer is reconnecting", "sharer_reconnecting"
         else:
-            RelayedStream(self.router, registration, self, stream_id, registration.peer).open(info)
+            relay = RelayedStream(self.router, registration, self, stream_id, registration.peer)
+            relay.opener.received += len(early)
+            relay.open(info)
             return
         self.router.monitor.stream_refused(refusal or code)
         self.send_json(OPEN_REFUSED, stream_id, {"reason": short_reason(reason), "code": code})
@@ -4186,6 +4209,12 @@ class SharedStream(LocalStream):
         self.peer_nonce = _nonce_from(info)
         _spawn(sharer._dial(self.link, self, sharer.services[name]), sharer.tasks)
 
+    def accept(self, info):
+        if self.early:                  # what the OPEN carried goes first
+            self.transport.write(self.early)
+            self.early = None
+        LocalStream.accept(self, info)
+
     def refuse(self, reason):
         if not self.closed:
             self.link.send(self.end.send_json(OPEN_REFUSED, {"reason": short_reason(reason)}))
@@ -4237,6 +4266,7 @@ class Sharer(_Client):
         target = self.services.get(name)
         stream = SharedStream(link, stream_id)
         stream.end.start_with(*initial_windows(info))
+        stream.early = open_data(info) or None
         stream.sharer, stream.service = self, name
         stream.label = "%s#%d" % (name, stream_id)
         if self.closing:
@@ -4284,9 +4314,12 @@ class Sharer(_Client):
 
 
 class ForwardedStream(LocalStream):
-    """A local connection accepted by a forwarder: one stream to the service."""
+    """A local connection accepted by a forwarder: one stream to the service.  Its OPEN
+    carries the client's first bytes when they come at once (optimistic open: the reply
+    can start one stream round trip after connect, not two)."""
 
     wait_until = 0.0                # a connection that waited for the router may wait this long
+    reads_before_open = True
 
     def __init__(self, forwarder):
         LocalStream.__init__(self)
@@ -4296,6 +4329,19 @@ class ForwardedStream(LocalStream):
     def connection_made(self, transport):
         LocalStream.connection_made(self, transport)
         self.forwarder.arrived(self)
+
+    def data_received(self, data):
+        LocalStream.data_received(self, data)
+        if self.link is None and not self.closed:
+            self.forwarder.first_data(self)
+
+    def take_early(self):
+        """The bytes for OPEN: kept until accepted, since a refused OPEN may be retried."""
+        if self.early is None and self.pending is not None:
+            pending = memoryview(self.pending)
+            self.early = bytes(pending[:OPEN_DATA_MAX])
+            self.pending = pending[OPEN_DATA_MAX:] if len(pending) > OPEN_DATA_MAX else None
+        return self.early
 
     def connection_lost(self, exc):
         if self.link is None:
@@ -4311,6 +4357,7 @@ class ForwardedStream(LocalStream):
         LocalStream.on_open_ok(self, payload)
 
     def accepted(self, info):
+        self.early = None
         secret, name = self.forwarder.secret, self.forwarder.service
         if secret:
             proof = str(info.get("proof", ""))
@@ -4334,7 +4381,10 @@ class ForwardedStream(LocalStream):
             return
         self.refused(reason)
         self._forget()
-        self.transport.close()
+        if self.early is not None:      # its first bytes were taken: end it as a refusal would
+            _abort_with_reset(self.transport)
+        else:
+            self.transport.close()
 
     def on_challenge(self, info):
         self.end.receive(CHALLENGE)
@@ -4400,8 +4450,8 @@ class Forwarder(_Client):
         link = self._link_for_new_streams()
         if self.closing:
             stream.transport.close()
-        elif link is not None:
-            self._open(link, stream)
+        elif link is not None:          # open once its first bytes come, or at once if none do
+            stream.timer = link.loop.call_later(OPEN_DATA_WAIT, self._open_if_new, link, stream)
         else:
             loop = _get_loop()
             if self.outages or self.link is not None:
@@ -4446,9 +4496,27 @@ class Forwarder(_Client):
             self.waiting.remove(stream)
             stream._cancel_timer()
 
+    def first_data(self, stream):
+        if stream.timer is not None and stream not in self.waiting:
+            link = self._link_for_new_streams()
+            if link is not None:
+                self._open_if_new(link, stream)
+
+    def _open_if_new(self, link, stream):
+        if stream.link is None and not stream.closed:
+            if link is self._link_for_new_streams():
+                self._open(link, stream)
+            else:
+                stream._cancel_timer()
+                self.arrived(stream)
+
     def _open(self, link, stream):
         stream._cancel_timer()
-        link.open_stream(stream, {"service": self.service})
+        info = {"service": self.service}
+        early = stream.take_early()
+        if early:
+            info["data"] = base64.b64encode(early).decode("ascii")
+        link.open_stream(stream, info)
         stream.label = "%s#%d" % (self.service, stream.id)
         stream.timer = link.loop.call_later(OPEN_TIMEOUT, stream.reset, "not accepted in time")
 

@@ -5907,3 +5907,63 @@ class TestRouterMemory(HostileTestCase):
             stranger.writer.close()
             await self.after(traffic)
         self.run_async(main(), 60)
+
+
+class TestOptimisticOpen(HostileTestCase):
+    """A forwarder's OPEN carries the client's first bytes, so the reply can start one stream
+    round trip after connect; a refusal still ends the client's connection with a reset."""
+
+    async def sharer_and_forwarder(self):
+        self.router = await self.start_router()
+        sharer = await self.raw_peer()
+        sharer.send(encode_json(REGISTER, 1, {"name": "opt", "owner": "ab" * 16}))
+        await sharer.frame(REGISTERED, 1)
+        forwarder = await self.start_forwarder("opt")
+        return sharer, forwarder
+
+    def test_the_first_bytes_arrive_with_open_before_any_open_ok(self):
+        async def main():
+            sharer, forwarder = await self.sharer_and_forwarder()
+            reader, writer = await self.connect(forwarder.port)
+            request = b"GET / HTTP/1.0\r\n\r\n"
+            writer.write(request)
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            info = json.loads(payload.decode())
+            self.assertEqual(base64.b64decode(info["data"]), request)      # no OPEN_OK yet
+            self.assertIn(info["credit"], (INITIAL_WINDOW,))
+            sharer.send(encode_frame(OPEN_OK, there) + encode_frame(DATA, there, b"reply")
+                        + encode_frame(EOF, there))
+            self.assertEqual(await asyncio.wait_for(reader.read(100), 5), b"reply")
+            writer.write_eof()
+            self.assertEqual(await sharer.frame(EOF, there), (EOF, 0, there, b""))
+        self.run_async(main(), 30)
+
+    def test_a_server_that_speaks_first_gets_its_open_at_once(self):
+        async def main():
+            sharer, forwarder = await self.sharer_and_forwarder()
+            reader, _writer = await self.connect(forwarder.port)
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            self.assertNotIn("data", json.loads(payload.decode()))
+            sharer.send(encode_frame(OPEN_OK, there) + encode_frame(DATA, there, b"SSH-2.0-x\r\n"))
+            self.assertEqual(await asyncio.wait_for(reader.readline(), 5), b"SSH-2.0-x\r\n")
+        self.run_async(main(), 30)
+
+    def test_a_refused_optimistic_open_resets_the_client(self):
+        async def main():
+            sharer, forwarder = await self.sharer_and_forwarder()
+            reader, writer = await self.connect(forwarder.port)
+            writer.write(b"hello")
+            _t, _f, there, _p = await sharer.frame(OPEN)
+            sharer.send(encode_json(OPEN_REFUSED, there, {"reason": "target refused"}))
+            self.assertEqual(await read_until_closed(reader, 5), "reset")
+        self.run_async(main(), 30)
+
+    def test_open_data_that_is_not_base64_or_too_long_is_a_protocol_error(self):
+        async def main():
+            self.router = await self.start_router()
+            for data in ("not base64!", base64.b64encode(bytes(mindmeld.OPEN_DATA_MAX + 1)).decode()):
+                peer = await self.raw_peer()
+                peer.send(encode_json(OPEN, 1, {"service": "x", "data": data}))
+                goaway = await peer.goaway()
+                self.assertEqual(goaway["code"], "protocol", goaway)
+        self.run_async(main(), 30)
