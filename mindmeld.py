@@ -338,8 +338,9 @@ LISTEN_BACKLOG = 1024               # pending connections a listening socket hol
 MAX_STREAMS_PER_PEER = 16384
 MAX_STREAM_ID = 2 ** 32 - 3
 MAX_SERVICES_PER_PEER = 64
-MAX_PENDING_HANDSHAKES = 1024       # unfinished handshakes in all; past it, the heaviest source loses one
-MAX_PENDING_PER_SOURCE = 128        # ... from one IPv4 address or IPv6 /64; past it, its oldest goes
+MAX_PENDING_HANDSHAKES = 4096       # unfinished handshakes in all; past it, the source (IPv4 address
+                                    # or IPv6 /64) with the most loses its oldest.  A restart storm
+                                    # from one place is served at the rate the router can, not refused
 ROUTER_READ_BUFFER = 4 * 1024       # bytes: a new peer's first buffer (it grows as reads fill it)
 MAX_DISPLACED_OWNERS = 1024         # router: sharers told "taken over", refused if they return
 
@@ -2571,9 +2572,9 @@ def source_of(transport):
 
 
 class PendingHandshakes:
-    """Connections that have not finished the handshake, by source.  A source past its share
-    loses its own oldest, and past the overall limit the heaviest source loses one: a flood
-    from one place cannot keep anyone else out."""
+    """Connections that have not finished the handshake, by source.  Past the limit the
+    source holding the most loses its oldest: a flood from one place cannot keep anyone
+    else out, and a burst of honest peers is not turned away while there is room."""
 
     def __init__(self):
         self.by_source = {}             # source -> OrderedDict of peers, oldest first
@@ -2587,10 +2588,7 @@ class PendingHandshakes:
         peer.source = source = source_of(peer.transport)
         self.by_source.setdefault(source, collections.OrderedDict())[peer] = None
         self.count += 1
-        if len(self.by_source[source]) > MAX_PENDING_PER_SOURCE:
-            self._evict(source, "more than %d unfinished handshakes from %s"
-                        % (MAX_PENDING_PER_SOURCE, source))
-        elif self.count > MAX_PENDING_HANDSHAKES:
+        if self.count > MAX_PENDING_HANDSHAKES:
             heaviest = max(self.by_source, key=lambda s: len(self.by_source[s]))
             self._evict(heaviest, "more than %d unfinished handshakes in all; %s has the most"
                         % (MAX_PENDING_HANDSHAKES, heaviest))
