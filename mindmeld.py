@@ -2670,6 +2670,7 @@ class RouterPeer(Link):
             return
         if name in self.registering or len(self.registering) >= MAX_SERVICES_PER_PEER:
             raise ProtocolError("REGISTER for %r while an earlier one is unanswered" % name)
+        # owner: a link of its owner chain (OwnerChain); verifier: marks a service with a secret
         owner, verifier = str(info.get("owner", ""))[:128], info.get("verifier")
         verifier = str(verifier)[:128] if verifier else None
         self.registering.add(name)
