@@ -5830,15 +5830,22 @@ class TestReplayedRegister(HostileTestCase):
     anything.  The sharer itself, its link cut, gets the name back at once."""
 
     class RecordingRelay(SilentRelay):
-        """A SilentRelay that keeps, per connection, every byte the client sent upstream."""
+        """A SilentRelay that keeps, per connection, every byte the client sent upstream.
+        cut(): the clients' connections close, while the router's side stays open, silent."""
 
         def __init__(self, test, upstream_port):
             SilentRelay.__init__(self, test, upstream_port)
-            self.sent = []
+            self.sent, self.client_writers = [], []
+
+        def cut(self):
+            self.freeze()
+            for writer in self.client_writers:
+                writer.close()
 
         async def _serve(self, reader, writer):
             sent, read = bytearray(), reader.read
             self.sent.append(sent)
+            self.client_writers.append(writer)
 
             async def recording_read(n=-1):
                 data = await read(n)
@@ -5856,21 +5863,19 @@ class TestReplayedRegister(HostileTestCase):
     async def shared_through_a_cut_link(self, secret=None, cuts=2):
         """A sharer of 'web' behind a recording relay whose link is cut `cuts` times: each
         time its reconnect gets the name back at once (the liveness probe would take 30 s)."""
-        keepalive = 0.3
-        bound = (KEEPALIVE_SILENT_INTERVALS + 1) * keepalive + 10    # well under the probe
         self.router = await self.start_router(liveness_probe=30.0)
         target = await self.start_target(prefix_echo_handler(b"real:"))
         self.relay = await self.RecordingRelay(self, self.router.port).start()
         options = {"secret": secret} if secret else {}
         self.sharer = await self.client(Sharer, {"web": (LOCALHOST, target)},
-                                        router=self.relay.address, keepalive=keepalive,
-                                        backoff=(0.05, 0.2), **options)
+                                        router=self.relay.address, backoff=(0.05, 0.2),
+                                        **options)
         await self.sharer.wait_ready(10)
         self.forwarder = await self.start_forwarder("web", **options)
         for cut in range(cuts):
             start, old = len(self.watch.lines), self.router.services["web"].peer
-            self.relay.freeze()                  # both ends see silence; new connections pass
-            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", bound, start)
+            self.relay.cut()                     # new connections pass
+            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", 10, start)
             self.assertFalse(old.closing, "the router had already dropped the old session")
             self.assertIsNot(self.router.services["web"].peer, old)
         self.assertEqual(len(self.relay.sent), cuts + 1)
