@@ -319,6 +319,9 @@ GRACE_PERIOD = 5.0                  # shutdown: how long open streams may finish
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 BACKOFF_RESET_AFTER = 60.0          # a link that stayed up this long resets the backoff
 LIVENESS_PROBE = 3.0                # router: how long a name's owner has to answer a ping
+OWNER_CHAIN_LENGTH = 10000          # sharer: reconnects one owner chain lasts, then a new one
+OWNER_CHAIN_SKIP = 64               # router: chain links a reconnect may skip (REGISTERs lost
+                                    # with their link before the router read them)
 
 # Internal timings, in seconds (as all times here).
 CLOSE_FLUSH_TIMEOUT = 2.0           # a closed link whose peer stops reading is aborted after this
@@ -342,7 +345,6 @@ MAX_PENDING_HANDSHAKES = 4096       # unfinished handshakes in all; past it, the
                                     # or IPv6 /64) with the most loses its oldest.  A restart storm
                                     # from one place is served at the rate the router can, not refused
 ROUTER_READ_BUFFER = 4 * 1024       # bytes: a new peer's first buffer (it grows as reads fill it)
-MAX_DISPLACED_OWNERS = 1024         # router: sharers told "taken over", refused if they return
 
 # Frame types.  Stream frames are relayed end to end by the router.
 HELLO, AUTH, REGISTER, REGISTERED, OPEN, OPEN_OK, OPEN_REFUSED, DATA, WINDOW, \
@@ -979,10 +981,59 @@ def _auth_mac(token, nonce):
 
 def _secret_mac(secret, purpose, name, nonce=b""):
     """Proofs of a service secret.  The router relays them but cannot make them:
-    'owner' lets a restarted sharer take its name back, 'open' is the forwarder's
-    answer to the sharer's challenge, 'accept' the sharer's answer to the forwarder's."""
+    'open' is the forwarder's answer to the sharer's challenge, 'accept' the sharer's
+    answer to the forwarder's."""
     message = b"mindmeld-" + purpose.encode() + b":" + name.encode() + b":" + nonce
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _owner_hash(value):
+    return hashlib.sha256(value).digest()
+
+
+class OwnerChain:
+    """A sharer's proof that a reconnect is the same process, one per name: a hash chain
+    (S/KEY, RFC 1760).  Links are SHA-256 applied 0, 1, 2 ... times to a random seed; each
+    REGISTER sends the next link down the chain, and the router gives the name back at once
+    to a link that hashes to the last one it accepted.  A link is worth nothing once sent:
+    the router has moved past it, so whoever saw a REGISTER cannot replay it."""
+
+    CHECKPOINT = 100                    # one link in this many is kept; the rest recomputed
+
+    def __init__(self, length=OWNER_CHAIN_LENGTH):
+        self.length = length
+        self.chains = {}                # name -> (checkpoints, index of the last link sent)
+
+    def next_link(self, name):
+        """The next link down the chain of `name`, as hex (a new chain when it is used up)."""
+        checkpoints, index = self.chains.get(name, (None, 0))
+        if index == 0:
+            checkpoints, value = [], os.urandom(32)
+            for i in range(self.length):
+                if i % self.CHECKPOINT == 0:
+                    checkpoints.append(value)
+                value = _owner_hash(value)
+            index = self.length
+        index -= 1
+        self.chains[name] = (checkpoints, index)
+        value = checkpoints[index // self.CHECKPOINT]
+        for _ in range(index % self.CHECKPOINT):
+            value = _owner_hash(value)
+        return value.hex()
+
+
+def owner_link_follows(link, accepted, skip=OWNER_CHAIN_SKIP):
+    """Is `link` (a REGISTER's owner, hex) 1 to `skip` links before `accepted` on one
+    chain, so that hashing it that many times gives `accepted`?"""
+    if not (isinstance(link, str) and len(link) == 64 and len(accepted or "") == 64
+            and all(c in "0123456789abcdef" for c in link)):
+        return False
+    value, accepted = binascii.unhexlify(link), accepted.encode()
+    for _ in range(skip):
+        value = _owner_hash(value)
+        if hmac.compare_digest(value.hex().encode(), accepted):
+            return True
+    return False
 
 
 def _nonce_from(info):
@@ -2732,6 +2783,7 @@ class RouterPeer(Link):
             return
         if name in self.registering or len(self.registering) >= MAX_SERVICES_PER_PEER:
             raise ProtocolError("REGISTER for %r while an earlier one is unanswered" % name)
+        # owner: a link of its owner chain (OwnerChain); verifier: marks a service with a secret
         owner, verifier = str(info.get("owner", ""))[:128], info.get("verifier")
         verifier = str(verifier)[:128] if verifier else None
         self.registering.add(name)
@@ -2887,7 +2939,6 @@ class Router:
         self.liveness_probe = liveness_probe
         self.ws_path = ws_path
         self.services = {}
-        self.displaced = {}             # (name, owner key) of sharers a same-secret sharer replaced
         self.peers = set()
         self.handshakes = PendingHandshakes()
         self.relayed = 0                # streams relayed now
@@ -2960,15 +3011,9 @@ class Router:
                 for r in sorted(self.services.values(), key=lambda r: r.name)]
 
     async def register(self, peer, request_id, name, owner, verifier):
-        if owner and (name, owner) in self.displaced:
-            # It was told to stop, but may have missed it (frozen, then its connection
-            # reset before it read the GOAWAY): it must not take the name back.
-            peer.send_json(REGISTERED, request_id, {
-                "ok": False, "code": "taken-over", "message": self.displaced[(name, owner)]})
-            return
         current = self.services.get(name)
         if current is not None and current.peer is not peer:
-            if not await self._take_over(peer, request_id, current, owner, verifier):
+            if not await self._take_over(peer, request_id, current, owner):
                 return
             if peer.closing:
                 return
@@ -2980,18 +3025,18 @@ class Router:
             self.services[name] = registration
             peer.registrations.append(registration)
             log.info("router: %s registered %r", peer.peer, name)
+        elif owner_link_follows(owner, current.owner):
+            current.owner = owner       # the same connection again: it moved down its chain
         peer.send_json(REGISTERED, request_id, {"ok": True, "name": name})
 
-    async def _take_over(self, peer, request_id, current, owner, verifier):
-        """May `peer` have the name `current` holds?  If so the old holder is removed."""
+    async def _take_over(self, peer, request_id, current, owner):
+        """May `peer` have the name `current` holds?  If so the old holder is removed.
+        Only the holder's owner chain gets it at once: a secret proves nothing here, as the
+        router cannot check one (a static verifier would be anyone's who saw it once)."""
         name = current.name
-        same_owner = owner and hmac.compare_digest(current.owner.encode(), owner.encode())
-        same_secret = (verifier and current.verifier
-                       and hmac.compare_digest(current.verifier.encode(), verifier.encode()))
+        same_owner = owner_link_follows(owner, current.owner)
         if same_owner:
             why = "its sharer reconnected"
-        elif same_secret:
-            why = "a new sharer proved the service secret"
         elif not await current.peer.answers(self.liveness_probe):
             why = "its previous sharer stopped answering"
         else:
@@ -3007,14 +3052,7 @@ class Router:
         if self.services.get(name) is current:
             log.info("router: %r taken over by %s: %s", name, peer.peer, why)
             self.unregister(current, "service %r was taken over" % name)
-            if same_secret and not same_owner:
-                message = "service %r was taken over by a sharer that proved the same secret" % name
-                if len(self.displaced) >= MAX_DISPLACED_OWNERS:
-                    del self.displaced[next(iter(self.displaced))]     # the oldest
-                self.displaced[(name, current.owner)] = message
-                current.peer.drop_cause = "taken_over"
-                current.peer.close("taken-over", message)
-            elif not same_owner:
+            if not same_owner:
                 current.peer.drop_cause = "keepalive"
                 current.peer.abort("did not answer a liveness probe")
         return True
@@ -3096,7 +3134,7 @@ PEER_ROLE_LABELS = ("sharer", "forwarder", "connector", "lister", "other", "hand
 STREAM_REFUSALS = ("no_service", "limit", "going_away", "sharer_reconnecting", "sharer")
 HANDSHAKE_FAILURES = ("version", "not_mindmeld", "tls", "auth", "timeout", "protocol", "limits",
                       "closed")
-PEER_DROPS = ("protocol", "keepalive", "not_reading", "limits", "taken_over")
+PEER_DROPS = ("protocol", "keepalive", "not_reading", "limits")
 REFUSAL_CODES = {"no-service": "no_service", "going-away": "going_away"}    # OPEN_REFUSED codes
 DIRECTIONS = ("to_sharer", "from_sharer")
 HANDSHAKE_PHASES = frozenset(("preamble", "hello", "auth", "refused"))
@@ -4239,14 +4277,16 @@ class Sharer(_Client):
             self.services[name] = Target(target[0] or "localhost", target[1])
         if not self.services:
             raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
-        self.owner = os.urandom(16).hex()   # proves a reconnect is the same process
+        self.owners = OwnerChain()          # proves a reconnect is the same process
+        # marks a service with a secret; random, so that no router takes it for a proof
+        self.secret_marker = os.urandom(16).hex()
         self._registered_once = False
 
     async def link_established(self, link):
         for name, target in self.services.items():
-            request = {"name": name, "owner": self.owner}
+            request = {"name": name, "owner": self.owners.next_link(name)}
             if self.secret:
-                request["verifier"] = _secret_mac(self.secret, "owner", name)
+                request["verifier"] = self.secret_marker
             reply = await link.request(REGISTER, request)
             if not reply.get("ok"):
                 message = short_reason(reply.get("message", "refused"))

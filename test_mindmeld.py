@@ -3412,30 +3412,32 @@ class TestStayingUp(LoopTestCase):
                              + "\n".join(self.watch.lines))
         self.run_async(main())
 
-    def test_a_sharer_replaced_through_its_secret_cannot_take_the_name_back(self):
-        # A sharer frozen while another took its name with the secret can miss the GOAWAY
-        # (its connection is reset before it reads it) and come back with its owner key:
-        # the router refuses it for good, and the replacement keeps the name.
+    def test_a_sharer_replaced_while_frozen_cannot_take_the_name_back(self):
+        # A frozen sharer loses its name to one that asks while it does not answer the
+        # liveness probe, secret or not.  Back, with its owner chain, it is refused (the
+        # replacement answers), and the replacement keeps the name.
         async def main():
-            router = await self.start_router()
+            router = await self.start_router(liveness_probe=0.3)
             target = await self.start_target(echo_handler)
             services = {"svc": (LOCALHOST, target)}
-            first = await self.client(Sharer, services, router=self.router_address,
-                                      secret="s3cret", backoff=(0.05, 0.2))
+            relay = await SilentRelay(self, router.port).start()
+            first = await self.client(Sharer, services, router=relay.address, secret="s3cret")
             await first.wait_ready(10)
+            relay.freeze()                                      # silent, as if frozen
             second = await self.client(Sharer, services, router=self.router_address,
                                        secret="s3cret")
             await second.wait_ready(10)
-            with self.assertRaises(PermanentError):
-                await asyncio.wait_for(first.done, 10)          # told: taken over
+            replaced = router.services["svc"]
             returning = Sharer(services, router=self.router_address, secret="s3cret")
-            returning.owner = first.owner                       # the first process, back
+            returning.owners = first.owners                     # the first process, back
             self._async_cleanups.append(lambda: returning.close(0))
             await returning.start()
             with self.assertRaises(PermanentError) as refused:
                 await asyncio.wait_for(returning.done, 10)
-            self.assertIn("'svc' was taken over", str(refused.exception))
-            self.assertEqual(router.services["svc"].owner, second.owner)
+            self.assertIn("'svc' is already shared", str(refused.exception))
+            self.assertIs(router.services["svc"], replaced)
+            self.assertEqual(replaced.peer.peer,
+                             "%s:%d" % second.link.transport.get_extra_info("sockname")[:2])
             self.assertFalse(second.done.done())
         self.run_async(main())
 
@@ -4223,7 +4225,9 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
             seen += lines + [l for l in proc.stdout if l is not None]
         self.assertFalse([l for l in seen if secret in l or wrong in l])
 
-    def test_same_secret_takes_over_another_is_refused(self):
+    def test_a_live_sharers_name_is_refused_to_others_even_with_its_secret(self):
+        # The router cannot check a secret, so knowing it takes no name: a live sharer keeps
+        # its name until it stops; then a sharer with the secret gets it.
         secret = "sec-" + os.urandom(12).hex()
         router, address = self.router()
         first_target = ThreadedServer(self, tag_handler(b"1"))
@@ -4232,24 +4236,24 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
         _forward, port = self.forward("svc", address, "--secret", secret)
         self.assertEqual(exchange(port, b"x"), b"1x")
 
-        other_secret, no_secret = self.run_many([
+        same_secret, other_secret, no_secret = self.run_many([
+            ["share", "svc", "127.0.0.1:%d" % second_target.port, "--router", address,
+             "--secret", secret],
             ["share", "svc", "127.0.0.1:%d" % second_target.port, "--router", address,
              "--secret", "not-" + secret],
             ["share", "svc", "127.0.0.1:%d" % second_target.port, "--router", address],
         ])
-        for result in (other_secret, no_secret):
+        for result in (same_secret, other_secret, no_secret):
             self.assert_one_error_line(result, "share", "already shared")
         self.assertTrue(first.running())
         self.assertEqual(exchange(port, b"y"), b"1y")
 
+        code, lines = first.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
         second = self.share("svc", second_target.port, address, "--secret", secret)
-        code, lines = first.finish(10)
-        self.assertEqual(code, 1, lines)
-        self.assertIn("taken over", lines[-1])
-        self.assertTrue(lines[-1].startswith("mindmeld share: error: "), lines[-1])
         self.assertEqual(exchange(port, b"z"), b"2z")
         self.assertTrue(second.running())
-        seen = lines + other_secret[2].splitlines() + no_secret[2].splitlines()
+        seen = lines + [r[2] for r in (same_secret, other_secret)] + no_secret[2].splitlines()
         code, router_lines = router.signal(signal.SIGTERM)
         self.assertFalse([l for l in seen + router_lines if secret in l])
 
@@ -5967,3 +5971,145 @@ class TestOptimisticOpen(HostileTestCase):
                 goaway = await peer.goaway()
                 self.assertEqual(goaway["code"], "protocol", goaway)
         self.run_async(main(), 30)
+class TestReplayedRegister(HostileTestCase):
+    """Someone who saw every byte a sharer sent on a plain-TCP link replays them on new
+    connections: the name stays with the sharer, which goes on serving and is never told
+    anything.  The sharer itself, its link cut, gets the name back at once."""
+
+    class RecordingRelay(SilentRelay):
+        """A SilentRelay that keeps, per connection, every byte the client sent upstream.
+        cut(): the clients' connections close, while the router's side stays open, silent."""
+
+        def __init__(self, test, upstream_port):
+            SilentRelay.__init__(self, test, upstream_port)
+            self.sent, self.client_writers = [], []
+
+        def cut(self):
+            self.freeze()
+            for writer in self.client_writers:
+                writer.close()
+
+        async def _serve(self, reader, writer):
+            sent, read = bytearray(), reader.read
+            self.sent.append(sent)
+            self.client_writers.append(writer)
+
+            async def recording_read(n=-1):
+                data = await read(n)
+                sent.extend(data)
+                return data
+            reader.read = recording_read
+            await SilentRelay._serve(self, reader, writer)
+
+    @staticmethod
+    def registers(sent):
+        """The REGISTER frames among the bytes a client sent, each as bytes."""
+        frames = FrameDecoder().feed(bytes(sent[len(PREAMBLE):]))
+        return [encode_frame(t, i, p) for t, _f, i, p in frames if t == REGISTER]
+
+    async def shared_through_a_cut_link(self, secret=None, cuts=2):
+        """A sharer of 'web' behind a recording relay whose link is cut `cuts` times: each
+        time its reconnect gets the name back at once (the liveness probe would take 30 s)."""
+        self.router = await self.start_router(liveness_probe=30.0)
+        target = await self.start_target(prefix_echo_handler(b"real:"))
+        self.relay = await self.RecordingRelay(self, self.router.port).start()
+        options = {"secret": secret} if secret else {}
+        self.sharer = await self.client(Sharer, {"web": (LOCALHOST, target)},
+                                        router=self.relay.address, backoff=(0.05, 0.2),
+                                        **options)
+        await self.sharer.wait_ready(10)
+        self.forwarder = await self.start_forwarder("web", **options)
+        for cut in range(cuts):
+            start, old = len(self.watch.lines), self.router.services["web"].peer
+            self.relay.cut()                     # new connections pass
+            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", 10, start)
+            self.assertFalse(old.closing, "the router had already dropped the old session")
+            self.assertIsNot(self.router.services["web"].peer, old)
+        self.assertEqual(len(self.relay.sent), cuts + 1)
+        await self.still_the_sharers()
+
+    async def client(self, cls, *args, **options):
+        client = cls(*args, **options)
+        self._async_cleanups.append(lambda: client.close(0))
+        await client.start()
+        return client
+
+    async def still_the_sharers(self):
+        holder = self.router.services["web"].peer
+        self.assertFalse(holder.closing)
+        self.assertFalse(self.sharer.done.done())
+        reader, writer = await self.connect(self.forwarder.port)
+        writer.write(b"who")
+        writer.write_eof()
+        self.assertEqual(await read_reply(reader, 10), b"real:who")
+        return holder
+
+    async def replayed(self, data):
+        """`data` sent on a new connection to the router: what REGISTERED said, or None if the
+        router closed the connection first."""
+        reader, writer = await self.connect(self.router.port)
+        peer = RawPeer(self, reader, writer)
+        peer.send(data)
+        try:
+            return json.loads((await peer.frame(REGISTERED, timeout=10))[3].decode())
+        except (AssertionError, ConnectionResetError) as exc:
+            if "closed" in str(exc) or isinstance(exc, ConnectionResetError):
+                return None
+            raise
+
+    async def replay_everything(self):
+        holder = await self.still_the_sharers()
+        for sent in self.relay.sent:
+            answers = [await self.replayed(bytes(sent))]
+            for register in self.registers(sent):
+                self.assertIn(b'"owner"', register)
+                hello = PREAMBLE + encode_json(HELLO, 0, {"version": 1, "role": "share",
+                                                          "agent": "test"})
+                answers.append(await self.replayed(hello + register))
+            for answer in answers:
+                self.assertFalse(answer and answer.get("ok"), answer)
+            self.assertIs(self.router.services["web"].peer, holder)
+            await self.still_the_sharers()
+        self.assertFalse([l for l in self.logs if "taken over" in l and "reconnected" not in l],
+                         self.logs)
+
+    def test_a_replayed_register_does_not_take_the_name(self):
+        async def main():
+            await self.shared_through_a_cut_link()
+            await self.replay_everything()
+        self.run_async(main(), 60)
+
+    def test_a_replayed_register_does_not_take_a_name_with_a_secret(self):
+        async def main():
+            await self.shared_through_a_cut_link(secret="s3cret")
+            await self.replay_everything()
+            self.assertFalse([l for l in self.logs if "s3cret" in l])
+        self.run_async(main(), 60)
+
+    def test_a_sharer_cut_off_again_and_again_gets_its_name_back_each_time(self):
+        async def main():
+            await self.shared_through_a_cut_link(cuts=4)
+            reclaims = [l for l in self.logs if "its sharer reconnected" in l]
+            self.assertEqual(len(reclaims), 4, self.logs)
+        self.run_async(main(), 60)
+
+    def test_owner_chain_links_and_the_routers_check_of_them(self):
+        follows = mindmeld.owner_link_follows
+        chain = mindmeld.OwnerChain(length=250)         # crosses checkpoints
+        links = [chain.next_link("web") for _ in range(250)]
+        self.assertEqual(len(set(links)), 250)
+        for earlier, later in zip(links, links[1:]):
+            self.assertRegex(later, r"^[0-9a-f]{64}$")
+            self.assertEqual(hashlib.sha256(bytes.fromhex(later)).hexdigest(), earlier)
+            self.assertTrue(follows(later, earlier))
+            self.assertFalse(follows(earlier, later))   # replayed: the router moved past it
+            self.assertFalse(follows(later, later))
+        skip = mindmeld.OWNER_CHAIN_SKIP
+        self.assertTrue(follows(links[skip], links[0]))
+        self.assertFalse(follows(links[skip + 1], links[0]))
+        self.assertFalse(follows(links[1].upper(), links[0]))
+        for junk in ("", None, 7, links[1][:63], links[1] + "0", "g" * 64):
+            self.assertFalse(follows(junk, links[0]), junk)
+        self.assertFalse(follows(links[1], ""))         # an owner of an older sharer
+        self.assertFalse(follows(chain.next_link("web"), links[-1]))  # used up: a new chain
+        self.assertFalse(follows(chain.next_link("other"), links[-1]))
