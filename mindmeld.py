@@ -4109,6 +4109,7 @@ class SharedStream(LocalStream):
             self.refuse("wrong secret for service %r" % name)
             return
         self.peer_nonce = _nonce_from(info)
+        self.dialling = True
         _spawn(sharer._dial(self.link, self, sharer.services[name]), sharer.tasks)
 
     def refuse(self, reason, code=None):
@@ -4205,6 +4206,7 @@ class Sharer(_Client):
                 link.loop.call_later(OPEN_TIMEOUT, lambda: stream.end.state == OPEN_RECEIVED and
                                      stream.reset("no answer to the secret challenge"))
             else:
+                stream.dialling = True          # from now until _dial() ends
                 _spawn(self._dial(link, stream, target), self.tasks)
 
     # -- stream slots: what keeps a flood of OPENs from using up the descriptors ---------
@@ -4247,7 +4249,6 @@ class Sharer(_Client):
         loop = _get_loop()
         task, expired = _current_task(), []
         timer = loop.call_later(DIAL_TIMEOUT, lambda: expired.append(True) or task.cancel())
-        stream.dialling = True
         try:
             await target.connect(lambda: stream)
         except asyncio.CancelledError:

@@ -5933,3 +5933,31 @@ class TestFloodsOfOpensAndNames(HostileTestCase):
             self.assertEqual(ran.code, 0, ran.err)
             self.assertEqual([s["name"] for s in json.loads(ran.out.decode())], names)
         self.run_async(main(), 60)
+
+    def test_every_way_a_stream_ends_gives_its_slot_back(self):
+        """Dial refused, wrong secret, no secret, and a stream that ran: no slot is kept."""
+        async def main():
+            self.router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            dead = free_port_socket()                   # bound, not listening: refused
+            self.addCleanup(dead.close)
+            plain = await self.start_sharer({"web": (LOCALHOST, target),
+                                             "dead": (LOCALHOST, dead.getsockname()[1])})
+            locked = await self.start_sharer({"locked": (LOCALHOST, target)}, secret="s3cret")
+            forwarders = [await self.start_forwarder("dead"), await self.start_forwarder("locked"),
+                          await self.start_forwarder("locked", secret="wrong")]
+            for forwarder in forwarders:
+                for _ in range(3):                      # each ends: closed, or reset
+                    reader, _writer = await self.connect(forwarder.port)
+                    try:
+                        self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")
+                    except ConnectionResetError:
+                        pass
+            web = await self.start_forwarder("web")
+            _reader, writer = await self.round_trip(web.port)
+            self.assertEqual(plain.stream_count, 1)
+            writer.close()
+            await wait_until(lambda: plain.stream_count == locked.stream_count == 0, 10,
+                             lambda: "slots held: %r %r" % (plain.streams_by_opener, locked.streams_by_opener))
+            self.assertFalse(plain.streams_by_service or locked.streams_by_service)
+        self.run_async(main(), 30)
