@@ -337,7 +337,7 @@ MAX_STREAMS_PER_SERVICE = 4096      # sharer: streams of one service at once (ea
 MAX_STREAMS_PER_OPENER = 1024       # sharer: ... opened through one forwarder link (at most half the above)
 SHARER_FD_SHARE = 0.5               # sharer: all its streams hold at most this share of RLIMIT_NOFILE
 REFUSAL_LOG_INTERVAL = 10.0         # s: after one line, like refusals are logged as a count this often
-LIST_PAGE_MAX = 1000                # services per LIST_REPLY: ~220 KiB at most, well under MAX_LIST_REPLY
+LIST_PAGE_MAX = 1000                # services per LIST_REPLY: under 256 KiB, well within MAX_LIST_REPLY
 LIST_PAGES_MAX = 10000              # `list` gives up on a router that keeps saying "more" past this
 
 # Frame types.  Stream frames are relayed end to end by the router.
@@ -4147,7 +4147,8 @@ class Sharer(_Client):
         # descriptor limit, so that the sharer can always still relink, log and refuse.
         descriptors = _descriptor_limit()
         self.max_streams = max(1, int(descriptors * SHARER_FD_SHARE)) if descriptors else None
-        self.max_streams_per_service = min(max_streams_per_service, self.max_streams or max_streams_per_service)
+        self.max_streams_per_service = min(max_streams_per_service,
+                                           self.max_streams or max_streams_per_service)
         # Half a service at most: while one forwarder holds its share, others get in.
         self.max_streams_per_opener = min(max_streams_per_opener, max(1, self.max_streams_per_service // 2))
         self.stream_count = 0
@@ -4235,7 +4236,8 @@ class Sharer(_Client):
             return
         stream.counted = False
         self.stream_count -= 1
-        for counts, key in ((self.streams_by_service, stream.service), (self.streams_by_opener, stream.opener)):
+        for counts, key in ((self.streams_by_service, stream.service),
+                            (self.streams_by_opener, stream.opener)):
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
