@@ -35,6 +35,7 @@ import collections
 import datetime
 import errno
 import hashlib
+import heapq
 import hmac
 import html
 import ipaddress
@@ -345,6 +346,12 @@ MAX_PENDING_HANDSHAKES = 4096       # unfinished handshakes in all; past it, the
                                     # or IPv6 /64) with the most loses its oldest.  A restart storm
                                     # from one place is served at the rate the router can, not refused
 ROUTER_READ_BUFFER = 4 * 1024       # bytes: a new peer's first buffer (it grows as reads fill it)
+MAX_STREAMS_PER_SERVICE = 4096      # sharer: streams of one service at once (each dials a socket)
+MAX_STREAMS_PER_OPENER = 1024       # sharer: ... opened through one forwarder link (at most half the above)
+SHARER_FD_SHARE = 0.5               # sharer: all its streams hold at most this share of RLIMIT_NOFILE
+REFUSAL_LOG_INTERVAL = 10.0         # s: after one line, like refusals are logged as a count this often
+LIST_PAGE_MAX = 1000                # services per LIST_REPLY: under 256 KiB, well within MAX_LIST_REPLY
+LIST_PAGES_MAX = 10000              # `list` gives up on a router that keeps saying "more" past this
 
 # Frame types.  Stream frames are relayed end to end by the router.
 HELLO, AUTH, REGISTER, REGISTERED, OPEN, OPEN_OK, OPEN_REFUSED, DATA, WINDOW, \
@@ -2551,9 +2558,12 @@ class RelayedStream:
 
     def open_refused(self, leg, payload):
         leg.end.receive(OPEN_REFUSED)
-        reason = decode_json(OPEN_REFUSED, payload).get("reason", "refused")
+        info = decode_json(OPEN_REFUSED, payload)
+        refusal = {"reason": short_reason(info.get("reason", "refused"))}
+        if info.get("code") == "busy":          # the one code a sharer sets: its stream limits
+            refusal["code"] = "busy"
         other = leg.other
-        other.peer.send(other.end.send_json(OPEN_REFUSED, {"reason": short_reason(reason)}))
+        other.peer.send(other.end.send_json(OPEN_REFUSED, refusal))
         self.router.monitor.stream_refused("sharer")
         self.end()
 
@@ -2790,8 +2800,18 @@ class RouterPeer(Link):
         task = _spawn(self.router.register(self, request_id, name, owner, verifier), self.tasks)
         task.add_done_callback(lambda _task: self.registering.discard(name))
 
-    def on_list(self, request_id, _payload):
-        self.send_json(LIST_REPLY, request_id, {"services": self.router.listing()})
+    def on_list(self, request_id, payload):
+        info = decode_json(LIST, payload) if len(payload) else {}     # older clients: {} or nothing
+        after, limit = info.get("after"), info.get("limit", LIST_PAGE_MAX)
+        if after is not None and not isinstance(after, str):
+            raise ProtocolError("LIST 'after' must be a service name, not %r" % (after,))
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ProtocolError("LIST 'limit' must be a positive integer, not %r" % (limit,))
+        services, more = self.router.listing(after, min(limit, LIST_PAGE_MAX))
+        reply = {"services": services}
+        if more:                                # only then: the last page reads as before
+            reply["more"] = True
+        self.send_json(LIST_REPLY, request_id, reply)
 
     def on_goaway(self, _id, payload):
         """The peer is leaving: its names are free at once, its open streams may finish."""
@@ -3003,12 +3023,16 @@ class Router:
     def handshaking(self):
         return len(self.handshakes)
 
-    def listing(self):
-        """What LIST answers: every service, by name."""
+    def listing(self, after=None, limit=LIST_PAGE_MAX):
+        """What LIST answers: the first `limit` services by name after `after`, and whether
+        more follow.  nsmallest costs O(n log limit) per page, not a sort of the registry."""
+        names = self.services if after is None else (n for n in self.services if n > after)
+        first = heapq.nsmallest(limit + 1, names)
         now = time.time()
+        page = [self.services[name] for name in first[:limit]]
         return [{"name": r.name, "since": r.since, "age": now - r.since,
                  "streams": r.streams, "peer": r.peer.peer, "secret": bool(r.verifier)}
-                for r in sorted(self.services.values(), key=lambda r: r.name)]
+                for r in page], len(first) > limit
 
     async def register(self, peer, request_id, name, owner, verifier):
         current = self.services.get(name)
@@ -4225,10 +4249,50 @@ class Target:
         raise failure
 
 
-class SharedStream(LocalStream):
-    """A stream the router opened to a sharer: dialled to the service's target."""
+def _descriptor_limit():
+    """This process's soft RLIMIT_NOFILE, or None where it has none (or no `resource`: Windows)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft <= 0 else soft
 
-    sharer = service = challenge = peer_nonce = None
+
+class RefusalLog:
+    """One line for the first of a run of like refusals, then a count every
+    REFUSAL_LOG_INTERVAL s while they go on: a flood does not flood the log."""
+
+    def __init__(self, what):
+        self.what = what
+        self.count = 0
+        self.timer = None
+
+    def refused(self, line):
+        if self.timer is None:
+            log.warning("%s", line)
+            self.timer = _get_loop().call_later(REFUSAL_LOG_INTERVAL, self._summary)
+        else:
+            self.count += 1
+
+    def _summary(self):
+        count, self.count, self.timer = self.count, 0, None
+        if count:
+            log.warning("%s: %d more in the last %g s", self.what, count, REFUSAL_LOG_INTERVAL)
+            self.timer = _get_loop().call_later(REFUSAL_LOG_INTERVAL, self._summary)
+
+    def close(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class SharedStream(LocalStream):
+    """A stream the router opened to a sharer: dialled to the service's target.  It holds
+    one of the sharer's stream slots from its OPEN until its socket is closed."""
+
+    sharer = service = challenge = peer_nonce = opener = None
+    dialling = counted = False
 
     def on_proof(self, info):
         self.end.receive(PROOF)
@@ -4243,6 +4307,7 @@ class SharedStream(LocalStream):
             self.refuse("wrong secret for service %r" % name)
             return
         self.peer_nonce = _nonce_from(info)
+        self.dialling = True
         _spawn(sharer._dial(self.link, self, sharer.services[name]), sharer.tasks)
 
     def accept(self, info):
@@ -4251,10 +4316,22 @@ class SharedStream(LocalStream):
             self.early = None
         LocalStream.accept(self, info)
 
-    def refuse(self, reason):
+    def refuse(self, reason, code=None):
         if not self.closed:
-            self.link.send(self.end.send_json(OPEN_REFUSED, {"reason": short_reason(reason)}))
+            refusal = {"reason": short_reason(reason)}
+            if code is not None:
+                refusal["code"] = code
+            self.link.send(self.end.send_json(OPEN_REFUSED, refusal))
             self._forget()
+
+    def _forget(self):
+        LocalStream._forget(self)
+        if self.transport is None and not self.dialling:
+            self.sharer.stream_released(self)       # no socket was made: the slot is free
+
+    def connection_lost(self, exc):
+        LocalStream.connection_lost(self, exc)
+        self.sharer.stream_released(self)           # its socket is closed: the slot is free
 
 
 class Sharer(_Client):
@@ -4266,9 +4343,22 @@ class Sharer(_Client):
 
     command = "share"
 
-    def __init__(self, services, secret=None, **options):
+    def __init__(self, services, secret=None, max_streams_per_service=MAX_STREAMS_PER_SERVICE,
+                 max_streams_per_opener=MAX_STREAMS_PER_OPENER, **options):
         _Client.__init__(self, **options)
         self.secret = secret
+        # Each stream holds a socket to its target; together they keep within a share of the
+        # descriptor limit, so that the sharer can always still relink, log and refuse.
+        descriptors = _descriptor_limit()
+        self.max_streams = max(1, int(descriptors * SHARER_FD_SHARE)) if descriptors else None
+        self.max_streams_per_service = min(max_streams_per_service,
+                                           self.max_streams or max_streams_per_service)
+        # Half a service at most: while one forwarder holds its share, others get in.
+        self.max_streams_per_opener = min(max_streams_per_opener, max(1, self.max_streams_per_service // 2))
+        self.stream_count = 0
+        self.streams_by_service = collections.Counter()
+        self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
+        self.busy_log = RefusalLog("share: streams refused, over a limit")
         self.services = {}
         for name, target in services.items():
             check_name(name)
@@ -4306,18 +4396,62 @@ class Sharer(_Client):
         stream.end.start_with(*initial_windows(info))
         stream.early = open_data(info) or None
         stream.sharer, stream.service = self, name
+        stream.opener = str(info.get("peer", "?"))     # the router names the opening link
         stream.label = "%s#%d" % (name, stream_id)
+        busy = target is not None and self._over_limit(name, stream.opener)
         if self.closing:
             stream.refuse("the sharer of %r is shutting down" % (name,))
         elif target is None:
             stream.refuse("%r is not shared here" % (name,))
-        elif self.secret:
-            stream.challenge = os.urandom(16)
-            link.send(stream.end.send_json(CHALLENGE, {"nonce": stream.challenge.hex()}))
-            link.loop.call_later(OPEN_TIMEOUT, lambda: stream.end.state == OPEN_RECEIVED and
-                                 stream.reset("no answer to the secret challenge"))
+        elif busy:
+            self.busy_log.refused("share: refused a stream to %r from %s (busy): %s"
+                                  % (name, printable(stream.opener), busy))
+            stream.refuse(busy, "busy")
         else:
-            _spawn(self._dial(link, stream, target), self.tasks)
+            self._take_slot(stream)
+            if self.secret:
+                stream.challenge = os.urandom(16)
+                link.send(stream.end.send_json(CHALLENGE, {"nonce": stream.challenge.hex()}))
+                link.loop.call_later(OPEN_TIMEOUT, lambda: stream.end.state == OPEN_RECEIVED and
+                                     stream.reset("no answer to the secret challenge"))
+            else:
+                stream.dialling = True          # from now until _dial() ends
+                _spawn(self._dial(link, stream, target), self.tasks)
+
+    # -- stream slots: what keeps a flood of OPENs from using up the descriptors ---------
+    def _over_limit(self, name, opener):
+        """Why a new stream to `name` from `opener` would be one too many, or None."""
+        if self.max_streams is not None and self.stream_count >= self.max_streams:
+            return ("the sharer has %d streams open, its limit (%d%% of its file descriptor limit); "
+                    "try again later" % (self.stream_count, SHARER_FD_SHARE * 100))
+        if self.streams_by_service[name] >= self.max_streams_per_service:
+            return ("service %r has %d streams open, the sharer's limit per service; try again later"
+                    % (name, self.max_streams_per_service))
+        if self.streams_by_opener[opener] >= self.max_streams_per_opener:
+            return ("%d streams are open from this forwarder, the sharer's limit per forwarder "
+                    "connection; close some first" % self.max_streams_per_opener)
+        return None
+
+    def _take_slot(self, stream):
+        stream.counted = True
+        self.stream_count += 1
+        self.streams_by_service[stream.service] += 1
+        self.streams_by_opener[stream.opener] += 1
+
+    def stream_released(self, stream):
+        """The stream holds no socket any more (idempotent)."""
+        if not stream.counted:
+            return
+        stream.counted = False
+        self.stream_count -= 1
+        for counts, key in ((self.streams_by_service, stream.service),
+                            (self.streams_by_opener, stream.opener)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
+
+    async def stop_accepting(self):
+        self.busy_log.close()
 
     async def _dial(self, link, stream, target):
         host, port = target.host, target.port
@@ -4347,6 +4481,9 @@ class Sharer(_Client):
             return
         finally:
             timer.cancel()
+            stream.dialling = False
+            if stream.transport is None:
+                self.stream_released(stream)    # no socket came of it
         log.warning("share: stream to %r refused: %s", stream.service, reason)
         stream.refuse(reason)
 
@@ -4417,7 +4554,11 @@ class ForwardedStream(LocalStream):
         if info.get("code") == "no-service" and self.link.loop.time() < self.wait_until:
             self.forwarder.wait_for_service(self)   # waited for the router: its sharer may be next
             return
-        self.refused(reason)
+        if info.get("code") == "busy":          # a flood of these is one line and a count
+            self.forwarder.busy_log.refused("forward: connection to %r refused, the sharer is busy: %s"
+                                            % (self.forwarder.service, reason))
+        else:
+            self.refused(reason)
         self._forget()
         if self.early is not None:      # its first bytes were taken: end it as a refusal would
             _abort_with_reset(self.transport)
@@ -4463,6 +4604,7 @@ class Forwarder(_Client):
         self.pending_timeout = pending_timeout
         self.waiting = []
         self.server = None
+        self.busy_log = RefusalLog("forward: connections to %r refused, the sharer is busy" % self.service)
 
     async def start(self):
         try:
@@ -4565,6 +4707,7 @@ class Forwarder(_Client):
                 self._open(link, stream)
 
     async def stop_accepting(self):
+        self.busy_log.close()
         if self.server is not None:
             await _close_server(self.server)
         for stream in self.waiting:
@@ -4653,17 +4796,27 @@ async def list_services(router=None, **options):
     client = _Client(router, **options)
     client.command = "list"
     link = await client.connect_link()
+    services, request = [], {"limit": LIST_PAGE_MAX}
     try:
-        reply = await link.request(LIST, {})
+        for _ in range(LIST_PAGES_MAX):     # a page at a time; a router without pages sends one
+            reply = await link.request(LIST, request)
+            page = reply.get("services", [])
+            if not isinstance(page, list) or not all(isinstance(s, dict) for s in page):
+                raise ProtocolError("the router at %s sent a malformed LIST_REPLY" % client.router)
+            services.extend(page)
+            if not reply.get("more") or not page:
+                return services
+            after = page[-1].get("name")
+            if not isinstance(after, str) or ("after" in request and after <= request["after"]):
+                raise ProtocolError("the router at %s sent LIST_REPLY pages out of order" % client.router)
+            request = {"after": after, "limit": LIST_PAGE_MAX}
+        raise ProtocolError("the router at %s sent more than %d pages of services"
+                            % (client.router, LIST_PAGES_MAX))
     except asyncio.TimeoutError:
         raise LinkLost("the router at %s did not answer the list request within %.0f s"
                        % (client.router, HANDSHAKE_TIMEOUT))
     finally:
         link.close()
-    services = reply.get("services", [])
-    if not isinstance(services, list) or not all(isinstance(s, dict) for s in services):
-        raise ProtocolError("the router at %s sent a malformed LIST_REPLY" % client.router)
-    return services
 
 
 # ###########################################################################

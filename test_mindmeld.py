@@ -6113,3 +6113,144 @@ class TestReplayedRegister(HostileTestCase):
         self.assertFalse(follows(links[1], ""))         # an owner of an older sharer
         self.assertFalse(follows(chain.next_link("web"), links[-1]))  # used up: a new chain
         self.assertFalse(follows(chain.next_link("other"), links[-1]))
+class TestFloodsOfOpensAndNames(HostileTestCase):
+    """A sharer flooded with OPENs keeps its descriptors and lets others in; `list` pages
+    through a registry too large for one LIST_REPLY."""
+
+    async def answers(self, peer, ids, timeout=20):
+        """Read until every stream id in `ids` is answered: {id: (frame type, JSON)}."""
+        deadline, answered, pending = self.loop.time() + timeout, {}, set(ids)
+        for _ in range(100000):
+            for ftype, _flags, stream_id, payload in peer.frames:
+                if ftype in (OPEN_OK, OPEN_REFUSED) and stream_id in pending:
+                    pending.discard(stream_id)
+                    answered[stream_id] = (ftype, json.loads(payload.decode()) if payload else {})
+            peer.frames = []
+            if not pending:
+                return answered
+            data = await peer._read(deadline, "%d OPENs unanswered" % len(pending))
+            if not data:
+                raise AssertionError("closed with %d OPENs unanswered" % len(pending))
+            peer.frames.extend(peer.decoder.feed(data))
+        raise AssertionError("endless frames")
+
+    async def round_trip(self, port, data=b"hello"):
+        reader, writer = await self.connect(port)
+        writer.write(data)
+        self.assertEqual(await asyncio.wait_for(reader.readexactly(len(data)), 10), data)
+        return reader, writer
+
+    def test_an_open_flood_from_one_link_is_capped_and_another_forwarder_gets_through(self):
+        """1,100 OPENs from one link to a sharer with 1,024 descriptors: it dials 256 of them
+        (a quarter of its descriptors), refuses the rest with code `busy`, and a connection
+        through another forwarder still goes through."""
+        self.addCleanup(setattr, mindmeld, "_descriptor_limit", mindmeld._descriptor_limit)
+        mindmeld._descriptor_limit = lambda: 1024      # as it was when the sharer ran out
+
+        async def main():
+            traffic = await self.honest()
+            self.assertEqual(self.sharer.max_streams_per_opener, 256)
+            flooder = await self.raw_peer()
+            ids = [2 * i + 1 for i in range(1100)]
+            flooder.send(b"".join(encode_json(OPEN, i, {"service": "web"}) for i in ids))
+            answered = await self.answers(flooder, ids)
+            opened = [i for i, (ftype, _info) in answered.items() if ftype == OPEN_OK]
+            refused = [info for ftype, info in answered.values() if ftype == OPEN_REFUSED]
+            self.assertEqual(len(opened), 256)
+            self.assertEqual({r.get("code") for r in refused}, {"busy"}, refused[:3])
+            self.assertIn("limit", refused[0]["reason"])
+            _reader, writer = await self.round_trip(self.forwarder.port)    # another link gets in
+            writer.close()
+            self.assertFalse([l for l in self.logs if "open files" in l], self.logs)
+            warnings = [l for l in self.logs if "share:" in l and "busy" in l]
+            self.assertEqual(len(warnings), 1, self.logs)       # one line for the flood
+            flooder.writer.close()
+            await self.after(traffic)
+            await wait_until(lambda: not self.sharer.streams_by_opener, 10,    # every slot back
+                             lambda: "sharer still counts %r" % self.sharer.streams_by_opener)
+            self.assertEqual(self.sharer.stream_count, 0)
+        self.run_async(main(), 40)
+
+    def test_a_busy_sharer_is_logged_once_by_the_forwarder(self):
+        async def main():
+            self.router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            sharer = await self.start_sharer({"web": (LOCALHOST, target)}, max_streams_per_opener=3)
+            greedy = await self.start_forwarder("web")
+            other = await self.start_forwarder("web")
+            for _ in range(3):
+                await self.round_trip(greedy.port)
+            for _ in range(20):                 # each closed at once, one line for them all
+                reader, _writer = await self.connect(greedy.port)
+                self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")
+            await self.round_trip(other.port)
+            lines = [l for l in self.logs if "forward:" in l and "refused" in l]
+            self.assertEqual(len(lines), 1, self.logs)
+            self.assertIn("busy", lines[0])
+            self.assertEqual(sharer.streams_by_service["web"], 4)
+        self.run_async(main(), 30)
+
+    def test_list_pages_through_ten_thousand_services(self):
+        async def main():
+            self.router = await self.start_router()
+            names = ["svc-%05d" % i for i in range(10000)]
+            peers = []
+            for start in range(0, len(names), 16 * 64):      # 16 links at a time, 64 names each
+                batch = await asyncio.gather(*[self.raw_peer() for _ in range(start, min(
+                    start + 16 * 64, len(names)), 64)])
+                for n, peer in enumerate(batch):
+                    first = start + 64 * n
+                    mine = names[first:first + 64]
+                    peer.send(b"".join(encode_json(REGISTER, k + 1, {"name": name})
+                                       for k, name in enumerate(mine)))
+                    peers.append((peer, len(mine)))
+            for peer, count in peers:
+                for _ in range(count):
+                    reply = json.loads((await peer.frame(REGISTERED, timeout=10))[3].decode())
+                    self.assertTrue(reply["ok"], reply)
+            self.assertEqual(len(self.router.services), 10000)
+            asker = await self.raw_peer()
+            asker.send(encode_json(LIST, 7, {}))                # as an older client asks
+            payload = (await asker.frame(LIST_REPLY, 7))[3]
+            self.assertLess(len(payload), MAX_LIST_REPLY // 2)
+            page = json.loads(payload.decode())
+            self.assertTrue(page["more"])
+            self.assertEqual([s["name"] for s in page["services"]],
+                             names[:len(page["services"])])
+            asker.send(encode_json(LIST, 8, {"after": names[-3], "limit": 5}))
+            page = json.loads((await asker.frame(LIST_REPLY, 8))[3].decode())
+            self.assertEqual(page, {"services": page["services"]})     # no "more": the last page
+            self.assertEqual([s["name"] for s in page["services"]], names[-2:])
+            ran = await self.loop.run_in_executor(None, lambda: run_cli(
+                "list", "--json", "--router", self.router_address, timeout=30))
+            self.assertEqual(ran.code, 0, ran.err)
+            self.assertEqual([s["name"] for s in json.loads(ran.out.decode())], names)
+        self.run_async(main(), 60)
+
+    def test_every_way_a_stream_ends_gives_its_slot_back(self):
+        """Dial refused, wrong secret, no secret, and a stream that ran: no slot is kept."""
+        async def main():
+            self.router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            dead = free_port_socket()                   # bound, not listening: refused
+            self.addCleanup(dead.close)
+            plain = await self.start_sharer({"web": (LOCALHOST, target),
+                                             "dead": (LOCALHOST, dead.getsockname()[1])})
+            locked = await self.start_sharer({"locked": (LOCALHOST, target)}, secret="s3cret")
+            forwarders = [await self.start_forwarder("dead"), await self.start_forwarder("locked"),
+                          await self.start_forwarder("locked", secret="wrong")]
+            for forwarder in forwarders:
+                for _ in range(3):                      # each ends: closed, or reset
+                    reader, _writer = await self.connect(forwarder.port)
+                    try:
+                        self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")
+                    except ConnectionResetError:
+                        pass
+            web = await self.start_forwarder("web")
+            _reader, writer = await self.round_trip(web.port)
+            self.assertEqual(plain.stream_count, 1)
+            writer.close()
+            await wait_until(lambda: plain.stream_count == locked.stream_count == 0, 10,
+                             lambda: "slots held: %r %r" % (plain.streams_by_opener, locked.streams_by_opener))
+            self.assertFalse(plain.streams_by_service or locked.streams_by_service)
+        self.run_async(main(), 30)
