@@ -5867,6 +5867,38 @@ class TestRouterMemory(HostileTestCase):
             await self.after(traffic, services=("push", "web"))
         self.run_async(main(), 60)
 
+    def test_peers_that_ask_for_lists_and_never_read_are_held_to_a_little_then_dropped(self):
+        """Four peers that never read, each asking for the list of 1,000 services 200 times
+        (46 MB of answers for 8 KB of requests): each is held to a few MB, then dropped.
+        (With one 1.15 MB page, 30 requests each used to make the router hold 118 MB.)"""
+        async def main():
+            traffic = await self.honest(not_reading_timeout=1.0)
+            sharers = [await self.raw_peer() for _ in range(16)]
+            for n, sharer in enumerate(sharers):
+                sharer.send(b"".join(encode_json(REGISTER, k + 1, {"name": "svc-%02d-%02d" % (n, k)})
+                                     for k in range(64)))
+            for sharer in sharers:
+                for _ in range(64):
+                    await sharer.frame(REGISTERED, timeout=10)
+            flooders = [await self.raw_peer() for _ in range(4)]
+            for peer in flooders:
+                peer.send(b"".join(encode_json(LIST, k + 1, {}) for k in range(200)))
+            sides, peak = [self.router_side(peer) for peer in flooders], [0]
+
+            def all_dropped():
+                peak[0] = max([peak[0]] + [s.transport.get_write_buffer_size()
+                                           for s in sides if not s.closing])
+                return all(s.closing for s in sides)
+            await wait_until(all_dropped, 10, "the peers that read nothing are dropped")
+            self.assertLess(peak[0], mindmeld.PEER_BUFFER_SLACK + MAX_LIST_REPLY)
+            for peer in flooders:
+                self.one_line_about(peer, "not reading")
+                peer.writer.close()
+            for sharer in sharers:
+                sharer.writer.close()
+            await self.after(traffic)
+        self.run_async(main(), 60)
+
     def test_what_a_stranger_queued_and_reset_does_not_knock_a_reading_sharer_off(self):
         """A stranger fills 300 windows toward a sharer that reads, then resets them all: the
         router used to shrink the sharer's allowance at once, and drop it as not reading."""
