@@ -284,13 +284,20 @@ async def read_to_end(reader, limit, keep=False):
 # 'eof', 'reset' (closing a socket with unread bytes makes Linux send a reset, not a
 # FIN), or 'still open' when the deadline passes first.
 
+def countdown(timeout, clock=time.monotonic, passes=10 ** 6):
+    """The seconds left before a deadline `timeout` s from now, once per pass: a bounded
+    wait loop that stops at the deadline (or after `passes` passes)."""
+    deadline = clock() + timeout
+    for _ in range(passes):
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return
+        yield remaining
+
+
 def recv_until_closed(conn, timeout):
     """Read (and drop) from a blocking socket until the far side ends the connection."""
-    deadline = time.monotonic() + timeout
-    for _ in range(10 ** 6):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
+    for remaining in countdown(timeout):
         conn.settimeout(remaining)
         try:
             chunk = conn.recv(CHUNK)
@@ -306,12 +313,7 @@ def recv_until_closed(conn, timeout):
 async def read_until_closed(reader, timeout, drop=True):
     """The same for a StreamReader.  drop=False: bytes before the end are not expected,
     and the answer is 'data: ...' if some come."""
-    loop = asyncio.get_event_loop()
-    deadline = loop.time() + timeout
-    for _ in range(100000):
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
+    for remaining in countdown(timeout, asyncio.get_event_loop().time):
         try:
             data = await asyncio.wait_for(reader.read(CHUNK), remaining)
         except asyncio.TimeoutError:
@@ -1214,12 +1216,14 @@ class LoopTestCase(unittest.TestCase):
         await forwarder.wait_ready(10)
         return forwarder
 
-    async def start_target(self, handler, sock=None):
-        """An asyncio TCP server on 127.0.0.1 running handler(reader, writer)."""
+    async def start_target(self, handler, sock=None, track=True):
+        """An asyncio TCP server on 127.0.0.1 running handler(reader, writer).  track=False:
+        connections are not remembered for clean-up (a leak test counts what stays)."""
         writers = []
 
         async def serve(reader, writer):
-            writers.append(writer)
+            if track:
+                writers.append(writer)
             try:
                 await handler(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -1725,11 +1729,7 @@ class Proc:
 
     def wait_line(self, pattern, timeout=20):
         """The first new stderr line matching `pattern`: its match object."""
-        deadline = time.monotonic() + timeout
-        for _ in range(100000):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        for remaining in countdown(timeout):
             try:
                 line = self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -2059,11 +2059,8 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         ]
         for args, line in cases:
             with self.subTest(args=args):
-                done = run_cli(*args)
-                self.assertEqual(done.code, 1, done.err)
-                lines = done.err.splitlines()
-                self.assertEqual(len(lines), 1, done.err)
-                self.assertTrue(lines[0].startswith(line), lines[0])
+                said = self.assert_one_error_line(run_cli(*args), args[0])
+                self.assertTrue(said.startswith(line), said)
 
     def test_unreachable_router_is_one_error_line(self):
         dead = free_port_socket()                    # bound, not listening: refused
@@ -2076,22 +2073,14 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         ]
         for args, start in cases:
             with self.subTest(args=args):
-                done = run_cli(*args)
-                self.assertEqual(done.code, 1, done.err)
-                lines = done.err.splitlines()
-                self.assertEqual(len(lines), 1, done.err)
-                self.assertTrue(lines[0].startswith(start + address), lines[0])
+                said = self.assert_one_error_line(run_cli(*args), args[0])
+                self.assertTrue(said.startswith(start + address), said)
 
     def test_invalid_service_name_exits_1(self):
         for args in (("share", "bad name", "80"), ("forward", "a/b", "0"),
                      ("share", "x" * 65, "80"), ("forward", "caf\u00e9")):
             with self.subTest(args=args):
-                done = run_cli(*args)
-                self.assertEqual(done.code, 1, done.err)
-                lines = done.err.splitlines()
-                self.assertEqual(len(lines), 1, done.err)
-                self.assertIn("invalid service name", lines[0])
-                self.assertTrue(lines[0].startswith("mindmeld %s: error:" % args[0]), lines[0])
+                self.assert_one_error_line(run_cli(*args), args[0], "invalid service name")
 
     def test_duplicate_share_exits_1_with_one_line(self):
         target = ThreadedServer(self, blocking_echo)
@@ -3505,28 +3494,9 @@ class TestStayingUp(LoopTestCase):
     def test_100_reconnect_cycles_leak_nothing(self):
         cycles, warmup = 100, 10
 
-        async def echo_server():
-            async def serve(reader, writer):
-                try:
-                    await echo_handler(reader, writer)
-                except (ConnectionError, asyncio.IncompleteReadError):
-                    pass
-                finally:
-                    writer.close()
-            server = await asyncio.start_server(serve, LOCALHOST, 0)
-
-            async def close():
-                server.close()
-                try:
-                    await asyncio.wait_for(server.wait_closed(), 2)
-                except asyncio.TimeoutError:
-                    pass
-            self._async_cleanups.append(close)
-            return server.sockets[0].getsockname()[1]
-
         async def main():
             router = await self.start_router()
-            target = await echo_server()
+            target = await self.start_target(echo_handler, track=False)
             sharer = await self.start_sharer({"web": (LOCALHOST, target)}, backoff=(0.001, 0.003))
             forwarder = await self.start_forwarder("web", backoff=(0.001, 0.003))
             clients = (sharer, forwarder)
@@ -3632,8 +3602,9 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
             self.fail("%s still running %s s later; stderr:\n%s"
                       % (" ".join(proc.argv[2:]), timeout, "\n".join(proc.lines)))
 
-    # -- 1. the router dies ----------------------------------------------------------
-    def test_router_killed_mid_transfer_then_restarted_on_its_port(self):
+    def mid_transfer(self):
+        """Router, sharer and forwarder processes, and a download running through them:
+        (target, router, its address, share, forward, forward's port, the connection)."""
         target = ThreadedServer(self, push_or_echo)
         router, address = self.start_router()
         share = self.start_share("web", target.port, address)
@@ -3641,7 +3612,12 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
         conn = socket.create_connection((LOCALHOST, port), timeout=20)
         self.addCleanup(conn.close)
         conn.sendall(b"push\n")
-        self.assertGreaterEqual(recv_at_least(conn, MB), MB)        # mid-transfer
+        self.assertGreaterEqual(recv_at_least(conn, MB), MB)
+        return target, router, address, share, forward, port, conn
+
+    # -- 1. the router dies ----------------------------------------------------------
+    def test_router_killed_mid_transfer_then_restarted_on_its_port(self):
+        target, router, address, share, forward, port, conn = self.mid_transfer()
 
         router.p.kill()
         router.p.wait(10)
@@ -3660,14 +3636,7 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
 
     # -- 2. the sharer dies ----------------------------------------------------------
     def test_sharer_killed_mid_transfer_then_restarted(self):
-        target = ThreadedServer(self, push_or_echo)
-        router, address = self.start_router()
-        share = self.start_share("web", target.port, address)
-        forward, port = self.start_forward("web", address)
-        conn = socket.create_connection((LOCALHOST, port), timeout=20)
-        self.addCleanup(conn.close)
-        conn.sendall(b"push\n")
-        self.assertGreaterEqual(recv_at_least(conn, MB), MB)
+        target, router, address, share, forward, port, conn = self.mid_transfer()
 
         share.p.kill()
         share.p.wait(10)
@@ -4449,6 +4418,15 @@ class HostileTestCase(LoopTestCase):
         self._async_cleanups.append(stop)
         return await traffic.start()
 
+    def against_honest_peers(self, attack, **router_options):
+        """Run the coroutine attack() while an honest stream flows through the tunnel; the
+        honest stream then finishes byte-exact and only the honest peers are left."""
+        async def main():
+            traffic = await self.honest(**router_options)
+            await attack()
+            await self.after(traffic)
+        self.run_async(main())
+
     async def raw_peer(self, handshake=True):
         reader, writer = await self.connect(self.router.port)
         peer = RawPeer(self, reader, writer)
@@ -4477,8 +4455,7 @@ class HostileTestCase(LoopTestCase):
 class TestHostilePeers(HostileTestCase):
 
     def test_silent_peer_is_dropped_after_the_handshake_timeout(self):
-        async def main():
-            traffic = await self.honest(handshake_timeout=0.5)
+        async def attack():
             peer = await self.raw_peer(handshake=False)
             began = self.loop.time()
             goaway = await peer.goaway(timeout=5)
@@ -4487,12 +4464,10 @@ class TestHostilePeers(HostileTestCase):
             self.assertGreaterEqual(elapsed, 0.4)
             self.assertLess(elapsed, 3.0)
             self.one_line_about(peer, "handshake")
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack, handshake_timeout=0.5)
 
     def test_garbage_and_wrong_version_are_refused_in_one_line(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             for data, logged in ((b"\x00\xffnot mindmeld at all\r\n", "not a mindmeld client"),
                                  (b"MINDMELX\x01", "not a mindmeld client"),
                                  (mindmeld.MAGIC + bytes([PROTOCOL_VERSION + 1])
@@ -4512,12 +4487,10 @@ class TestHostilePeers(HostileTestCase):
                         self.assertEqual(reply.count(b"\n"), 1, reply)
                         self.assertTrue(reply.endswith(b"\n"), reply)
                     self.one_line_about(peer, logged)
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_http_requests_are_answered(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             for path, body in (("/", b"mindmeld router"), ("/healthz", b"ok\n")):
                 with self.subTest(path=path):
                     peer = await self.raw_peer(handshake=False)
@@ -4525,12 +4498,10 @@ class TestHostilePeers(HostileTestCase):
                     reply, how = await peer.closed()
                     self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply)
                     self.assertIn(body, reply.split(b"\r\n\r\n", 1)[1])
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_tls_client_hello_to_a_plain_router_is_closed(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             peer = await self.raw_peer(handshake=False)
             hello = tls_client_hello()
             self.assertEqual(hello[:1], b"\x16")
@@ -4538,12 +4509,10 @@ class TestHostilePeers(HostileTestCase):
             reply, _how = await peer.closed()
             self.assertEqual(reply, b"")          # nothing a TLS client could misread
             self.one_line_about(peer, "TLS")
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_oversized_frames_get_goaway_frame_size(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             cases = [(False, HEADER.pack(MAX_CONTROL + 1, HELLO, 0, 0)),      # before HELLO
                      (True, HEADER.pack(MAX_DATA + 1, DATA, 0, 1)),
                      (True, HEADER.pack(0xFFFFFFFF, OPEN, 0, 1)),
@@ -4555,38 +4524,32 @@ class TestHostilePeers(HostileTestCase):
                     goaway = await peer.goaway()
                     self.assertEqual(goaway["code"], "frame-size", goaway)
                     self.one_line_about(peer)
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_unknown_type_and_second_hello_get_goaway_protocol(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             for frame, words in ((HEADER.pack(0, 99, 0, 0), "unknown frame type 99"),
                                  (HEADER.pack(0, 0, 0, 0), "unknown frame type 0"),
                                  (encode_json(HELLO, 0, {"version": PROTOCOL_VERSION}), "HELLO")):
                 with self.subTest(words=words):
                     line = await self.dropped(frame, "protocol", words)
                     self.assertIn(words, line)
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_frames_for_a_stream_never_opened_get_goaway_protocol(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             cases = [encode_frame(DATA, 7, b"x"), encode_frame(WINDOW, 7, struct.pack("!I", 1000)),
                      encode_frame(EOF, 7), encode_json(RESET, 7, {"reason": "x"}),
                      encode_frame(DATA, 8, b"x"), encode_json(OPEN_OK, 8, {})]
             for frame in cases:
                 with self.subTest(type=FRAME_NAMES_[frame[4]], id=frame[9]):
                     await self.dropped(frame, "protocol", "never opened")
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_data_beyond_the_window_gets_goaway_flow_control(self):
         # A hand-driven sharer accepts a stream and never grants more credit, so the
         # window is exactly INITIAL_WINDOW each way; a byte more is the sender's offence.
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             for offender in ("opener", "acceptor"):
                 with self.subTest(offender=offender):
                     name = "trap-" + offender
@@ -4610,24 +4573,20 @@ class TestHostilePeers(HostileTestCase):
                     reset = await innocent.frame(RESET, ids[1], timeout=10)   # told, not dropped
                     self.assertEqual(await innocent.settled(), "pong")
                     innocent.writer.close()
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_register_with_an_invalid_name_gets_goaway_protocol(self):
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             for name in ("a b", "", "x" * 65, "caf\u00e9", "a/b", 5, None, ["web"]):
                 with self.subTest(name=name):
                     await self.dropped(encode_json(REGISTER, 1, {"name": name, "owner": "x"}),
                                        "protocol", "invalid service name")
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_malformed_window_frames_get_goaway_not_an_internal_error(self):
         # README: "A peer that breaks the protocol gets a GOAWAY saying why, one log line,
         # and is disconnected".  A WINDOW frame's payload is a u32: shorter is malformed.
-        async def main():
-            traffic = await self.honest()
+        async def attack():
             for payload in (struct.pack("!I", 0), b"", b"\x00\x01", b"\x00\x00\x01"):
                 with self.subTest(payload=payload):
                     peer = await self.raw_peer()
@@ -4639,8 +4598,7 @@ class TestHostilePeers(HostileTestCase):
                                if t == GOAWAY]
                     self.assertEqual(len(goaways), 1, data)
                     self.assertIn(goaways[0]["code"], ("protocol", "flow-control", "frame-size"))
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack)
 
     def test_proof_from_a_forwarder_cannot_break_a_sharer_without_a_secret(self):
         # PROOF travels from the opening side to the sharer, which never asked for one here.
@@ -4681,8 +4639,7 @@ class TestHostilePeers(HostileTestCase):
         self.addCleanup(setattr, mindmeld, "MAX_PENDING_HANDSHAKES", mindmeld.MAX_PENDING_HANDSHAKES)
         mindmeld.MAX_PENDING_HANDSHAKES = 3
 
-        async def main():
-            traffic = await self.honest(handshake_timeout=10)
+        async def attack():
             flood = [await self.raw_peer(handshake=False) for _ in range(6)]
             await wait_until(lambda: self.router.handshaking == 3, 5, "3 handshakes pending")
             for peer in flood[:3]:                  # the oldest three were dropped, unanswered
@@ -4701,8 +4658,7 @@ class TestHostilePeers(HostileTestCase):
             for peer in flood:
                 peer.writer.close()
             await wait_until(lambda: len(self.router.peers) == 2, 5, "only the honest peers left")
-            await self.after(traffic)
-        self.run_async(main())
+        self.against_honest_peers(attack, handshake_timeout=10)
 
     def test_unfinished_handshakes_are_counted_by_source(self):
         for peer, source in ((("127.0.0.1", 5), "127.0.0.1"), (("::ffff:10.1.2.3", 5), "10.1.2.3"),
@@ -4924,12 +4880,7 @@ def fuzz_case(rng, tag):
 
 async def until_frame(reader, decoder, ftype, timeout):
     """Read frames until one of this type arrives: True, or False (closed, timed out)."""
-    loop = asyncio.get_event_loop()
-    deadline = loop.time() + timeout
-    for _ in range(100000):
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return False
+    for remaining in countdown(timeout, asyncio.get_event_loop().time):
         try:
             data = await asyncio.wait_for(reader.read(CHUNK), remaining)
             frames = decoder.feed(data)
