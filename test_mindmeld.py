@@ -3650,12 +3650,17 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
         self.assertEqual([r[0] for r in rows[1:]], ["web"])
 
     # -- 4. signals ----------------------------------------------------------------
-    def test_sigterm_with_an_open_stream_exits_0_within_the_grace(self):
-        grace = 1.0
+    def three_tunnels_with_a_stream_each(self, grace):
+        """Three tunnels with --grace, one stream open through each: (tunnels, [(the role
+        to signal, its tunnel)], {role: that stream's connection})."""
         target = ThreadedServer(self, push_or_echo)
         tunnels = self.start_tunnels(3, target.port, ["--grace", "%g" % grace])
         cases = [("forward", tunnels[0]), ("share", tunnels[1]), ("router", tunnels[2])]
-        conns = {role: self.open_stream(tunnel["port"]) for role, tunnel in cases}
+        return tunnels, cases, {role: self.open_stream(tunnel["port"]) for role, tunnel in cases}
+
+    def test_sigterm_with_an_open_stream_exits_0_within_the_grace(self):
+        grace = 1.0
+        tunnels, cases, conns = self.three_tunnels_with_a_stream_each(grace)
         began = {}
         for role, tunnel in cases:
             began[role] = time.monotonic()
@@ -3676,10 +3681,7 @@ class TestStayingUpCommandLine(CommandLineMixin, unittest.TestCase):
 
     def test_second_signal_exits_at_once(self):
         grace = 30.0
-        target = ThreadedServer(self, push_or_echo)
-        tunnels = self.start_tunnels(3, target.port, ["--grace", "%g" % grace])
-        cases = [("forward", tunnels[0]), ("share", tunnels[1]), ("router", tunnels[2])]
-        conns = {role: self.open_stream(tunnel["port"]) for role, tunnel in cases}
+        tunnels, cases, conns = self.three_tunnels_with_a_stream_each(grace)
         for role, tunnel in cases:
             tunnel[role].p.send_signal(signal.SIGTERM)
         for role, tunnel in cases:
@@ -4570,7 +4572,7 @@ class TestHostilePeers(HostileTestCase):
                     goaway = await guilty.goaway(timeout=10)
                     self.assertEqual(goaway["code"], "flow-control", goaway)
                     self.one_line_about(guilty, "window", mark)
-                    reset = await innocent.frame(RESET, ids[1], timeout=10)   # told, not dropped
+                    await innocent.frame(RESET, ids[1], timeout=10)           # told, not dropped
                     self.assertEqual(await innocent.settled(), "pong")
                     innocent.writer.close()
         self.against_honest_peers(attack)
@@ -4600,14 +4602,14 @@ class TestHostilePeers(HostileTestCase):
                     self.assertIn(goaways[0]["code"], ("protocol", "flow-control", "frame-size"))
         self.against_honest_peers(attack)
 
-    def test_proof_from_a_forwarder_cannot_break_a_sharer_without_a_secret(self):
-        # PROOF travels from the opening side to the sharer, which never asked for one here.
-        # Whatever becomes of the offender's stream, the sharer's link (with every other
-        # stream on it) must not suffer for it.
+    def proofs_cannot_break_the_sharer(self, payloads, **honest):
+        """Streams opened and sent these PROOF payloads at once: whatever becomes of the
+        offenders' streams, the sharer's link (with every other stream on it) must not
+        suffer for it."""
         async def main():
-            traffic = await self.honest()
+            traffic = await self.honest(**honest)
             owner = self.router.services["web"].peer
-            for payload in (b"not json", b'{"proof": "00", "nonce": "%s"}' % (b"00" * 16)):
+            for payload in payloads:
                 with self.subTest(payload=payload):
                     peer = await self.raw_peer()
                     peer.send(encode_json(OPEN, 1, {"service": "web"})
@@ -4618,20 +4620,14 @@ class TestHostilePeers(HostileTestCase):
             self.assertIs(self.router.services["web"].peer, owner, "the sharer lost its link")
         self.run_async(main())
 
+    def test_proof_from_a_forwarder_cannot_break_a_sharer_without_a_secret(self):
+        # PROOF travels from the opening side to the sharer, which never asked for one here.
+        self.proofs_cannot_break_the_sharer(
+            (b"not json", b'{"proof": "00", "nonce": "%s"}' % (b"00" * 16)))
+
     def test_malformed_proof_cannot_break_a_sharer_with_a_secret(self):
-        async def main():
-            traffic = await self.honest(secret="s3cret-" + os.urandom(8).hex())
-            owner = self.router.services["web"].peer
-            for payload in (b"not json", b"[1, 2]", b'{"proof": 5}'):
-                with self.subTest(payload=payload):
-                    peer = await self.raw_peer()
-                    peer.send(encode_json(OPEN, 1, {"service": "web"})
-                              + encode_frame(PROOF, 1, payload))
-                    await peer.settled()
-                    peer.writer.close()
-            await self.after(traffic)
-            self.assertIs(self.router.services["web"].peer, owner, "the sharer lost its link")
-        self.run_async(main())
+        self.proofs_cannot_break_the_sharer((b"not json", b"[1, 2]", b'{"proof": 5}'),
+                                            secret="s3cret-" + os.urandom(8).hex())
 
     def test_a_handshake_flood_from_one_source_evicts_its_own_oldest(self):
         # Past MAX_PENDING_HANDSHAKES unfinished handshakes, the source holding the most loses
