@@ -2677,7 +2677,65 @@ RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, 
                   (OPEN_REFUSED, "open_refused"), (CHALLENGE, "challenge"), (PROOF, "proof"))
 
 
-class RouterPeer(Link):
+class WatchedWrites:
+    """The router's side of writing to one peer: what it may make us queue (its streams'
+    windows, PeerWindows, and some control frames) and whether it reads at all.  A mixin
+    of RouterPeer, so the data path stays one method call."""
+
+    def relay_data(self, stream_id, payload):
+        if self.closing:
+            return
+        _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
+        self.written += HEADER_SIZE + len(payload)
+        if self.write_paused:
+            self._check_backlog()
+
+    def send(self, frame):
+        Link.send(self, frame)
+        self.written += len(frame)
+        if self.write_paused and not self.closing:
+            self._check_backlog()
+
+    def backlog_limit(self):
+        """What a peer may make us queue: the windows toward it (PeerWindows) and some
+        control frames.  At most PEER_MEMORY_BUDGET + PEER_BUFFER_SLACK."""
+        return self.windows.total + PEER_BUFFER_SLACK
+
+    def _check_backlog(self):
+        """More than backlog_limit() means it asked for more than it reads (a LIST or PING
+        flood, say): drop it."""
+        queued = self.transport.get_write_buffer_size()
+        if queued > self.backlog_limit():
+            self.drop_not_reading("%d bytes queued, over its limit of %d" % (queued, self.backlog_limit()))
+
+    def drop_not_reading(self, why):
+        log.warning("router: %s is not reading (%s); dropping it", self.peer, why)
+        self.drop_cause = "not_reading"
+        self.abort("peer stopped reading")
+
+    def pause_writing(self):
+        Link.pause_writing(self)
+        if self.transport is not None:
+            self.stalled_since = (self.loop.time(), self.transport.get_write_buffer_size(), self.written)
+            self.router.paused.add(self)
+
+    def resume_writing(self):
+        self.stalled_since = None
+        self.router.paused.discard(self)
+        self.windows.ended = 0          # what ended streams left queued has drained
+        Link.resume_writing(self)
+
+    def check_reading(self, now, timeout):
+        """The router's periodic check while writing is paused: has it read anything lately?"""
+        since, queued_then, written_then = self.stalled_since
+        queued = self.transport.get_write_buffer_size()
+        if queued < queued_then + (self.written - written_then):
+            self.stalled_since = (now, queued, self.written)     # some of it left: reading
+        elif now - since >= timeout:
+            self.drop_not_reading("%d bytes queued and none read for %.0f s" % (queued, now - since))
+
+
+class RouterPeer(WatchedWrites, Link):
     """The router's session with one peer: handshake, registry requests, and the
     stream frames it hands to their RelayedStream."""
 
@@ -2865,59 +2923,6 @@ class RouterPeer(Link):
             if leg is not None:
                 getattr(leg.relay, method)(leg, payload)
         return handler
-
-    # -- writing, and what a peer may make us queue ---------------------------------
-    def relay_data(self, stream_id, payload):
-        if self.closing:
-            return
-        _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
-        self.written += HEADER_SIZE + len(payload)
-        if self.write_paused:
-            self._check_backlog()
-
-    def send(self, frame):
-        Link.send(self, frame)
-        self.written += len(frame)
-        if self.write_paused and not self.closing:
-            self._check_backlog()
-
-    def backlog_limit(self):
-        """What a peer may make us queue: the windows toward it (PeerWindows) and some
-        control frames.  At most PEER_MEMORY_BUDGET + PEER_BUFFER_SLACK."""
-        return self.windows.total + PEER_BUFFER_SLACK
-
-    def _check_backlog(self):
-        """More than backlog_limit() means it asked for more than it reads (a LIST or PING
-        flood, say): drop it."""
-        queued = self.transport.get_write_buffer_size()
-        if queued > self.backlog_limit():
-            self.drop_not_reading("%d bytes queued, over its limit of %d" % (queued, self.backlog_limit()))
-
-    def drop_not_reading(self, why):
-        log.warning("router: %s is not reading (%s); dropping it", self.peer, why)
-        self.drop_cause = "not_reading"
-        self.abort("peer stopped reading")
-
-    def pause_writing(self):
-        Link.pause_writing(self)
-        if self.transport is not None:
-            self.stalled_since = (self.loop.time(), self.transport.get_write_buffer_size(), self.written)
-            self.router.paused.add(self)
-
-    def resume_writing(self):
-        self.stalled_since = None
-        self.router.paused.discard(self)
-        self.windows.ended = 0          # what ended streams left queued has drained
-        Link.resume_writing(self)
-
-    def check_reading(self, now, timeout):
-        """The router's periodic check while writing is paused: has it read anything lately?"""
-        since, queued_then, written_then = self.stalled_since
-        queued = self.transport.get_write_buffer_size()
-        if queued < queued_then + (self.written - written_then):
-            self.stalled_since = (now, queued, self.written)     # some of it left: reading
-        elif now - since >= timeout:
-            self.drop_not_reading("%d bytes queued and none read for %.0f s" % (queued, now - since))
 
     def fail(self, exc):
         self.drop_cause = self.drop_cause or "protocol"
@@ -3441,155 +3446,20 @@ class RouterMonitor:
             return "handshaking"
         return PEER_ROLES.get(peer.hello_role) or ("sharer" if peer.registrations else "other")
 
-    def _connected(self):
+    def connected_peers(self):
         """Peers that are, or are becoming, mindmeld sessions (not HTTP visitors)."""
         return [p for p in self.router.peers if p.phase not in ("http", "refused")]
 
     def buffers(self):
         """Bytes held for peers now ([receive, send]), and the most they may make us hold."""
         held, budget = [0, 0], 0
-        for peer in self._connected():
+        for peer in self.connected_peers():
             held[0] += len(peer.frames.data)
             if peer.transport is not None:
                 held[1] += peer.transport.get_write_buffer_size()
             budget += peer.frames.maximum + peer.backlog_limit()
         return held, budget
 
-    def metrics_text(self):
-        router = self.router
-        totals, by_service = self.relayed_bytes()
-        roles = dict.fromkeys(PEER_ROLE_LABELS, 0)
-        for peer in self._connected():
-            roles[self.peer_role(peer)] += 1
-        held, budget = self.buffers()
-        rss, fds, process_start = _process_figures()
-        out = []
-        add = out.extend
-        add(metric_family("mindmeld_build_info", "gauge", "The router's version and protocol version.",
-                          [((("version", __version__), ("protocol", PROTOCOL_VERSION)), 1)]))
-        add(metric_family("mindmeld_start_time_seconds", "gauge",
-                          "When the router started, in seconds since the Unix epoch.", self.started))
-        add(metric_family("mindmeld_peers", "gauge", "Connected peers by role (handshaking: not yet ready).",
-                          [((("role", r),), roles[r]) for r in PEER_ROLE_LABELS]))
-        add(metric_family("mindmeld_services", "gauge", "Services registered now.", len(router.services)))
-        add(metric_family("mindmeld_open_streams", "gauge", "Streams relayed now.", router.relayed))
-        add(metric_family("mindmeld_streams_opened_total", "counter",
-                          "Streams the router passed on to a sharer.", self.streams_opened))
-        add(metric_family("mindmeld_streams_refused_total", "counter",
-                          "Streams refused, by reason (sharer: refused by the sharer itself).",
-                          [((("reason", r),), n) for r, n in sorted(self.streams_refused.items())]))
-        add(metric_family("mindmeld_relayed_bytes_total", "counter",
-                          "Stream payload bytes relayed, by direction (frame headers not counted).",
-                          [((("direction", d),), totals[i]) for i, d in enumerate(DIRECTIONS)]))
-        add(metric_family("mindmeld_handshakes_failed_total", "counter",
-                          "Connections that did not become a session, by reason.",
-                          [((("reason", r),), n) for r, n in sorted(self.handshakes_failed.items())]))
-        add(metric_family("mindmeld_peers_dropped_total", "counter",
-                          "Peers the router disconnected after the handshake, by reason.",
-                          [((("reason", r),), n) for r, n in sorted(self.peers_dropped.items())]))
-        add(metric_family("mindmeld_peer_buffer_bytes", "gauge",
-                          "Memory held for peers: receive buffers and queued sends.",
-                          [((("buffer", "receive"),), held[0]), ((("buffer", "send"),), held[1])]))
-        add(metric_family("mindmeld_peer_buffer_budget_bytes", "gauge",
-                          "The most the connected peers may make the router hold before it drops them.",
-                          budget))
-        if self.per_service:
-            out.extend(self._service_metrics(by_service))
-        if rss is not None:
-            add(metric_family("process_resident_memory_bytes", "gauge",
-                              "Resident memory size in bytes.", rss))
-        if fds is not None:
-            add(metric_family("process_open_fds", "gauge", "Number of open file descriptors.", fds))
-        add(metric_family("process_start_time_seconds", "gauge",
-                          "Start time of the process since unix epoch in seconds.", process_start))
-        return "\n".join(out) + "\n"
-
-    def _service_metrics(self, by_service):
-        """Per-service series, opt-in: names are chosen by strangers, so at most
-        METRICS_SERVICE_SERIES_MAX series (the first services by name)."""
-        registrations = sorted(self.router.services.values(), key=lambda r: r.name)
-        shown = registrations[:METRICS_SERVICE_SERIES_MAX // 4]
-        opened, open_now, relayed = [], [], []
-        for r in shown:
-            figures = by_service.get(r, r.relayed)
-            opened.append(((("service", r.name),), r.opened))
-            open_now.append(((("service", r.name),), r.streams))
-            relayed.extend(((("service", r.name), ("direction", d)), figures[i])
-                           for i, d in enumerate(DIRECTIONS))
-        out = []
-        out.extend(metric_family("mindmeld_service_open_streams", "gauge",
-                                 "Streams relayed now, by service.", open_now))
-        out.extend(metric_family("mindmeld_service_streams_opened_total", "counter",
-                                 "Streams opened since the service was registered.", opened))
-        out.extend(metric_family("mindmeld_service_relayed_bytes_total", "counter",
-                                 "Payload bytes relayed since the service was registered, by direction.",
-                                 relayed))
-        out.extend(metric_family("mindmeld_metrics_services_omitted", "gauge",
-                                 "Services left out of the per-service series (over the cap).",
-                                 len(registrations) - len(shown)))
-        return out
-
-    def status_html(self):
-        router = self.router
-        now = time.time()
-        totals, by_service = self.relayed_bytes()
-        peers = sorted(self._connected(), key=lambda p: p.peer)
-        listening = ", ".join(format_hostport(h, p) for h, p in router.addresses) or "-"
-        summary = [
-            "mindmeld router %s" % __version__,
-            "protocol %d" % PROTOCOL_VERSION,
-            "services %d" % len(router.services),
-            "peers %d" % len(peers),
-            "open streams %d" % router.relayed,
-            "relayed %s to sharers, %s from sharers" % (_human_bytes(totals[0]), _human_bytes(totals[1])),
-            "uptime %s (since %s)" % (_human_duration(now - self.started),
-                                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))),
-            "host %s, pid %d" % (socket.gethostname(), os.getpid()),
-            "listening on %s%s%s" % (listening, " (TLS)" if router.ssl_context else "",
-                                     ", token required" if router.token else ""),
-        ]
-        rates = [((b[1] - a[1]) / (b[0] - a[0]), (b[2] - a[2]) / (b[0] - a[0]))
-                 for a, b in zip(self.history, self.history[1:]) if b[0] > a[0]]
-        services = []
-        for r in sorted(router.services.values(), key=lambda r: r.name)[:STATUS_ROWS_MAX]:
-            figures = by_service.get(r, r.relayed)
-            rate = self.service_rates.get(r)
-            services.append((r.name, r.peer.peer, _human_duration(now - r.since),
-                             "yes" if r.verifier else "no", r.streams, r.opened,
-                             _human_bytes(figures[0]), _human_bytes(figures[1]),
-                             "%s/s" % _human_bytes(rate[0]) if rate else "-",
-                             "%s/s" % _human_bytes(rate[1]) if rate else "-"))
-        peer_rows = [(p.peer, self.peer_role(p), p.agent, len(p.legs),
-                      " ".join(r.name for r in p.registrations) or "-") for p in peers[:STATUS_ROWS_MAX]]
-        failures = [("refused stream: %s" % r, n) for r, n in sorted(self.streams_refused.items()) if n]
-        failures += [("failed handshake: %s" % r, n) for r, n in sorted(self.handshakes_failed.items()) if n]
-        failures += [("dropped peer: %s" % r, n) for r, n in sorted(self.peers_dropped.items()) if n]
-        recent = [(time.strftime("%H:%M:%S", time.localtime(t)), who, what, why)
-                  for t, who, what, why in reversed(self.recent)]
-        return "\n".join([
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            '<meta http-equiv="refresh" content="5">',
-            "<title>mindmeld router %s</title>" % html_text(socket.gethostname()),
-            "<style>%s</style></head><body>" % STATUS_STYLE,
-            "<h1>mindmeld router</h1>",
-            "<pre>\n%s\n</pre>" % "\n".join(html_text(line) for line in summary),
-            "<h2>Throughput, last %s</h2>" % _human_duration(STATUS_HISTORY * self.sample_interval),
-            "<p>%s</p>" % (_sparkline(rates) if len(rates) > 1 else "(sampled every %g s)" % self.sample_interval),
-            "<h2>Services</h2>",
-            _table(("name", "sharer", "registered for", "secret", "open streams", "streams",
-                    "to sharer", "from sharer", "rate to", "rate from"), services, len(router.services)),
-            "<h2>Peers</h2>",
-            _table(("address", "role", "agent", "open streams", "services"), peer_rows, len(peers)),
-            "<h2>Refused and dropped</h2>",
-            _table(("what", "count"), failures, len(failures)),
-            "<h2>Recent failures</h2>",
-            _table(("time", "peer", "what", "why"), recent, len(recent)),
-            "<p><small>Updated %s; this page reloads every 5 s.  Metrics: /metrics.</small></p>"
-            % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
-            "</body></html>", ""])
-
-    # -- HTTP --------------------------------------------------------------------------
     def http_response(self, method, path, headers, transport):
         """The whole HTTP answer to GET/HEAD of / or /metrics (and /healthz here)."""
         peer = transport.get_extra_info("peername") if transport is not None else None
@@ -3602,7 +3472,7 @@ class RouterMonitor:
         elif path == "/healthz":
             status, body = "200 OK", "ok\n"
         elif path == "/metrics" and allowed:
-            status, body, content_type = "200 OK", self.metrics_text(), METRICS_CONTENT_TYPE
+            status, body, content_type = "200 OK", render_metrics(self), METRICS_CONTENT_TYPE
         elif path == "/metrics" and self.router.token:
             status, body = "401 Unauthorized", "this is a mindmeld router\n"
             extra = 'WWW-Authenticate: Bearer realm="mindmeld router"\r\n'
@@ -3610,7 +3480,7 @@ class RouterMonitor:
             status, body = "403 Forbidden", "this is a mindmeld router\n"
         elif path == "/":
             status, content_type = "200 OK", "text/html; charset=utf-8"
-            body = self.status_html() if allowed else MINIMAL_STATUS_PAGE
+            body = render_status_page(self) if allowed else MINIMAL_STATUS_PAGE
         else:
             status, body = "404 Not Found", "not found: this is a mindmeld router\n"
         body = body.encode("utf-8")
@@ -3620,6 +3490,146 @@ class RouterMonitor:
                 "Referrer-Policy: no-referrer\r\nConnection: close\r\n\r\n"
                 % (status, content_type, len(body), extra))
         return head.encode("latin-1") + (b"" if method == "HEAD" else body)
+
+
+def render_metrics(monitor):
+    """/metrics: the Prometheus text exposition format 0.0.4."""
+    router = monitor.router
+    totals, by_service = monitor.relayed_bytes()
+    roles = dict.fromkeys(PEER_ROLE_LABELS, 0)
+    for peer in monitor.connected_peers():
+        roles[monitor.peer_role(peer)] += 1
+    held, budget = monitor.buffers()
+    rss, fds, process_start = _process_figures()
+    out = []
+    add = out.extend
+    add(metric_family("mindmeld_build_info", "gauge", "The router's version and protocol version.",
+                      [((("version", __version__), ("protocol", PROTOCOL_VERSION)), 1)]))
+    add(metric_family("mindmeld_start_time_seconds", "gauge",
+                      "When the router started, in seconds since the Unix epoch.", monitor.started))
+    add(metric_family("mindmeld_peers", "gauge", "Connected peers by role (handshaking: not yet ready).",
+                      [((("role", r),), roles[r]) for r in PEER_ROLE_LABELS]))
+    add(metric_family("mindmeld_services", "gauge", "Services registered now.", len(router.services)))
+    add(metric_family("mindmeld_open_streams", "gauge", "Streams relayed now.", router.relayed))
+    add(metric_family("mindmeld_streams_opened_total", "counter",
+                      "Streams the router passed on to a sharer.", monitor.streams_opened))
+    add(metric_family("mindmeld_streams_refused_total", "counter",
+                      "Streams refused, by reason (sharer: refused by the sharer itself).",
+                      [((("reason", r),), n) for r, n in sorted(monitor.streams_refused.items())]))
+    add(metric_family("mindmeld_relayed_bytes_total", "counter",
+                      "Stream payload bytes relayed, by direction (frame headers not counted).",
+                      [((("direction", d),), totals[i]) for i, d in enumerate(DIRECTIONS)]))
+    add(metric_family("mindmeld_handshakes_failed_total", "counter",
+                      "Connections that did not become a session, by reason.",
+                      [((("reason", r),), n) for r, n in sorted(monitor.handshakes_failed.items())]))
+    add(metric_family("mindmeld_peers_dropped_total", "counter",
+                      "Peers the router disconnected after the handshake, by reason.",
+                      [((("reason", r),), n) for r, n in sorted(monitor.peers_dropped.items())]))
+    add(metric_family("mindmeld_peer_buffer_bytes", "gauge",
+                      "Memory held for peers: receive buffers and queued sends.",
+                      [((("buffer", "receive"),), held[0]), ((("buffer", "send"),), held[1])]))
+    add(metric_family("mindmeld_peer_buffer_budget_bytes", "gauge",
+                      "The most the connected peers may make the router hold before it drops them.",
+                      budget))
+    if monitor.per_service:
+        out.extend(_render_service_metrics(monitor, by_service))
+    if rss is not None:
+        add(metric_family("process_resident_memory_bytes", "gauge",
+                          "Resident memory size in bytes.", rss))
+    if fds is not None:
+        add(metric_family("process_open_fds", "gauge", "Number of open file descriptors.", fds))
+    add(metric_family("process_start_time_seconds", "gauge",
+                      "Start time of the process since unix epoch in seconds.", process_start))
+    return "\n".join(out) + "\n"
+
+def _render_service_metrics(monitor, by_service):
+    """The opt-in per-service series, at most METRICS_SERVICE_SERIES_MAX."""
+    """Per-service series, opt-in: names are chosen by strangers, so at most
+    METRICS_SERVICE_SERIES_MAX series (the first services by name)."""
+    registrations = sorted(monitor.router.services.values(), key=lambda r: r.name)
+    shown = registrations[:METRICS_SERVICE_SERIES_MAX // 4]
+    opened, open_now, relayed = [], [], []
+    for r in shown:
+        figures = by_service.get(r, r.relayed)
+        opened.append(((("service", r.name),), r.opened))
+        open_now.append(((("service", r.name),), r.streams))
+        relayed.extend(((("service", r.name), ("direction", d)), figures[i])
+                       for i, d in enumerate(DIRECTIONS))
+    out = []
+    out.extend(metric_family("mindmeld_service_open_streams", "gauge",
+                             "Streams relayed now, by service.", open_now))
+    out.extend(metric_family("mindmeld_service_streams_opened_total", "counter",
+                             "Streams opened since the service was registered.", opened))
+    out.extend(metric_family("mindmeld_service_relayed_bytes_total", "counter",
+                             "Payload bytes relayed since the service was registered, by direction.",
+                             relayed))
+    out.extend(metric_family("mindmeld_metrics_services_omitted", "gauge",
+                             "Services left out of the per-service series (over the cap).",
+                             len(registrations) - len(shown)))
+    return out
+
+def render_status_page(monitor):
+    """/: the status page, plain HTML that reloads itself."""
+    router = monitor.router
+    now = time.time()
+    totals, by_service = monitor.relayed_bytes()
+    peers = sorted(monitor.connected_peers(), key=lambda p: p.peer)
+    listening = ", ".join(format_hostport(h, p) for h, p in router.addresses) or "-"
+    summary = [
+        "mindmeld router %s" % __version__,
+        "protocol %d" % PROTOCOL_VERSION,
+        "services %d" % len(router.services),
+        "peers %d" % len(peers),
+        "open streams %d" % router.relayed,
+        "relayed %s to sharers, %s from sharers" % (_human_bytes(totals[0]), _human_bytes(totals[1])),
+        "uptime %s (since %s)" % (_human_duration(now - monitor.started),
+                                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(monitor.started))),
+        "host %s, pid %d" % (socket.gethostname(), os.getpid()),
+        "listening on %s%s%s" % (listening, " (TLS)" if router.ssl_context else "",
+                                 ", token required" if router.token else ""),
+    ]
+    rates = [((b[1] - a[1]) / (b[0] - a[0]), (b[2] - a[2]) / (b[0] - a[0]))
+             for a, b in zip(monitor.history, monitor.history[1:]) if b[0] > a[0]]
+    services = []
+    for r in sorted(router.services.values(), key=lambda r: r.name)[:STATUS_ROWS_MAX]:
+        figures = by_service.get(r, r.relayed)
+        rate = monitor.service_rates.get(r)
+        services.append((r.name, r.peer.peer, _human_duration(now - r.since),
+                         "yes" if r.verifier else "no", r.streams, r.opened,
+                         _human_bytes(figures[0]), _human_bytes(figures[1]),
+                         "%s/s" % _human_bytes(rate[0]) if rate else "-",
+                         "%s/s" % _human_bytes(rate[1]) if rate else "-"))
+    peer_rows = [(p.peer, monitor.peer_role(p), p.agent, len(p.legs),
+                  " ".join(r.name for r in p.registrations) or "-") for p in peers[:STATUS_ROWS_MAX]]
+    failures = [("refused stream: %s" % r, n) for r, n in sorted(monitor.streams_refused.items()) if n]
+    failures += [("failed handshake: %s" % r, n) for r, n in sorted(monitor.handshakes_failed.items()) if n]
+    failures += [("dropped peer: %s" % r, n) for r, n in sorted(monitor.peers_dropped.items()) if n]
+    recent = [(time.strftime("%H:%M:%S", time.localtime(t)), who, what, why)
+              for t, who, what, why in reversed(monitor.recent)]
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="refresh" content="5">',
+        "<title>mindmeld router %s</title>" % html_text(socket.gethostname()),
+        "<style>%s</style></head><body>" % STATUS_STYLE,
+        "<h1>mindmeld router</h1>",
+        "<pre>\n%s\n</pre>" % "\n".join(html_text(line) for line in summary),
+        "<h2>Throughput, last %s</h2>" % _human_duration(STATUS_HISTORY * monitor.sample_interval),
+        "<p>%s</p>" % (_sparkline(rates) if len(rates) > 1 else "(sampled every %g s)" % monitor.sample_interval),
+        "<h2>Services</h2>",
+        _table(("name", "sharer", "registered for", "secret", "open streams", "streams",
+                "to sharer", "from sharer", "rate to", "rate from"), services, len(router.services)),
+        "<h2>Peers</h2>",
+        _table(("address", "role", "agent", "open streams", "services"), peer_rows, len(peers)),
+        "<h2>Refused and dropped</h2>",
+        _table(("what", "count"), failures, len(failures)),
+        "<h2>Recent failures</h2>",
+        _table(("time", "peer", "what", "why"), recent, len(recent)),
+        "<p><small>Updated %s; this page reloads every 5 s.  Metrics: /metrics.</small></p>"
+        % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+        "</body></html>", ""])
+
+# -- HTTP --------------------------------------------------------------------------
 
 
 class StatusConnection(asyncio.Protocol):
