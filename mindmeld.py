@@ -2020,53 +2020,84 @@ def _ext(oid, value, critical=False):
     return _seq(_oid(oid), b"\x01\x01\xff" if critical else b"", _der(0x04, value))
 
 
-def make_self_signed_cert(common_name, days=3650):
-    """Return (cert_pem, key_pem) for a new RSA-2048 self-signed CA/server cert."""
+def _rsa_key():
+    """A new RSA-2048 key: (n, d, p, q, dp, dq, qinv)."""
     p, q = _gen_prime(1024), _gen_prime(1024)
     while q == p:  # astronomically unlikely
         q = _gen_prime(1024)
     n, lam = p * q, (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
     d = _inv(_E, lam)
-    dp, dq, qinv = d % (p - 1), d % (q - 1), _inv(q, p)
-    key_der = _seq(*[_int(x) for x in (0, n, _E, d, p, q, dp, dq, qinv)])  # PKCS#1
+    return n, d, p, q, d % (p - 1), d % (q - 1), _inv(q, p)
 
-    rsa_pub = _seq(_int(n), _int(_E))
-    spki = _seq(_seq(_oid("1.2.840.113549.1.1.1"), b"\x05\x00"), _der(0x03, b"\x00" + rsa_pub))
-    ski = hashlib.sha1(rsa_pub).digest()
-    name = _seq(_der(0x31, _seq(_oid("2.5.4.3"), _string(common_name))))
-    san, ips = [_der(0x82, b"localhost")], ["127.0.0.1", "::1"]  # dNSName [2], iPAddress [7]
-    try:
-        ips.append(str(ipaddress.ip_address(common_name)))
-    except ValueError:  # not an IP: add as DNS name if it looks like an ASCII host name
-        if re.fullmatch(r"[A-Za-z0-9_*.-]+", common_name) and common_name.lower() != "localhost":
-            san.append(_der(0x82, common_name.encode("ascii")))
-    for ip in ips:
-        gn = _der(0x87, ipaddress.ip_address(ip).packed)
-        if gn not in san:
-            san.append(gn)
-    exts = _seq(
-        _ext("2.5.29.19", _seq(b"\x01\x01\xff"), True),    # basicConstraints CA:TRUE
-        _ext("2.5.29.15", _der(0x03, b"\x02\x84"), True),  # keyUsage digitalSignature+keyCertSign
-        _ext("2.5.29.17", _seq(*san)),                     # subjectAltName
-        _ext("2.5.29.14", _der(0x04, ski)),                # subjectKeyIdentifier
-        _ext("2.5.29.35", _seq(_der(0x80, ski))),          # authorityKeyIdentifier (= SKI)
-    )
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    sig_alg = _seq(_oid("1.2.840.113549.1.1.11"), b"\x05\x00")  # sha256WithRSAEncryption
-    serial = secrets.randbits(127) | (1 << 126)  # positive, 127 bits -> 16 DER bytes
-    tbs = _seq(_der(0xA0, _int(2)), _int(serial), sig_alg, name,
-               _seq(_time(now - datetime.timedelta(days=1)), _time(now + datetime.timedelta(days=days))),
-               name, spki, _der(0xA3, exts))
 
-    # RSASSA-PKCS1-v1_5 / SHA-256, signed with CRT, verified before use.
-    t = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(tbs).digest()
+def _rsa_public(key):
+    return _seq(_int(key[0]), _int(_E))
+
+
+def _rsa_sign(key, data):
+    """RSASSA-PKCS1-v1_5 / SHA-256, signed with CRT, verified before use."""
+    n, _d, p, q, dp, dq, qinv = key
+    t = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(data).digest()
     m = int.from_bytes(b"\x00\x01" + b"\xff" * (256 - 3 - len(t)) + b"\x00" + t, "big")
     m1, m2 = pow(m, dp, p), pow(m, dq, q)
     s = m2 + q * ((qinv * (m1 - m2)) % p)
     if pow(s, _E, n) != m:
         raise RuntimeError("RSA signature self-check failed")
-    cert_der = _seq(tbs, sig_alg, _der(0x03, b"\x00" + s.to_bytes(256, "big")))
-    return _pem("CERTIFICATE", cert_der), _pem("RSA PRIVATE KEY", key_der)
+    return s.to_bytes(256, "big")
+
+
+def _certificate(common_name, key, issuer=None, hosts=None, valid=None, days=3650):
+    """A certificate's DER.  issuer: (common name, key) of the CA that signs it, or None
+    for a self-signed CA/server certificate.  hosts: the names and addresses it is for
+    (default: common_name, localhost, 127.0.0.1, ::1).  valid: (not before, not after)
+    datetimes (default: from a day ago for `days` days)."""
+    if hosts is None:
+        hosts = ["localhost", "127.0.0.1", "::1", common_name]
+    san = []                                    # dNSName [2], iPAddress [7]
+    for host in hosts:
+        try:
+            name = _der(0x87, ipaddress.ip_address(host).packed)
+        except ValueError:  # not an IP: a DNS name if it looks like an ASCII host name
+            if not re.fullmatch(r"[A-Za-z0-9_*.-]+", host):
+                continue
+            name = _der(0x82, host.lower().encode("ascii"))
+        if name not in san:
+            san.append(name)
+    ski = hashlib.sha1(_rsa_public(key)).digest()
+    issuer_name, issuer_key = issuer or (common_name, key)
+    aki = hashlib.sha1(_rsa_public(issuer_key)).digest()
+    spki = _seq(_seq(_oid("1.2.840.113549.1.1.1"), b"\x05\x00"), _der(0x03, b"\x00" + _rsa_public(key)))
+    exts = _seq(
+        _ext("2.5.29.19", _seq(b"" if issuer else b"\x01\x01\xff"), True),   # basicConstraints CA
+        _ext("2.5.29.15", _der(0x03, b"\x07\x80" if issuer else b"\x02\x84"), True),  # keyUsage:
+        #   digitalSignature, and keyCertSign for a CA
+        _ext("2.5.29.17", _seq(*san)),                     # subjectAltName
+        _ext("2.5.29.14", _der(0x04, ski)),                # subjectKeyIdentifier
+        _ext("2.5.29.35", _seq(_der(0x80, aki))),          # authorityKeyIdentifier
+    )
+    if valid is None:
+        now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=days))
+    sig_alg = _seq(_oid("1.2.840.113549.1.1.11"), b"\x05\x00")  # sha256WithRSAEncryption
+    serial = secrets.randbits(127) | (1 << 126)  # positive, 127 bits -> 16 DER bytes
+    tbs = _seq(_der(0xA0, _int(2)), _int(serial), sig_alg, _cn(issuer_name),
+               _seq(_time(valid[0]), _time(valid[1])), _cn(common_name), spki, _der(0xA3, exts))
+    return _seq(tbs, sig_alg, _der(0x03, b"\x00" + _rsa_sign(issuer_key, tbs)))
+
+
+def _cn(common_name):
+    return _seq(_der(0x31, _seq(_oid("2.5.4.3"), _string(common_name))))
+
+
+def _rsa_key_pem(key):
+    n, d, p, q, dp, dq, qinv = key
+    return _pem("RSA PRIVATE KEY", _seq(*[_int(x) for x in (0, n, _E, d, p, q, dp, dq, qinv)]))  # PKCS#1
+
+
+def make_self_signed_cert(common_name, days=3650):
+    """Return (cert_pem, key_pem) for a new RSA-2048 self-signed CA/server cert."""
+    key = _rsa_key()
+    return _pem("CERTIFICATE", _certificate(common_name, key, days=days)), _rsa_key_pem(key)
 
 
 def cert_fingerprint(cert_der):
