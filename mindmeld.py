@@ -2175,12 +2175,61 @@ def _tls_policy(context):
         context.options |= ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
+def _der_items(data):
+    """The (tag, body) pairs that make up a DER body, in order."""
+    items, i = [], 0
+    while i < len(data):
+        if i + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, size, i = data[i], data[i + 1], i + 2
+        if size & 0x80:
+            width, size = size & 0x7F, int.from_bytes(data[i:i + (size & 0x7F)], "big")
+            i += width
+        if i + size > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[i:i + size]))
+        i += size
+    return items
+
+
+def cert_validity(cert_der):
+    """(not before, not after) of a certificate, as aware UTC datetimes; ValueError if unreadable."""
+    (_, cert), = _der_items(cert_der)
+    tbs = _der_items(_der_items(cert)[0][1])
+    first = 1 if tbs[0][0] == 0xA0 else 0           # [0] version, when present
+    times = []
+    for tag, body in _der_items(tbs[first + 3][1]):
+        text = body.decode("ascii")
+        if tag == 0x17:                             # UTCTime: YY from 1950 to 2049
+            text = ("19" if text[:2] >= "50" else "20") + text
+        elif tag != 0x18:
+            raise ValueError("not a time")
+        times.append(datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc))
+    not_before, not_after = times
+    return not_before, not_after
+
+
 TRUST_ON_FIRST_USE = "tofu"
+RECORD_VERIFIED = "record"      # a CA vouched for it: remember it all the same
+
+# OpenSSL's verify codes that mean only "no CA we trust vouches for it": then, and only
+# then, trust on first use may follow.  Anything else (wrong host name, expired, not yet
+# valid, a bad signature) is refused.
+X509_NO_TRUSTED_ISSUER = {
+    2,      # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    18,     # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19,     # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20,     # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21,     # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
 
 
 class TlsOptions:
     """How a client checks the router: CA file, pinned fingerprint, system CAs then
-    trust on first use (recorded in known_routers), or not at all (--tls-insecure)."""
+    trust on first use, or not at all (--tls-insecure).  Without a CA file or a pin, every
+    router is recorded in known_routers the first time, however it was verified, and a
+    different certificate is refused from then on."""
 
     def __init__(self, ca_file=None, fingerprint=None, insecure=False, known_routers=None):
         _require_ssl()
@@ -2203,7 +2252,7 @@ class TlsOptions:
         known = self.recorded(router)
         if known:
             return [(self._unverified(), known)]
-        return [(self._verified(None), None), (self._unverified(), TRUST_ON_FIRST_USE)]
+        return [(self._verified(None), RECORD_VERIFIED), (self._unverified(), TRUST_ON_FIRST_USE)]
 
     def _verified(self, ca_file):
         try:
@@ -2221,29 +2270,54 @@ class TlsOptions:
         return context
 
     def recorded(self, router):
+        """The fingerprint known_routers holds for this router, or None.  A file or line that
+        cannot be read is refused, never skipped: skipping would trust on first use again."""
+        path = self.known_routers
         try:
-            with open(self.known_routers) as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 2 and parts[0] == router:
-                        return normalize_fingerprint(parts[1])
-        except (OSError, MindmeldError):
-            pass
-        return None
+            with open(path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise PermanentError("cannot read %s: %s (fix or remove it)" % (path, exc.strerror or exc))
+        found = None
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+                if not line or line.startswith("#"):
+                    continue
+                name, fingerprint = line.split()
+                fingerprint = normalize_fingerprint(fingerprint)
+            except (ValueError, MindmeldError):     # UnicodeDecodeError is a ValueError
+                raise PermanentError("%s line %d is damaged: expected ROUTER SHA256-FINGERPRINT; "
+                                     "fix or delete that line" % (path, number))
+            if name == router and found is None:
+                found = fingerprint
+        return found
+
+    def _record(self, router, der):
+        try:
+            os.makedirs(os.path.dirname(self.known_routers) or ".", exist_ok=True)
+            with open(self.known_routers, "a") as f:
+                f.write("%s %s\n" % (router, cert_fingerprint(der)))
+        except OSError as exc:
+            raise PermanentError("cannot record the router's certificate in %s: %s (choose another "
+                                 "place with --state-dir)" % (self.known_routers, exc.strerror or exc))
 
     def check(self, router, pin, der):
         """Called with the router's certificate before anything is sent; raises on mismatch."""
         seen = hashlib.sha256(der).hexdigest()
         if pin is None or pin == seen:
             return
+        if pin == RECORD_VERIFIED:
+            self._record(router, der)
+            log.info("the router at %s is verified by a CA: certificate SHA256 %s recorded in %s "
+                     "(a different certificate will be refused)", router, cert_fingerprint(der),
+                     self.known_routers)
+            return
         if pin == TRUST_ON_FIRST_USE:
-            try:
-                os.makedirs(os.path.dirname(self.known_routers) or ".", exist_ok=True)
-                with open(self.known_routers, "a") as f:
-                    f.write("%s %s\n" % (router, cert_fingerprint(der)))
-            except OSError as exc:
-                raise PermanentError("cannot record the router's certificate in %s: %s"
-                                     % (self.known_routers, exc.strerror or exc))
+            self._refuse_out_of_date(router, der)
+            self._record(router, der)
             log.warning("trusting the router at %s on first use: certificate SHA256 %s "
                         "(recorded in %s; pin it with --tls-fingerprint)",
                         router, cert_fingerprint(der), self.known_routers)
@@ -2256,6 +2330,26 @@ class TlsOptions:
             "certificate was replaced on purpose, delete its line from that file; otherwise someone "
             "may be intercepting the connection" % (router, cert_fingerprint(der), self.known_routers,
                                                     _colons(pin)))
+
+
+    @staticmethod
+    def _refuse_out_of_date(router, der):
+        """Never trust on first use a certificate that is not valid now (Python 3.6 cannot
+        tell an expired CA-signed certificate from one no CA vouches for)."""
+        try:
+            not_before, not_after = cert_validity(der)
+        except (ValueError, UnicodeError):
+            raise PermanentError("the router at %s presented a certificate that cannot be read "
+                                 "(pin it with --tls-fingerprint if it is the right one)" % router)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if now > not_after:
+            raise PermanentError("the router at %s presented a certificate that expired on %s: "
+                                 "refused (check this machine's clock, or renew the router's "
+                                 "certificate)" % (router, not_after.strftime("%Y-%m-%d %H:%M UTC")))
+        if now < not_before:
+            raise PermanentError("the router at %s presented a certificate that is not yet valid "
+                                 "(from %s): refused (check this machine's clock and the router's)"
+                                 % (router, not_before.strftime("%Y-%m-%d %H:%M UTC")))
 
 
 def _colons(hexdigits):
@@ -4007,6 +4101,11 @@ def _tls_failure(exc, where):
                               "router with --tls)" % where)
     if "CERTIFICATE_VERIFY_FAILED" in reason.upper() or isinstance(
             exc, SSL_VERIFY_ERROR):
+        code = getattr(exc, "verify_code", None)   # None on 3.6: TlsOptions checks dates itself
+        if code is not None and code not in X509_NO_TRUSTED_ISSUER:
+            return PermanentError("the router at %s failed certificate verification: %s (refused; "
+                                  "check the router's address and this machine's clock, or ask "
+                                  "its operator to fix its certificate)" % (where, exc.verify_message))
         failure = PermanentError("the router at %s failed certificate verification: %s (give its CA "
                                  "with --tls-ca, or pin it with --tls-fingerprint)"
                                  % (where, getattr(exc, "verify_message", None) or reason))
@@ -5203,6 +5302,17 @@ def _read_secret(value, path, env, what):
     return value or os.environ.get(env) or None
 
 
+def _warn_of_secrets_in_argv(args):
+    """--token and --secret values are in the process list, for every local user to read."""
+    given = [(flag, alternative) for flag, alternative in (
+        ("--token", "--token-file or $MINDMELD_TOKEN"), ("--secret", "--secret-file or $MINDMELD_SECRET"))
+        if getattr(args, flag[2:], None)]
+    if given:
+        log.warning("warning: %s on the command line can be read by every local user in the process "
+                    "list; use %s instead", " and ".join(f for f, _ in given),
+                    ", and ".join(a for _, a in given))
+
+
 def _setup_logging(args):
     quiet = args.quiet or args.command == "connect"     # its stdout is the stream
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
@@ -5273,7 +5383,9 @@ def _run_router(args):
 
 def _client_options(args):
     tls = None
-    if args.tls or args.tls_ca or args.tls_fingerprint or args.tls_insecure:
+    router = args.router or os.environ.get("MINDMELD_ROUTER") or ""
+    if args.tls or args.tls_ca or args.tls_fingerprint or args.tls_insecure \
+            or router.startswith("wss://"):                 # so that --state-dir applies
         known = os.path.join(args.state_dir, "known_routers") if args.state_dir else None
         tls = TlsOptions(args.tls_ca, args.tls_fingerprint, args.tls_insecure, known)
     return dict(router=args.router, token=_read_secret(args.token, args.token_file,
@@ -5352,6 +5464,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    _warn_of_secrets_in_argv(args)
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
