@@ -2331,14 +2331,13 @@ class TlsOptions:
             "may be intercepting the connection" % (router, cert_fingerprint(der), self.known_routers,
                                                     _colons(pin)))
 
-
     @staticmethod
     def _refuse_out_of_date(router, der):
         """Never trust on first use a certificate that is not valid now (Python 3.6 cannot
         tell an expired CA-signed certificate from one no CA vouches for)."""
         try:
             not_before, not_after = cert_validity(der)
-        except (ValueError, UnicodeError):
+        except (ValueError, IndexError):                # UnicodeError is a ValueError
             raise PermanentError("the router at %s presented a certificate that cannot be read "
                                  "(pin it with --tls-fingerprint if it is the right one)" % router)
         now = datetime.datetime.now(datetime.timezone.utc)

@@ -5840,7 +5840,8 @@ class TestTlsTrust(SecurityCommandLine, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.files = tempfile.mkdtemp(prefix="mindmeld-trust-")
-        ca_key, leaf_key = mindmeld._rsa_key(), mindmeld._rsa_key()
+        ca_key = mindmeld._rsa_key()
+        leaf_key = cls.leaf_key = mindmeld._rsa_key()
         ca_der = mindmeld._certificate("mindmeld test CA", ca_key)
         cls.ca = write_file(os.path.join(cls.files, "ca.pem"), mindmeld._pem("CERTIFICATE", ca_der), 0o644)
         cls.key = write_file(os.path.join(cls.files, "key.pem"), mindmeld._rsa_key_pem(leaf_key))
@@ -5962,6 +5963,18 @@ class TestTlsTrust(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(recorded_routers(os.path.join(state, "known_routers")),
                          [(wss, hex_digits(fingerprint))])
         self.assertFalse(os.path.exists(self.known))
+
+    def test_certificate_dates_are_read_back_and_damage_is_an_error(self):
+        key, utc = self.leaf_key, datetime.timezone.utc
+        for valid in ((datetime.datetime(1999, 12, 31, 23, 59, 59, tzinfo=utc),
+                       datetime.datetime(2049, 12, 31, 0, 0, 0, tzinfo=utc)),       # UTCTime
+                      (datetime.datetime(2050, 1, 1, 0, 0, 0, tzinfo=utc),
+                       datetime.datetime(2100, 6, 30, 12, 0, 0, tzinfo=utc))):     # GeneralizedTime
+            der = mindmeld._certificate("router", key, valid=valid)
+            self.assertEqual(mindmeld.cert_validity(der), valid)
+        for cut in range(0, len(der), 7):
+            with self.assertRaises((ValueError, IndexError)):
+                mindmeld.cert_validity(der[:cut])
 
     def test_a_token_or_secret_on_the_command_line_warns_once(self):
         token, secret = "tok-" + os.urandom(8).hex(), "sec-" + os.urandom(8).hex()
