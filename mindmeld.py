@@ -2132,53 +2132,84 @@ def _ext(oid, value, critical=False):
     return _seq(_oid(oid), b"\x01\x01\xff" if critical else b"", _der(0x04, value))
 
 
-def make_self_signed_cert(common_name, days=3650):
-    """Return (cert_pem, key_pem) for a new RSA-2048 self-signed CA/server cert."""
+def _rsa_key():
+    """A new RSA-2048 key: (n, d, p, q, dp, dq, qinv)."""
     p, q = _gen_prime(1024), _gen_prime(1024)
     while q == p:  # astronomically unlikely
         q = _gen_prime(1024)
     n, lam = p * q, (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
     d = _inv(_E, lam)
-    dp, dq, qinv = d % (p - 1), d % (q - 1), _inv(q, p)
-    key_der = _seq(*[_int(x) for x in (0, n, _E, d, p, q, dp, dq, qinv)])  # PKCS#1
+    return n, d, p, q, d % (p - 1), d % (q - 1), _inv(q, p)
 
-    rsa_pub = _seq(_int(n), _int(_E))
-    spki = _seq(_seq(_oid("1.2.840.113549.1.1.1"), b"\x05\x00"), _der(0x03, b"\x00" + rsa_pub))
-    ski = hashlib.sha1(rsa_pub).digest()
-    name = _seq(_der(0x31, _seq(_oid("2.5.4.3"), _string(common_name))))
-    san, ips = [_der(0x82, b"localhost")], ["127.0.0.1", "::1"]  # dNSName [2], iPAddress [7]
-    try:
-        ips.append(str(ipaddress.ip_address(common_name)))
-    except ValueError:  # not an IP: add as DNS name if it looks like an ASCII host name
-        if re.fullmatch(r"[A-Za-z0-9_*.-]+", common_name) and common_name.lower() != "localhost":
-            san.append(_der(0x82, common_name.encode("ascii")))
-    for ip in ips:
-        gn = _der(0x87, ipaddress.ip_address(ip).packed)
-        if gn not in san:
-            san.append(gn)
-    exts = _seq(
-        _ext("2.5.29.19", _seq(b"\x01\x01\xff"), True),    # basicConstraints CA:TRUE
-        _ext("2.5.29.15", _der(0x03, b"\x02\x84"), True),  # keyUsage digitalSignature+keyCertSign
-        _ext("2.5.29.17", _seq(*san)),                     # subjectAltName
-        _ext("2.5.29.14", _der(0x04, ski)),                # subjectKeyIdentifier
-        _ext("2.5.29.35", _seq(_der(0x80, ski))),          # authorityKeyIdentifier (= SKI)
-    )
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    sig_alg = _seq(_oid("1.2.840.113549.1.1.11"), b"\x05\x00")  # sha256WithRSAEncryption
-    serial = secrets.randbits(127) | (1 << 126)  # positive, 127 bits -> 16 DER bytes
-    tbs = _seq(_der(0xA0, _int(2)), _int(serial), sig_alg, name,
-               _seq(_time(now - datetime.timedelta(days=1)), _time(now + datetime.timedelta(days=days))),
-               name, spki, _der(0xA3, exts))
 
-    # RSASSA-PKCS1-v1_5 / SHA-256, signed with CRT, verified before use.
-    t = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(tbs).digest()
+def _rsa_public(key):
+    return _seq(_int(key[0]), _int(_E))
+
+
+def _rsa_sign(key, data):
+    """RSASSA-PKCS1-v1_5 / SHA-256, signed with CRT, verified before use."""
+    n, _d, p, q, dp, dq, qinv = key
+    t = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(data).digest()
     m = int.from_bytes(b"\x00\x01" + b"\xff" * (256 - 3 - len(t)) + b"\x00" + t, "big")
     m1, m2 = pow(m, dp, p), pow(m, dq, q)
     s = m2 + q * ((qinv * (m1 - m2)) % p)
     if pow(s, _E, n) != m:
         raise RuntimeError("RSA signature self-check failed")
-    cert_der = _seq(tbs, sig_alg, _der(0x03, b"\x00" + s.to_bytes(256, "big")))
-    return _pem("CERTIFICATE", cert_der), _pem("RSA PRIVATE KEY", key_der)
+    return s.to_bytes(256, "big")
+
+
+def _certificate(common_name, key, issuer=None, hosts=None, valid=None, days=3650):
+    """A certificate's DER.  issuer: (common name, key) of the CA that signs it, or None
+    for a self-signed CA/server certificate.  hosts: the names and addresses it is for
+    (default: common_name, localhost, 127.0.0.1, ::1).  valid: (not before, not after)
+    datetimes (default: from a day ago for `days` days)."""
+    if hosts is None:
+        hosts = ["localhost", "127.0.0.1", "::1", common_name]
+    san = []                                    # dNSName [2], iPAddress [7]
+    for host in hosts:
+        try:
+            name = _der(0x87, ipaddress.ip_address(host).packed)
+        except ValueError:  # not an IP: a DNS name if it looks like an ASCII host name
+            if not re.fullmatch(r"[A-Za-z0-9_*.-]+", host):
+                continue
+            name = _der(0x82, host.lower().encode("ascii"))
+        if name not in san:
+            san.append(name)
+    ski = hashlib.sha1(_rsa_public(key)).digest()
+    issuer_name, issuer_key = issuer or (common_name, key)
+    aki = hashlib.sha1(_rsa_public(issuer_key)).digest()
+    spki = _seq(_seq(_oid("1.2.840.113549.1.1.1"), b"\x05\x00"), _der(0x03, b"\x00" + _rsa_public(key)))
+    exts = _seq(
+        _ext("2.5.29.19", _seq(b"" if issuer else b"\x01\x01\xff"), True),   # basicConstraints CA
+        _ext("2.5.29.15", _der(0x03, b"\x07\x80" if issuer else b"\x02\x84"), True),  # keyUsage:
+        #   digitalSignature, and keyCertSign for a CA
+        _ext("2.5.29.17", _seq(*san)),                     # subjectAltName
+        _ext("2.5.29.14", _der(0x04, ski)),                # subjectKeyIdentifier
+        _ext("2.5.29.35", _seq(_der(0x80, aki))),          # authorityKeyIdentifier
+    )
+    if valid is None:
+        now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=days))
+    sig_alg = _seq(_oid("1.2.840.113549.1.1.11"), b"\x05\x00")  # sha256WithRSAEncryption
+    serial = secrets.randbits(127) | (1 << 126)  # positive, 127 bits -> 16 DER bytes
+    tbs = _seq(_der(0xA0, _int(2)), _int(serial), sig_alg, _cn(issuer_name),
+               _seq(_time(valid[0]), _time(valid[1])), _cn(common_name), spki, _der(0xA3, exts))
+    return _seq(tbs, sig_alg, _der(0x03, b"\x00" + _rsa_sign(issuer_key, tbs)))
+
+
+def _cn(common_name):
+    return _seq(_der(0x31, _seq(_oid("2.5.4.3"), _string(common_name))))
+
+
+def _rsa_key_pem(key):
+    n, d, p, q, dp, dq, qinv = key
+    return _pem("RSA PRIVATE KEY", _seq(*[_int(x) for x in (0, n, _E, d, p, q, dp, dq, qinv)]))  # PKCS#1
+
+
+def make_self_signed_cert(common_name, days=3650):
+    """Return (cert_pem, key_pem) for a new RSA-2048 self-signed CA/server cert."""
+    key = _rsa_key()
+    return _pem("CERTIFICATE", _certificate(common_name, key, days=days)), _rsa_key_pem(key)
 
 
 def cert_fingerprint(cert_der):
@@ -2256,12 +2287,61 @@ def _tls_policy(context):
         context.options |= ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
+def _der_items(data):
+    """The (tag, body) pairs that make up a DER body, in order."""
+    items, i = [], 0
+    while i < len(data):
+        if i + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, size, i = data[i], data[i + 1], i + 2
+        if size & 0x80:
+            width, size = size & 0x7F, int.from_bytes(data[i:i + (size & 0x7F)], "big")
+            i += width
+        if i + size > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[i:i + size]))
+        i += size
+    return items
+
+
+def cert_validity(cert_der):
+    """(not before, not after) of a certificate, as aware UTC datetimes; ValueError if unreadable."""
+    (_, cert), = _der_items(cert_der)
+    tbs = _der_items(_der_items(cert)[0][1])
+    first = 1 if tbs[0][0] == 0xA0 else 0           # [0] version, when present
+    times = []
+    for tag, body in _der_items(tbs[first + 3][1]):
+        text = body.decode("ascii")
+        if tag == 0x17:                             # UTCTime: YY from 1950 to 2049
+            text = ("19" if text[:2] >= "50" else "20") + text
+        elif tag != 0x18:
+            raise ValueError("not a time")
+        times.append(datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc))
+    not_before, not_after = times
+    return not_before, not_after
+
+
 TRUST_ON_FIRST_USE = "tofu"
+RECORD_VERIFIED = "record"      # a CA vouched for it: remember it all the same
+
+# OpenSSL's verify codes that mean only "no CA we trust vouches for it": then, and only
+# then, trust on first use may follow.  Anything else (wrong host name, expired, not yet
+# valid, a bad signature) is refused.
+X509_NO_TRUSTED_ISSUER = {
+    2,      # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    18,     # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19,     # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20,     # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21,     # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
 
 
 class TlsOptions:
     """How a client checks the router: CA file, pinned fingerprint, system CAs then
-    trust on first use (recorded in known_routers), or not at all (--tls-insecure)."""
+    trust on first use, or not at all (--tls-insecure).  Without a CA file or a pin, every
+    router is recorded in known_routers the first time, however it was verified, and a
+    different certificate is refused from then on."""
 
     def __init__(self, ca_file=None, fingerprint=None, insecure=False, known_routers=None):
         _require_ssl()
@@ -2284,7 +2364,7 @@ class TlsOptions:
         known = self.recorded(router)
         if known:
             return [(self._unverified(), known)]
-        return [(self._verified(None), None), (self._unverified(), TRUST_ON_FIRST_USE)]
+        return [(self._verified(None), RECORD_VERIFIED), (self._unverified(), TRUST_ON_FIRST_USE)]
 
     def _verified(self, ca_file):
         try:
@@ -2302,29 +2382,54 @@ class TlsOptions:
         return context
 
     def recorded(self, router):
+        """The fingerprint known_routers holds for this router, or None.  A file or line that
+        cannot be read is refused, never skipped: skipping would trust on first use again."""
+        path = self.known_routers
         try:
-            with open(self.known_routers) as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 2 and parts[0] == router:
-                        return normalize_fingerprint(parts[1])
-        except (OSError, MindmeldError):
-            pass
-        return None
+            with open(path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise PermanentError("cannot read %s: %s (fix or remove it)" % (path, exc.strerror or exc))
+        found = None
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+                if not line or line.startswith("#"):
+                    continue
+                name, fingerprint = line.split()
+                fingerprint = normalize_fingerprint(fingerprint)
+            except (ValueError, MindmeldError):     # UnicodeDecodeError is a ValueError
+                raise PermanentError("%s line %d is damaged: expected ROUTER SHA256-FINGERPRINT; "
+                                     "fix or delete that line" % (path, number))
+            if name == router and found is None:
+                found = fingerprint
+        return found
+
+    def _record(self, router, der):
+        try:
+            os.makedirs(os.path.dirname(self.known_routers) or ".", exist_ok=True)
+            with open(self.known_routers, "a") as f:
+                f.write("%s %s\n" % (router, cert_fingerprint(der)))
+        except OSError as exc:
+            raise PermanentError("cannot record the router's certificate in %s: %s (choose another "
+                                 "place with --state-dir)" % (self.known_routers, exc.strerror or exc))
 
     def check(self, router, pin, der):
         """Called with the router's certificate before anything is sent; raises on mismatch."""
         seen = hashlib.sha256(der).hexdigest()
         if pin is None or pin == seen:
             return
+        if pin == RECORD_VERIFIED:
+            self._record(router, der)
+            log.info("the router at %s is verified by a CA: certificate SHA256 %s recorded in %s "
+                     "(a different certificate will be refused)", router, cert_fingerprint(der),
+                     self.known_routers)
+            return
         if pin == TRUST_ON_FIRST_USE:
-            try:
-                os.makedirs(os.path.dirname(self.known_routers) or ".", exist_ok=True)
-                with open(self.known_routers, "a") as f:
-                    f.write("%s %s\n" % (router, cert_fingerprint(der)))
-            except OSError as exc:
-                raise PermanentError("cannot record the router's certificate in %s: %s"
-                                     % (self.known_routers, exc.strerror or exc))
+            self._refuse_out_of_date(router, der)
+            self._record(router, der)
             log.warning("trusting the router at %s on first use: certificate SHA256 %s "
                         "(recorded in %s; pin it with --tls-fingerprint)",
                         router, cert_fingerprint(der), self.known_routers)
@@ -2337,6 +2442,25 @@ class TlsOptions:
             "certificate was replaced on purpose, delete its line from that file; otherwise someone "
             "may be intercepting the connection" % (router, cert_fingerprint(der), self.known_routers,
                                                     _colons(pin)))
+
+    @staticmethod
+    def _refuse_out_of_date(router, der):
+        """Never trust on first use a certificate that is not valid now (Python 3.6 cannot
+        tell an expired CA-signed certificate from one no CA vouches for)."""
+        try:
+            not_before, not_after = cert_validity(der)
+        except (ValueError, IndexError):                # UnicodeError is a ValueError
+            raise PermanentError("the router at %s presented a certificate that cannot be read "
+                                 "(pin it with --tls-fingerprint if it is the right one)" % router)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if now > not_after:
+            raise PermanentError("the router at %s presented a certificate that expired on %s: "
+                                 "refused (check this machine's clock, or renew the router's "
+                                 "certificate)" % (router, not_after.strftime("%Y-%m-%d %H:%M UTC")))
+        if now < not_before:
+            raise PermanentError("the router at %s presented a certificate that is not yet valid "
+                                 "(from %s): refused (check this machine's clock and the router's)"
+                                 % (router, not_before.strftime("%Y-%m-%d %H:%M UTC")))
 
 
 def _colons(hexdigits):
@@ -4208,6 +4332,11 @@ def _tls_failure(exc, where):
                               "router with --tls)" % where)
     if "CERTIFICATE_VERIFY_FAILED" in reason.upper() or isinstance(
             exc, SSL_VERIFY_ERROR):
+        code = getattr(exc, "verify_code", None)   # None on 3.6: TlsOptions checks dates itself
+        if code is not None and code not in X509_NO_TRUSTED_ISSUER:
+            return PermanentError("the router at %s failed certificate verification: %s (refused; "
+                                  "check the router's address and this machine's clock, or ask "
+                                  "its operator to fix its certificate)" % (where, exc.verify_message))
         failure = PermanentError("the router at %s failed certificate verification: %s (give its CA "
                                  "with --tls-ca, or pin it with --tls-fingerprint)"
                                  % (where, getattr(exc, "verify_message", None) or reason))
@@ -5583,6 +5712,17 @@ def _read_secret(value, path, env, what):
     return value or os.environ.get(env) or None
 
 
+def _warn_of_secrets_in_argv(args):
+    """--token and --secret values are in the process list, for every local user to read."""
+    given = [(flag, alternative) for flag, alternative in (
+        ("--token", "--token-file or $MINDMELD_TOKEN"), ("--secret", "--secret-file or $MINDMELD_SECRET"))
+        if getattr(args, flag[2:], None)]
+    if given:
+        log.warning("warning: %s on the command line can be read by every local user in the process "
+                    "list; use %s instead", " and ".join(f for f, _ in given),
+                    ", and ".join(a for _, a in given))
+
+
 def _setup_logging(args):
     quiet = args.quiet or args.command == "connect"     # its stdout is the stream
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
@@ -5653,7 +5793,9 @@ def _run_router(args):
 
 def _client_options(args):
     tls = None
-    if args.tls or args.tls_ca or args.tls_fingerprint or args.tls_insecure:
+    router = args.router or os.environ.get("MINDMELD_ROUTER") or ""
+    if args.tls or args.tls_ca or args.tls_fingerprint or args.tls_insecure \
+            or router.startswith("wss://"):                 # so that --state-dir applies
         known = os.path.join(args.state_dir, "known_routers") if args.state_dir else None
         tls = TlsOptions(args.tls_ca, args.tls_fingerprint, args.tls_insecure, known)
     return dict(router=args.router, token=_read_secret(args.token, args.token_file,
@@ -5732,6 +5874,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    _warn_of_secrets_in_argv(args)
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

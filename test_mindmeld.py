@@ -25,6 +25,7 @@ Only 127.0.0.1 and ::1 are ever used.  Section 1 holds the helpers every test us
 import asyncio
 import base64
 import collections
+import datetime
 import gc
 import hashlib
 import itertools
@@ -1875,9 +1876,11 @@ class CommandLineMixin:
 
     def assert_one_error_line(self, ran, command, *needles):
         """Exit 1 and one line 'mindmeld COMMAND: error: ...' that names every needle (a
-        forwarder's banner aside), no traceback: that line.  ran: (code, stdout, stderr text)."""
+        forwarder's banner and the warning about --token/--secret in argv aside), no traceback:
+        that line.  ran: (code, stdout, stderr text)."""
         code, err = ran[0], ran[2]
-        lines = [l for l in err.splitlines() if not re.search(r"forwarding 127\.0\.0\.1:\d+ ->", l)]
+        lines = [l for l in err.splitlines() if not re.search(
+            r"forwarding 127\.0\.0\.1:\d+ ->|warning: --(token|secret) .* the process list", l)]
         self.assertEqual(code, 1, err)
         self.assertEqual(len(lines), 1, err)
         self.assertTrue(lines[0].startswith("mindmeld %s: error: " % command), lines[0])
@@ -2588,8 +2591,8 @@ class TestConnect(ReachMixin, unittest.TestCase):
         address = "127.0.0.1:%d" % port
         self.share({"vault": "127.0.0.1:%d" % self.target(echo_handler)}, address,
                    "--secret", "open sesame")
-        code, out, err = run_cli("connect", "vault", "--router", address, "--secret", "open sesame",
-                                 input=b"knock knock")
+        code, out, err = run_cli("connect", "vault", "--router", address, input=b"knock knock",
+                                 env=cli_env(MINDMELD_SECRET="open sesame"))    # no argv warning
         self.assertEqual((code, out, err), (0, b"knock knock", ""))
         for args in ((), ("--secret", "guess")):
             with self.subTest(args=args):
@@ -6233,3 +6236,185 @@ class TestFloodsOfOpensAndNames(HostileTestCase):
                              lambda: "slots held: %r %r" % (plain.streams_by_opener, locked.streams_by_opener))
             self.assertFalse(plain.streams_by_service or locked.streams_by_service)
         self.run_async(main(), 30)
+# ---------------------------------------------------------------------------
+# 15. TLS trust without holes: a test CA as the system CAs, known_routers that fail closed
+# ---------------------------------------------------------------------------
+
+def recorded_routers(path):
+    """known_routers as [(router, fingerprint as hex digits)]."""
+    with open(path) as f:
+        return [(r[0], hex_digits(r[1])) for r in (line.split() for line in f) if r]
+
+
+class TestTlsTrust(SecurityCommandLine, unittest.TestCase):
+    """A test CA stands in for the system CAs: OpenSSL's default verify paths read
+    SSL_CERT_FILE, given to the clients that are to trust it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.files = tempfile.mkdtemp(prefix="mindmeld-trust-")
+        ca_key = mindmeld._rsa_key()
+        leaf_key = cls.leaf_key = mindmeld._rsa_key()
+        ca_der = mindmeld._certificate("mindmeld test CA", ca_key)
+        cls.ca = write_file(os.path.join(cls.files, "ca.pem"), mindmeld._pem("CERTIFICATE", ca_der), 0o644)
+        cls.key = write_file(os.path.join(cls.files, "key.pem"), mindmeld._rsa_key_pem(leaf_key))
+        now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        day = datetime.timedelta(days=1)
+
+        def leaf(name, **how):
+            der = mindmeld._certificate("router", leaf_key, issuer=("mindmeld test CA", ca_key), **how)
+            path = os.path.join(cls.files, name + ".pem")
+            return write_file(path, mindmeld._pem("CERTIFICATE", der), 0o644)
+        cls.good = leaf("good", hosts=["127.0.0.1"])
+        cls.wrong_host = leaf("wrong-host", hosts=["elsewhere.invalid"])
+        cls.expired = leaf("expired", hosts=["127.0.0.1"], valid=(now - 30 * day, now - day))
+        cls.not_yet_valid = leaf("not-yet-valid", hosts=["127.0.0.1"], valid=(now + day, now + 30 * day))
+        cls.impostor = write_file(os.path.join(cls.files, "impostor.pem"), FIXED_CERT_PEM, 0o644)
+        cls.impostor_key = write_file(os.path.join(cls.files, "impostor-key.pem"), FIXED_KEY_PEM)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.files, True)
+
+    def setUp(self):
+        SecurityCommandLine.setUp(self)
+        self.ca_env = self.env_with(SSL_CERT_FILE=self.ca)
+        self.known = os.path.join(self.state, "known_routers")
+
+    def test_a_ca_verified_router_is_remembered_and_an_impostor_refused(self):
+        router, address, fingerprint = self.tls_router(self.good, self.key)
+        wss = "wss://%s" % address
+        by_tls, by_wss = self.run_many([(["list", "--router", address, "--tls"], self.ca_env),
+                                        (["list", "--router", wss], self.ca_env)])
+        for ran, router_name in ((by_tls, address), (by_wss, wss)):
+            self.assertEqual(ran.code, 0, ran.err)
+            self.assertTrue(ran.out.startswith(b"NAME"), ran.out)
+            lines = ran.err.splitlines()
+            self.assertEqual(len(lines), 1, ran.err)
+            for needle in ("verified", router_name, fingerprint, self.known):
+                self.assertIn(needle, lines[0])
+        self.assertEqual(sorted(recorded_routers(self.known)),
+                         sorted([(address, hex_digits(fingerprint)), (wss, hex_digits(fingerprint))]))
+        before = read_bytes(self.known)
+        again, = self.run_many([(["list", "--router", address, "--tls"], self.ca_env)])
+        self.assertEqual((again.code, again.err), (0, ""))
+
+        # A self-signed impostor on the same address: refused, however the client names it
+        code, lines = router.signal(signal.SIGTERM)
+        self.assertEqual(code, 0, lines)
+        _impostor, _, impostor_fingerprint = self.tls_router(self.impostor, self.impostor_key,
+                                                            listen=address)
+        by_tls, by_wss = self.run_many([(["list", "--router", address, "--tls"], self.ca_env),
+                                        (["list", "--router", wss], self.ca_env)])
+        for ran, router_name in ((by_tls, address), (by_wss, wss)):
+            self.assert_one_error_line(ran, "list", router_name, fingerprint, impostor_fingerprint,
+                                       self.known)
+        self.assertEqual(read_bytes(self.known), before)
+
+    def test_a_certificate_failing_verification_for_another_reason_is_refused(self):
+        routers = {}
+        for name in ("wrong_host", "expired", "not_yet_valid"):
+            routers[name] = self.tls_router(getattr(self, name), self.key)[1]
+        expired_wss = "wss://%s" % routers["expired"]
+        wrong_host, expired, not_yet_valid, by_wss, unknown_ca = self.run_many([
+            (["list", "--router", routers["wrong_host"], "--tls"], self.ca_env),
+            (["list", "--router", routers["expired"], "--tls"], self.ca_env),
+            (["list", "--router", routers["not_yet_valid"], "--tls"], self.ca_env),
+            (["list", "--router", expired_wss], self.ca_env),
+            # no CA vouches for it, and it has expired: not trusted on first use either
+            (["list", "--router", routers["expired"], "--tls"], self.env),
+        ])
+        line = self.assert_one_error_line(wrong_host, "list", routers["wrong_host"])
+        self.assertIn("match", line.lower())          # "mismatch", or 3.6: "doesn't match"
+        for ran in (expired, by_wss, unknown_ca):
+            self.assert_one_error_line(ran, "list", "expired")
+        self.assert_one_error_line(not_yet_valid, "list", routers["not_yet_valid"], "not yet valid")
+        self.assertFalse(os.path.exists(self.known))
+
+    def test_a_damaged_known_routers_is_refused_naming_its_file_and_line(self):
+        _router, address, fingerprint = self.tls_router(self.impostor, self.impostor_key)
+        good = "%s %s\n" % (address, fingerprint)
+        cases = [                                       # (known_routers, the line to name)
+            ("garbage\n", "line 1"),
+            ("127.0.0.1:1 %s\n%s 12:34\n" % (fingerprint, address), "line 2"),
+            (b"\xff\xfe " + fingerprint.encode() + b"\n", "line 1"),
+            (good[:40] + "\n", "line 1"),
+            ("127.0.0.1:1 %s extra words\n%s" % (fingerprint, good), "line 1"),
+            (None, ""),                                 # a directory where the file should be
+            ("# routers I know\n\n" + good, None),      # comments and blank lines are fine
+        ]
+        commands, paths = [], []
+        for number, (text, _line) in enumerate(cases):
+            state = os.path.join(self.tmp, "state-%d" % number)
+            os.makedirs(state)
+            path = os.path.join(state, "known_routers")
+            if text is None:
+                os.makedirs(path)
+            else:
+                write_file(path, text)
+            paths.append(path)
+            commands.append(["list", "--router", address, "--tls", "--state-dir", state])
+        results = self.run_many(commands)
+        for (text, line), path, ran in zip(cases, paths, results):
+            if line is None:
+                self.assertEqual((ran.code, ran.err), (0, ""))
+                continue
+            self.assert_one_error_line(ran, "list", path, line)
+            if text is not None:
+                self.assertEqual(read_bytes(path), text if isinstance(text, bytes) else text.encode())
+
+    def test_state_dir_applies_to_wss_routers(self):
+        _router, address, fingerprint = self.tls_router(self.impostor, self.impostor_key)
+        state = os.path.join(self.tmp, "given")
+        wss = "wss://%s" % address
+        ran, = self.run_many([["list", "--router", wss, "--state-dir", state]])
+        self.assertEqual(ran.code, 0, ran.err)
+        self.assertIn(os.path.join(state, "known_routers"), ran.err)
+        self.assertEqual(recorded_routers(os.path.join(state, "known_routers")),
+                         [(wss, hex_digits(fingerprint))])
+        self.assertFalse(os.path.exists(self.known))
+
+    def test_certificate_dates_are_read_back_and_damage_is_an_error(self):
+        key, utc = self.leaf_key, datetime.timezone.utc
+        for valid in ((datetime.datetime(1999, 12, 31, 23, 59, 59, tzinfo=utc),
+                       datetime.datetime(2049, 12, 31, 0, 0, 0, tzinfo=utc)),       # UTCTime
+                      (datetime.datetime(2050, 1, 1, 0, 0, 0, tzinfo=utc),
+                       datetime.datetime(2100, 6, 30, 12, 0, 0, tzinfo=utc))):     # GeneralizedTime
+            der = mindmeld._certificate("router", key, valid=valid)
+            self.assertEqual(mindmeld.cert_validity(der), valid)
+        for cut in range(0, len(der), 7):
+            with self.assertRaises((ValueError, IndexError)):
+                mindmeld.cert_validity(der[:cut])
+
+    def test_a_token_or_secret_on_the_command_line_warns_once(self):
+        token, secret = "tok-" + os.urandom(8).hex(), "sec-" + os.urandom(8).hex()
+        token_file = write_file(os.path.join(self.tmp, "token"), token)
+        secret_file = write_file(os.path.join(self.tmp, "secret"), secret)
+        router, address = self.router("--token", token)
+        warned = [l for l in router.lines if "--token-file" in l]
+        self.assertEqual(len(warned), 1, router.lines)
+        with_env = self.env_with(MINDMELD_TOKEN=token, MINDMELD_SECRET=secret)
+        by_flag, from_file, from_env, both, both_quiet = self.run_many([
+            ["list", "--router", address, "--token", token],
+            ["list", "--router", address, "--token-file", token_file],
+            (["list", "--router", address], with_env),
+            ["connect", "nothing", "--router", address, "--token", token, "--secret", secret],
+            (["connect", "nothing", "--router", address, "--secret-file", secret_file], with_env),
+        ])
+        self.assertEqual(by_flag.code, 0, by_flag.err)
+        lines = by_flag.err.splitlines()
+        self.assertEqual(len(lines), 1, by_flag.err)
+        for needle in ("--token", "--token-file", "MINDMELD_TOKEN", "process list"):
+            self.assertIn(needle, lines[0])
+        self.assertNotIn(token, by_flag.err)
+        for ran in (from_file, from_env):
+            self.assertEqual((ran.code, ran.err), (0, ""))
+        warned = [l for l in both.err.splitlines() if "process list" in l]
+        self.assertEqual(len(warned), 1, both.err)
+        for needle in ("--token", "--secret", "--token-file", "--secret-file", "MINDMELD_TOKEN",
+                       "MINDMELD_SECRET"):
+            self.assertIn(needle, warned[0])
+        self.assertNotIn(secret, both.err)
+        self.assertEqual(both.code, 1, both.err)
+        self.assertEqual([l for l in both_quiet.err.splitlines() if "process list" in l], [])
+        self.assertEqual(both_quiet.code, 1, both_quiet.err)
