@@ -3112,7 +3112,7 @@ class Router:
         log.info("router listening on %s%s", ", ".join(format_hostport(h, p) for h, p in self.addresses),
                  " (TLS)" if self.ssl_context else "")
         await self.monitor.start()
-        self._reading_timer = loop.call_later(NOT_READING_CHECK, self._check_reading)
+        self._reading_timer = loop.call_later(self._reading_check_interval(), self._check_reading)
         return self
 
     def _check_reading(self):
@@ -3123,7 +3123,10 @@ class Router:
                 self.paused.discard(peer)
             else:
                 peer.check_reading(now, self.not_reading_timeout)
-        self._reading_timer = _get_loop().call_later(NOT_READING_CHECK, self._check_reading)
+        self._reading_timer = _get_loop().call_later(self._reading_check_interval(), self._check_reading)
+
+    def _reading_check_interval(self):
+        return min(NOT_READING_CHECK, self.not_reading_timeout / 4)
 
     def _accept(self):
         peer = RouterPeer(self)
