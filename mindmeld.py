@@ -304,6 +304,11 @@ MIN_STREAM_WINDOW = 512             # ... beyond it a new stream starts with thi
 # So the router holds for one peer at most 24 MiB + 16,384 x 512 B + 32 MiB of growth = 64 MiB of
 # stream data (PEER_MEMORY_BUDGET), plus PEER_BUFFER_SLACK of control frames.
 PEER_MEMORY_BUDGET = PEER_INITIAL_BUDGET + 16384 * MIN_STREAM_WINDOW + PEER_WINDOW_BUDGET
+# And for all peers together: first windows up to GLOBAL_INITIAL_BUDGET (past it new streams are
+# refused with code busy), and growth shared out in HELLO (or AUTH) as each peer's window_budget.
+GLOBAL_INITIAL_BUDGET = 512 * 1024 * 1024
+GLOBAL_GROWTH_BUDGET = 512 * 1024 * 1024
+ROUTER_MEMORY_BUDGET = GLOBAL_INITIAL_BUDGET + GLOBAL_GROWTH_BUDGET
 OPEN_DATA_MAX = 8 * 1024            # bytes: a stream's first bytes may ride in its OPEN ...
 OPEN_DATA_WAIT = 0.005              # s: ... so a forwarder waits this long for them (a server that
                                     # speaks first, as sshd does, pays it once per connection)
@@ -2578,37 +2583,69 @@ class Leg:
         peer.windows.opened(self)
 
 
+class WindowLedger:
+    """What all peers' streams may make the router hold: the first windows of every
+    stream (GLOBAL_INITIAL_BUDGET) and the growth promised to peers (GLOBAL_GROWTH_BUDGET)."""
+    __slots__ = ("initial", "promised")
+
+    def __init__(self):
+        self.initial = self.promised = 0
+
+    def promise_growth(self):
+        """A new peer's window_budget: 32 MiB while there is that much left, then what is."""
+        budget = max(0, min(PEER_WINDOW_BUDGET, GLOBAL_GROWTH_BUDGET - self.promised))
+        self.promised += budget
+        return budget
+
+
 class PeerWindows:
     """What one peer's streams may make the router hold for it: the windows toward it
     (initial credit plus the growth it granted).  New streams get a full window while
-    the initial windows stay within PEER_INITIAL_BUDGET, then MIN_STREAM_WINDOW; growth
-    beyond PEER_WINDOW_BUDGET (what an honest peer's own budget allows) is its error."""
-    __slots__ = ("initial", "growth", "ended")
+    the initial windows stay within PEER_INITIAL_BUDGET, then MIN_STREAM_WINDOW, and none
+    (refused, busy) once all peers' first windows reach GLOBAL_INITIAL_BUDGET.  Growth
+    beyond the window_budget it was told (what an honest peer's own budget allows) is its
+    error."""
+    __slots__ = ("ledger", "initial", "growth", "ended", "growth_budget")
 
-    def __init__(self):
+    def __init__(self, ledger):
+        self.ledger = ledger
         self.initial = self.growth = 0
         self.ended = 0                  # windows of streams that ended while data still queued
+        self.growth_budget = 0          # told in HELLO or AUTH, once it is a session
+
+    def promise_growth(self):
+        self.growth_budget = self.ledger.promise_growth()
+        return self.growth_budget
 
     def next_window(self):
-        if self.initial + INITIAL_WINDOW <= PEER_INITIAL_BUDGET:
+        """The first window of a new stream toward this peer, or None: the router is full."""
+        left = GLOBAL_INITIAL_BUDGET - self.ledger.initial
+        if self.initial + INITIAL_WINDOW <= PEER_INITIAL_BUDGET and left >= 2 * INITIAL_WINDOW:
             return INITIAL_WINDOW
-        return MIN_STREAM_WINDOW
+        return MIN_STREAM_WINDOW if left >= 2 * MIN_STREAM_WINDOW else None
 
     def opened(self, leg):
         self.initial += leg.initial
+        self.ledger.initial += leg.initial
 
     def grew(self, leg, growth):
-        if self.growth + growth > PEER_WINDOW_BUDGET:
-            raise ProtocolError("windows grown by more than %d bytes over all streams"
-                                % PEER_WINDOW_BUDGET, "flow-control")
+        if self.growth + growth > self.growth_budget:
+            raise ProtocolError("windows grown by more than the %d bytes of window_budget over "
+                                "all streams" % self.growth_budget, "flow-control")
         leg.growth += growth
         self.growth += growth
 
     def closed(self, leg, queue_full):
         self.initial -= leg.initial
+        self.ledger.initial -= leg.initial
         self.growth -= leg.growth
         if queue_full:                  # its bytes may still be queued: counted until drained
             self.ended += leg.initial + leg.growth
+
+    def release(self):
+        """The peer is gone: its promised growth is free for others."""
+        self.ledger.promised -= self.growth_budget
+        self.growth_budget = 0
 
     @property
     def total(self):
@@ -2620,11 +2657,10 @@ class RelayedStream:
     that crosses the router, and every edit to both sides, happens here."""
     __slots__ = ("router", "registration", "opener", "acceptor")
 
-    def __init__(self, router, registration, opener, opener_id, sharer):
-        self.router, self.registration = router, registration
+    def __init__(self, router, registration, opener, opener_id, sharer, to_opener, to_sharer):
         # The router chooses each direction's first window, within what it may hold for the
-        # peer that direction leads to; both ends learn it from OPEN and OPEN_OK.
-        to_opener, to_sharer = opener.windows.next_window(), sharer.windows.next_window()
+        # peer that direction leads to (PeerWindows); both ends learn it from OPEN and OPEN_OK.
+        self.router, self.registration = router, registration
         self.opener = Leg(opener, StreamEnd(opener_id, OPEN_RECEIVED, ReceiveWindow(None, to_sharer),
                                             credit=to_opener), self)
         self.acceptor = Leg(sharer, StreamEnd(sharer.ids.allocate(), OPEN_SENT,
@@ -2873,7 +2909,7 @@ class RouterPeer(WatchedWrites, Link):
         self.door = FrontDoor(self)
         self.phase = "preamble"
         self.legs = {}                  # stream id on this link -> Leg
-        self.windows = PeerWindows()    # what its streams may make us hold for it
+        self.windows = PeerWindows(router.windows)     # what its streams may make us hold for it
         self.written = 0                # bytes handed to its transport, for the not-reading check
         self.stalled_since = None       # (time, queued then, written then) while writing is paused
         self.ids = StreamIds(odd=False)  # the router opens even ids here
@@ -2936,8 +2972,11 @@ class RouterPeer(WatchedWrites, Link):
         self.agent = short_reason(hello.get("agent", "?"))[:80]
         self.hello_role = str(hello.get("role", ""))[:16]
         token = self.router.token
-        self.send_json(HELLO, 0, {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
-                                  "nonce": self.nonce.hex(), "auth": "token" if token else "none"})
+        hello = {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
+                 "nonce": self.nonce.hex(), "auth": "token" if token else "none"}
+        if not token:
+            hello["window_budget"] = self.windows.promise_growth()
+        self.send_json(HELLO, 0, hello)
         if token:
             self._enter("auth")
         else:
@@ -2952,7 +2991,7 @@ class RouterPeer(WatchedWrites, Link):
             self.drop_cause = "auth"
             self.close("auth", "wrong or missing token for this router")
             return
-        self.send_json(AUTH, 0, {"ok": True})
+        self.send_json(AUTH, 0, {"ok": True, "window_budget": self.windows.promise_growth()})
         self._ready()
 
     def _ready(self):
@@ -3024,8 +3063,11 @@ class RouterPeer(WatchedWrites, Link):
             registration.peer.drop_cause = "limits"
             registration.peer.close("ids-exhausted", "stream ids are used up; reconnect")
             reason, refusal = "the sharer is reconnecting", "sharer_reconnecting"
+        elif None in (self.windows.next_window(), registration.peer.windows.next_window()):
+            reason, code = "the router holds all the stream data it may; try again later", "busy"
         else:
-            relay = RelayedStream(self.router, registration, self, stream_id, registration.peer)
+            relay = RelayedStream(self.router, registration, self, stream_id, registration.peer,
+                                  self.windows.next_window(), registration.peer.windows.next_window())
             relay.opener.received += len(early)
             relay.open(info)
             return
@@ -3091,6 +3133,7 @@ class Router:
         self.peers = set()
         self.handshakes = PendingHandshakes()
         self.relayed = 0                # streams relayed now
+        self.windows = WindowLedger()   # what all peers' streams may make us hold
         self.paused = set()             # peers whose link we cannot write to now (not reading?)
         self._reading_timer = None      # one timer checks them all
         self.drained = None             # a future while close() waits for the last stream
@@ -3232,6 +3275,7 @@ class Router:
     def peer_lost(self, peer, reason):
         self.peers.discard(peer)
         self.paused.discard(peer)
+        peer.windows.release()
         self.monitor.peer_lost(peer, reason)
         if peer.registrations:
             self.unregister_all(peer, reason)
@@ -3931,10 +3975,19 @@ class ClientLink(Link):
                 raise ProtocolError("HELLO with a malformed nonce")
             self.send_json(AUTH, 0, {"mac": _auth_mac(token, nonce)})
         else:
+            self._use_window_budget(hello)
             self._settle()
 
-    def on_auth_ok(self, _id, _payload):
+    def on_auth_ok(self, _id, payload):
+        self._use_window_budget(decode_json(AUTH, payload) if payload else {})
         self._settle()
+
+    def _use_window_budget(self, info):
+        """The growth the router lets this link's windows take in all (absent: the default)."""
+        budget = info.get("window_budget", PEER_WINDOW_BUDGET)
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ProtocolError("a window_budget of %r (must be a whole number of bytes)" % (budget,))
+        self.budget = WindowBudget(min(budget, PEER_WINDOW_BUDGET))
 
     def on_goaway(self, _id, payload):
         self.goaway = info = decode_json(GOAWAY, payload)

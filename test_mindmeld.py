@@ -4329,7 +4329,8 @@ class RawPeer:
     async def handshake(self):
         self.send(PREAMBLE + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION, "role": "forward",
                                                     "agent": "test"}))
-        return json.loads((await self.frame(HELLO, 0))[3].decode())
+        self.hello = json.loads((await self.frame(HELLO, 0))[3].decode())
+        return self.hello
 
     async def open(self, stream_id=1, service="web"):
         self.send(encode_json(OPEN, stream_id, {"service": service}))
@@ -5848,6 +5849,43 @@ class TestRouterMemory(HostileTestCase):
                 sharer.writer.close()
             await self.after(traffic)
         self.run_async(main(), 60)
+
+    def test_all_peers_together_are_held_to_the_routers_budget(self):
+        """Past GLOBAL_INITIAL_BUDGET of first windows new streams are refused (busy) until
+        some end; growth is shared out, and a peer told a window_budget of 0 stays within it.
+        (The budgets are lowered so that a few streams and peers reach them.)"""
+        for name, value in (("GLOBAL_INITIAL_BUDGET", 4 * INITIAL_WINDOW + 2 * 512),
+                            ("GLOBAL_GROWTH_BUDGET", mindmeld.PEER_WINDOW_BUDGET)):
+            self.addCleanup(setattr, mindmeld, name, getattr(mindmeld, name))
+            setattr(mindmeld, name, value)
+
+        async def main():
+            self.router = await self.start_router()
+            sharer = await self.raw_peer()          # the first peer: all the growth there is
+            sharer.send(encode_json(REGISTER, 1, {"name": "full", "owner": "ab" * 16}))
+            await sharer.frame(REGISTERED, 1)
+            opener = await self.raw_peer()
+            self.assertEqual(sharer.hello["window_budget"], mindmeld.PEER_WINDOW_BUDGET)
+            self.assertEqual(opener.hello["window_budget"], 0)      # nothing left to promise
+            credits = []
+            for stream_id in (1, 3, 5, 7):
+                opener.send(encode_json(OPEN, stream_id, {"service": "full"}))
+            for _ in range(3):
+                _t, _f, there, payload = await sharer.frame(OPEN)
+                credits.append(json.loads(payload.decode())["credit"])
+                sharer.send(encode_frame(OPEN_OK, there))
+            self.assertEqual(credits, [INITIAL_WINDOW, INITIAL_WINDOW, 512])
+            refused = json.loads((await opener.frame(OPEN_REFUSED, 7))[3].decode())
+            self.assertEqual(refused["code"], "busy", refused)
+            opener.send(encode_json(RESET, 1, {"reason": "done"}))  # one ends: room again
+            opener.send(encode_json(OPEN, 9, {"service": "full"}))
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            self.assertEqual(json.loads(payload.decode())["credit"], INITIAL_WINDOW)
+            # a peer told 0 that grows a window anyway broke the rules it was given
+            opener.send(encode_frame(WINDOW, 3, struct.pack("!I", 4096)))
+            self.assertEqual((await opener.goaway())["code"], "flow-control")
+            sharer.writer.close()
+        self.run_async(main(), 30)
 
     def test_what_a_stranger_queued_and_reset_does_not_knock_a_reading_sharer_off(self):
         """A stranger fills 300 windows toward a sharer that reads, then resets them all: the
