@@ -634,7 +634,7 @@ WS_PATH = "/mindmeld"
 WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 WS_MAX_FRAME = 2 * 1024 * 1024      # bytes in one WebSocket frame, once a peer is authenticated
 WS_MAX_FRAME_BEFORE_AUTH = 16 * 1024    # ... before: HELLO and AUTH fit, a stranger's 2 MiB does not
-WS_PONG_BACKLOG = 64 * 1024         # bytes queued to a peer above which its pings go unanswered
+WS_PONG_BACKLOG = 16 * 1024         # bytes queued to a peer above which its pings go unanswered
 
 
 def ws_accept_key(key):

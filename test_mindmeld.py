@@ -5766,6 +5766,19 @@ class TestWebSocketStrangers(HostileTestCase):
             self.assertLess(queued, mindmeld.WS_PONG_BACKLOG + 4096, "queued %d bytes" % queued)
         self.run_async(main(), 30)
 
+    def test_an_upgraded_peer_that_never_says_hello_is_gone_after_the_deadline(self):
+        async def main():
+            self.router = await self.start_router(handshake_timeout=0.5)
+            _reader, writer, peer = await self.upgraded()
+            ping = ws_frame(0x9, b"p" * 125)
+            for _ in range(5):                  # pings, no HELLO, and it never reads
+                writer.write(ping * 2000)
+                await writer.drain()
+            await wait_until(lambda: not self.router.peers, 5, "the peer is dropped")
+            self.assertTrue([l for l in self.logs if "did not complete the handshake" in l],
+                            self.logs)
+        self.run_async(main(), 30)
+
     def test_a_large_message_before_authenticating_is_refused(self):
         async def main():
             self.router = await self.start_router(token="t")
