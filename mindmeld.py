@@ -2527,11 +2527,14 @@ class FrontDoor:
         parts = line.split()
         path = parts[1].split("?")[0] if len(parts) > 1 else "/"
         log.debug("router: HTTP %s from %s", printable(line[:80]), self.peer.peer)
-        if path == self.router.ws_path and "websocket" in headers.get("upgrade", "").lower():
+        # ws_path, or ws_path/NAME: a front that hashes the path sends each name to one router
+        prefix = self.router.ws_path.rstrip("/") + "/"
+        ws_path = path == self.router.ws_path or (path.startswith(prefix) and valid_name(path[len(prefix):]))
+        if ws_path and "websocket" in headers.get("upgrade", "").lower():
             if self._upgrade_websocket(parts[0], headers, request[len(head):]):
                 return
             status, body = "400 Bad Request", "a WebSocket upgrade needs GET, a key and version 13\n"
-        elif path == self.router.ws_path:
+        elif ws_path:
             status, body = "426 Upgrade Required", "this path takes a WebSocket upgrade\n"
         elif path == "/healthz":
             status, body = "200 OK", "ok\n"
@@ -2973,7 +2976,8 @@ class RouterPeer(WatchedWrites, Link):
         self.hello_role = str(hello.get("role", ""))[:16]
         token = self.router.token
         hello = {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
-                 "nonce": self.nonce.hex(), "auth": "token" if token else "none"}
+                 "nonce": self.nonce.hex(), "auth": "token" if token else "none",
+                 "instance": self.router.instance}     # which router: clients behind a front check it
         if not token:
             hello["window_budget"] = self.windows.promise_growth()
         self.send_json(HELLO, 0, hello)
@@ -3129,6 +3133,7 @@ class Router:
         self.handshake_timeout = handshake_timeout
         self.liveness_probe = liveness_probe
         self.ws_path = ws_path
+        self.instance = os.urandom(8).hex()     # says in HELLO which router of several this is
         self.services = {}
         self.peers = set()
         self.handshakes = PendingHandshakes()
@@ -3873,6 +3878,7 @@ class ClientLink(Link):
         self.ready = self.loop.create_future()
         self.goaway = None
         self.failure = None             # a PermanentError the router sent (GOAWAY)
+        self.instance = None            # which router answered (HELLO), behind a front of several
         self.dispatch.update({
             HELLO: self.on_hello, AUTH: self.on_auth_ok, REGISTERED: self._on_reply(REGISTERED),
             LIST_REPLY: self._on_reply(LIST_REPLY), GOAWAY: self.on_goaway, OPEN: self.on_open,
@@ -3961,6 +3967,7 @@ class ClientLink(Link):
     def on_hello(self, _id, payload):
         hello = decode_json(HELLO, payload)
         self.rtt = max(self.loop.time() - self._hello_sent, RTT_MIN)
+        self.instance = str(hello["instance"])[:64] if hello.get("instance") else None
         if hello.get("auth") == "token":
             token = self.client.token
             if not token:
@@ -4156,16 +4163,29 @@ async def proxy_connect(proxy, host, port):
         raise
 
 
+SHARD_CHECK_INTERVAL = 60.0         # s: a client of a {name} router asks the front this often
+                                    # whether its name still goes to the same router
+SHARD_MOVE_WAIT = 5.0               # s: a forwarder's connection refused no-service there waits
+                                    # this long for a check that may find the name elsewhere
+
+
 class _Client:
-    """What every client role shares: where the router is, how to reach it, retries."""
+    """What every client role shares: where the router is, how to reach it, retries.
+
+    A router address with {name} in its path (ws://front/mindmeld/{name}) is a front of
+    several routers that picks one by the path: `name` goes there, and the client checks
+    now and then that the front still sends it to the same router (HELLO's instance)."""
 
     command = "client"
 
     def __init__(self, router=None, token=None, tls=None, keepalive=KEEPALIVE_INTERVAL,
                  max_retries=None, grace=GRACE_PERIOD, backoff=(BACKOFF_FIRST, BACKOFF_MAX),
-                 proxy=None):
+                 proxy=None, name=None, shard_check=SHARD_CHECK_INTERVAL):
         self.router = router or os.environ.get("MINDMELD_ROUTER") or DEFAULT_ROUTER
         self.ws_path = None             # set for ws:// and wss:// routers
+        self.sharded = "{name}" in self.router
+        self.shard_check = shard_check
+        self.retired = set()            # links left to drain after the name moved to another router
         address = self.router
         scheme, sep, rest = address.partition("://")
         if sep:
@@ -4174,6 +4194,12 @@ class _Client:
                                     "or wss://HOST[:PORT]/PATH" % address)
             address, slash, path = rest.partition("/")
             self.ws_path = "/" + path if slash else WS_PATH
+        if self.sharded and (not sep or "{name}" in address):
+            raise MindmeldError("bad router address %r: {name} goes in the path of a ws:// or wss:// "
+                                "address, as ws://HOST[:PORT]/mindmeld/{name}" % self.router)
+        if self.sharded and name is not None:
+            self.ws_path = self.ws_path.replace("{name}", check_name(name))
+        if sep:
             default_port = 443 if scheme == "wss" else 80
             if scheme == "wss" and tls is None:
                 tls = TlsOptions()
@@ -4313,7 +4339,8 @@ class _Client:
                 await self.link_established(link)
                 self.link_up.set()
                 failures = 0
-                reason = await link.lost
+                reason = await (self._follow_name() if self.sharded else link.lost)
+                link = self.link            # the last of this run's links, if the name moved
                 if isinstance(link.failure, PermanentError):
                     raise link.failure
                 if (link.goaway or {}).get("code") == "shutdown":
@@ -4352,6 +4379,57 @@ class _Client:
             await asyncio.sleep(delay)      # backoff, not synchronisation
         self._finish()
 
+    # -- a {name} router: follow the name to the router the front sends it to ---------------
+    recheck = None                  # an Event: check now (a forwarder heard no-service)
+
+    async def _follow_name(self):
+        """Until the current link is lost: right away and every shard_check seconds, ask the
+        front which router it sends the name to now (a fresh link's HELLO instance); if
+        another, move there (_move_to).  Returns the lost link's reason."""
+        loop = _get_loop()
+        self.recheck = asyncio.Event()
+        self.recheck.set()          # once after every (re)connect
+        while True:
+            current = self.link
+            wake = loop.create_task(self.recheck.wait())
+            try:
+                await asyncio.wait([current.lost, wake], timeout=self.shard_check,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wake.cancel()
+            if current.lost.done():
+                return current.lost.result()
+            self.recheck.clear()
+            try:
+                probe = await self.connect_link()
+            except (MindmeldError, asyncio.TimeoutError) as exc:
+                log.debug("%s: cannot check which router has the name now: %s", self.command, exc)
+                continue
+            if probe.instance in (None, current.instance) or current.lost.done() or self.closing:
+                probe.close()
+            else:
+                await self._move_to(current, probe)
+
+    async def _move_to(self, current, probe):
+        """Make `probe` the link (a sharer registers there); the old one says GOAWAY, which
+        frees its names on its router at once, and drains: its open streams finish."""
+        self.link = probe
+        try:
+            await self.link_established(probe)
+        except (MindmeldError, asyncio.TimeoutError) as exc:
+            self.link = current
+            probe.abort("move failed")
+            log.warning("%s: cannot move to the router the front now sends %s to: %s; staying",
+                        self.command, self.ws_path, exc)
+            return
+        log.info("%s: the front now sends %s to another router (%s); moved, %d stream(s) finish on "
+                 "the old one", self.command, self.ws_path, probe.instance, len(current.streams))
+        self.retired.add(current)
+        current.lost.add_done_callback(lambda _lost: self.retired.discard(current))
+        current.send_json(GOAWAY, 0, {"code": "moved", "message": "the name moved to another router"})
+        if not current.streams:
+            current.close()
+
     async def close(self, grace=0.0):
         """Stop: no new streams (a sharer's names are released at once, by GOAWAY), open
         ones get `grace` seconds, then everything closes."""
@@ -4363,13 +4441,13 @@ class _Client:
         if grace and link is not None and self.open_streams():
             self.drained = _get_loop().create_future()      # streams_changed() resolves it
             await asyncio.wait([self.drained, link.lost], timeout=grace)
-        link = self.link
-        if link is not None:
-            link.close()
-            try:
-                await asyncio.wait_for(asyncio.shield(link.lost), LINK_CLOSE_WAIT)
-            except asyncio.TimeoutError:
-                link.abort("shutdown")
+        for link in [self.link] + list(self.retired):
+            if link is not None:
+                link.close()
+                try:
+                    await asyncio.wait_for(asyncio.shield(link.lost), LINK_CLOSE_WAIT)
+                except asyncio.TimeoutError:
+                    link.abort("shutdown")
         await _cancel_all(self.tasks)
         self._finish()
 
@@ -4377,7 +4455,8 @@ class _Client:
         pass
 
     def open_streams(self):
-        return len(self.link.streams) if self.link is not None else 0
+        links = list(self.retired) + ([self.link] if self.link is not None else [])
+        return sum(len(link.streams) for link in links)
 
 
 def _tls_failure(exc, where):
@@ -4540,7 +4619,7 @@ class Sharer(_Client):
 
     def __init__(self, services, secret=None, max_streams_per_service=MAX_STREAMS_PER_SERVICE,
                  max_streams_per_opener=MAX_STREAMS_PER_OPENER, **options):
-        _Client.__init__(self, **options)
+        _Client.__init__(self, name=next(iter(services)) if len(services) == 1 else None, **options)
         self.secret = secret
         # Each stream holds a socket to its target; together they keep within a share of the
         # descriptor limit, so that the sharer can always still relink, log and refuse.
@@ -4566,6 +4645,48 @@ class Sharer(_Client):
         # marks a service with a secret; random, so that no router takes it for a proof
         self.secret_marker = os.urandom(16).hex()
         self._registered_once = False
+        self.shards = []                    # with a {name} router: a sharer per name, a link each
+        if self.sharded and len(self.services) > 1:
+            for name, target in self.services.items():
+                shard = Sharer({name: (target.host, target.port)}, secret, max_streams_per_service,
+                               max_streams_per_opener, **options)
+                if self.max_streams is not None:    # together within this process's share
+                    shard.max_streams = max(1, self.max_streams // len(self.services))
+                self.shards.append(shard)
+
+    # -- several names through a {name} router: the shards do the work ---------------------
+    async def start(self):
+        if not self.shards:
+            return await _Client.start(self)
+        self.link_up = asyncio.Event()
+        self.done = _get_loop().create_future()
+        for shard in self.shards:
+            await shard.start()
+            shard.done.add_done_callback(self._shard_done)
+        return self
+
+    def _shard_done(self, done):
+        failure = None if done.cancelled() else done.exception()
+        if failure is not None or all(shard.done.done() for shard in self.shards):
+            self._finish(failure)
+
+    async def wait_ready(self, timeout=None):
+        if not self.shards:
+            return await _Client.wait_ready(self, timeout)
+        await asyncio.wait_for(asyncio.gather(*(shard.link_up.wait() for shard in self.shards)), timeout)
+
+    async def close(self, grace=0.0):
+        if not self.shards:
+            return await _Client.close(self, grace)
+        self.closing = True
+        await asyncio.gather(*(shard.close(grace) for shard in self.shards))
+        await self.stop_accepting()
+        self._finish()
+
+    def open_streams(self):
+        if not self.shards:
+            return _Client.open_streams(self)
+        return sum(shard.open_streams() for shard in self.shards)
 
     async def link_established(self, link):
         for name, target in self.services.items():
@@ -4746,7 +4867,8 @@ class ForwardedStream(LocalStream):
         self._cancel_timer()
         self.end.receive(OPEN_REFUSED)
         reason = short_reason(info.get("reason", "refused"))
-        if info.get("code") == "no-service" and self.link.loop.time() < self.wait_until:
+        if info.get("code") == "no-service" and (self.link.loop.time() < self.wait_until or
+                                                  self.forwarder.name_may_have_moved(self)):
             self.forwarder.wait_for_service(self)   # waited for the router: its sharer may be next
             return
         if info.get("code") == "busy":          # a flood of these is one line and a count
@@ -4792,7 +4914,7 @@ class Forwarder(_Client):
 
     def __init__(self, service, host="127.0.0.1", port=0, pending_timeout=PENDING_TIMEOUT,
                  secret=None, **options):
-        _Client.__init__(self, **options)
+        _Client.__init__(self, name=service, **options)
         self.service = check_name(service)
         self.secret = secret
         self.host, self.port = host, port
@@ -4844,6 +4966,15 @@ class Forwarder(_Client):
         self.waiting.append(stream)
         stream.timer = loop.call_later(min(SERVICE_RETRY_INTERVAL, max(0.0, stream.wait_until - loop.time())),
                                        self._ask_again, stream)
+
+    def name_may_have_moved(self, stream):
+        """No such name on a {name} router: the front may send it elsewhere now.  Check at
+        once, and let the connection wait a little for the answer (once)."""
+        if self.recheck is None or stream.wait_until:
+            return False
+        stream.wait_until = _get_loop().time() + min(self.pending_timeout, SHARD_MOVE_WAIT)
+        self.recheck.set()
+        return True
 
     def _ask_again(self, stream):
         if stream not in self.waiting:
@@ -4956,7 +5087,7 @@ class Connector(_Client):
     command = "connect"
 
     def __init__(self, service, read_fd=0, write_fd=1, secret=None, **options):
-        _Client.__init__(self, **options)
+        _Client.__init__(self, name=service, **options)
         self.service = check_name(service)
         self.secret = secret
         self.read_fd, self.write_fd = read_fd, write_fd
@@ -4986,10 +5117,14 @@ class Connector(_Client):
         pass
 
 
-async def list_services(router=None, **options):
-    """The router's registry: [{"name", "since", "age", "streams", "peer", "secret"}]."""
-    client = _Client(router, **options)
+async def list_services(router=None, name=None, **options):
+    """The router's registry: [{"name", "since", "age", "streams", "peer", "secret"}]; only
+    `name`'s entry if given (with a {name} router: asked of the router that holds it)."""
+    client = _Client(router, name=name, **options)
     client.command = "list"
+    if client.sharded and name is None:
+        raise UsageError("the router address %s has {name}: each router behind it knows only its "
+                         "own names, so give one: list NAME" % client.router)
     link = await client.connect_link()
     services, request = [], {"limit": LIST_PAGE_MAX}
     try:
@@ -5000,7 +5135,7 @@ async def list_services(router=None, **options):
                 raise ProtocolError("the router at %s sent a malformed LIST_REPLY" % client.router)
             services.extend(page)
             if not reply.get("more") or not page:
-                return services
+                return [s for s in services if name is None or s.get("name") == name]
             after = page[-1].get("name")
             if not isinstance(after, str) or ("after" in request and after <= request["after"]):
                 raise ProtocolError("the router at %s sent LIST_REPLY pages out of order" % client.router)
@@ -5662,8 +5797,9 @@ def build_parser():
                           "(default %.0f)" % GRACE_PERIOD)
     router_address = options()
     router_address.add_argument("--router", metavar="HOST:PORT",
-                                help="the router: HOST:PORT, ws://HOST[:PORT]/PATH or wss://... "
-                                "(default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
+                                help="the router: HOST:PORT, ws://HOST[:PORT]/PATH or wss://...; "
+                                "{name} in PATH: one link per name, for a front that picks a "
+                                "router by path (default: $MINDMELD_ROUTER, else %s)" % DEFAULT_ROUTER)
     client_tls = options()
     client_tls.add_argument("--tls", action="store_true", help="TLS to the router: system CAs, else trust "
                             "the first certificate seen and refuse a changed one (known_routers)")
@@ -5739,7 +5875,11 @@ def build_parser():
     p.add_argument("name", metavar="NAME")
 
     p = sub.add_parser("list", parents=[client], help="show the services registered on the router",
-                       description="Print the router's registry: one line per service.")
+                       description="Print the router's registry: one line per service.  Through "
+                                   "a front of several routers (--router .../{name}) give NAME: "
+                                   "it is asked of the router that holds NAME.")
+    p.add_argument("name", metavar="NAME", nargs="?", help="show only this service (exit 1 if "
+                   "it is not registered)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("bench", parents=[common], help="measure the whole tool on this machine",
@@ -5893,7 +6033,9 @@ def _run_forward(args):
 
 
 def _run_list(args):
-    services = _run(list_services(**_client_options(args)))
+    services = _run(list_services(name=args.name, **_client_options(args)))
+    if args.name is not None and not services:
+        raise MindmeldError("%r is not registered on the router" % args.name)
     if args.json:
         print(json.dumps(services, indent=2))
         return 0
