@@ -4287,6 +4287,7 @@ class _Client:
             raise LinkLost("the router at %s did not complete the handshake within %.0f s "
                            "(is it a mindmeld router, and does it use TLS?)" % (where, HANDSHAKE_TIMEOUT))
         except BaseException:
+            link.ready.add_done_callback(lambda ready: ready.cancelled() or ready.exception())
             link.abort("handshake failed")
             raise
         return link

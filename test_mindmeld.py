@@ -6469,3 +6469,164 @@ class TestTlsTrust(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(both.code, 1, both.err)
         self.assertEqual([l for l in both_quiet.err.splitlines() if "process list" in l], [])
         self.assertEqual(both_quiet.code, 1, both_quiet.err)
+
+
+class TestShardedRouters(LoopTestCase):
+    """Several routers behind a front that picks one by hashing the request path, as nginx
+    `hash $request_uri consistent` or HAProxy `balance uri` do; clients with {name} in the
+    router address open a link per name and follow their name when the front moves it."""
+
+    FAST = dict(backoff=(0.05, 0.2), shard_check=0.2)
+
+    def setUp(self):
+        LoopTestCase.setUp(self)
+        self.routers = {}               # port -> Router, the live ones
+        self.run_async(self.start_front())
+        for _ in range(3):
+            self.run_async(self.add_router())
+
+    async def start_front(self):
+        """A front: read the request head, hash its path over the live routers, replay the
+        head to the one chosen and splice bytes both ways."""
+        import zlib
+        writers = []
+
+        async def pipe(reader, writer):
+            try:
+                for _ in range(100000):
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        break
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def serve(reader, writer):
+            writers.append(writer)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                ports = sorted(self.routers)
+                port = ports[zlib.crc32(head.split(b" ", 2)[1]) % len(ports)]
+                up_reader, up_writer = await asyncio.open_connection(LOCALHOST, port)
+                writers.append(up_writer)
+                up_writer.write(head)
+                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                writer.close()
+
+        server = await asyncio.start_server(serve, LOCALHOST, 0)
+
+        async def close():
+            server.close()
+            for writer in writers:
+                writer.close()
+        self._async_cleanups.append(close)
+        self.front = "ws://%s:%d/mindmeld/{name}" % (LOCALHOST, server.sockets[0].getsockname()[1])
+
+    async def add_router(self, port=0):
+        router = Router(LOCALHOST, port)
+        await router.start()
+        self._async_cleanups.append(lambda: router.close(0))
+        self.routers[router.port] = router
+        return router
+
+    def owner(self, name):
+        import zlib
+        ports = sorted(self.routers)
+        return self.routers[ports[zlib.crc32(("/mindmeld/" + name).encode()) % len(ports)]]
+
+    def holders(self, name):
+        return [r for r in self.routers.values() if name in r.services]
+
+    async def echo_through(self, port, payload=b"ping"):
+        reader, writer = await self.connect(port)
+        writer.write(payload)
+        self.assertEqual(await asyncio.wait_for(reader.readexactly(len(payload)), 5), payload)
+        return reader, writer
+
+    async def shared(self, names):
+        target = await self.start_target(echo_handler)
+        sharer = Sharer({name: (LOCALHOST, target) for name in names}, router=self.front, **self.FAST)
+        self._async_cleanups.append(lambda: sharer.close(0))
+        await sharer.start()
+        await sharer.wait_ready(5)
+        return sharer
+
+    async def forwarded(self, name):
+        forwarder = Forwarder(name, LOCALHOST, 0, router=self.front, **self.FAST)
+        self._async_cleanups.append(lambda: forwarder.close(0))
+        await forwarder.start()
+        await forwarder.wait_ready(5)
+        return forwarder
+
+    def test_one_link_per_name_each_at_its_hash_owner_and_list_name(self):
+        async def main():
+            names = ["web", "db", "mail"]
+            sharer = await self.shared(names)
+            await wait_until(lambda: all(self.holders(n) == [self.owner(n)] for n in names), 3,
+                             lambda: {n: [r.port for r in self.holders(n)] for n in names})
+            peers = {self.owner(n).services[n].peer for n in names}
+            self.assertEqual(len(peers), 3)                 # a link each, even on one router
+            self.assertEqual(len(sharer.shards), 3)
+            instances = {r.instance for r in self.routers.values()}
+            self.assertEqual(len(instances), 3)
+            self.assertTrue(all(re.match("^[0-9a-f]{16}$", i) for i in instances), instances)
+            forwarder = await self.forwarded("db")
+            self.assertEqual(forwarder.link.instance, self.owner("db").instance)
+            await self.echo_through(forwarder.port)
+            listed = await mindmeld.list_services(self.front, name="mail")
+            self.assertEqual([s["name"] for s in listed], ["mail"])
+            with self.assertRaises(mindmeld.UsageError):
+                await mindmeld.list_services(self.front)
+            ran, bare = await asyncio.gather(*(self.loop.run_in_executor(None, run_cli, *argv) for argv in (
+                ["list", "web", "--router", self.front], ["list", "--router", self.front])))
+            self.assertEqual((ran.code, [r[0] for r in list_rows(ran.out)]), (0, ["NAME", "web"]), ran.err)
+            self.assertEqual(bare.code, 2, bare.err)
+            self.assertIn("list NAME", bare.err)
+            # the router takes /mindmeld/NAME, nothing else under it
+            router = next(iter(self.routers.values()))
+            for path, status in (("/mindmeld/web", b"426"), ("/mindmeld/a/b", b"404"), ("/mindmeld/", b"404")):
+                reader, writer = await self.connect(router.port)
+                writer.write(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+                self.assertIn(status, (await asyncio.wait_for(reader.read(200), 5)).split(b"\r\n")[0])
+        self.run_async(main())
+
+    def test_failover_then_back_to_the_hash_owner_without_dropping_a_stream(self):
+        async def main():
+            await self.shared(["web"])
+            forwarder = await self.forwarded("web")
+            first = self.owner("web")
+            await self.echo_through(forwarder.port)
+            # the owner goes: the front stops sending to it, its names come up elsewhere
+            del self.routers[first.port]
+            await first.close(0)
+            await wait_until(lambda: len(self.holders("web")) == 1, 3, "web registered again")
+            second = self.holders("web")[0]
+            self.assertIsNot(second, first)
+            await wait_until(lambda: forwarder.link is not None and forwarder.link.instance == second.instance,
+                             3, "the forwarder on the new owner")
+            reader, writer = await self.echo_through(forwarder.port, b"through the second")
+            # it comes back: names go home, the open stream finishes on the old router
+            back = await self.add_router(first.port)
+            self.assertIs(self.owner("web"), back)
+            await wait_until(lambda: self.holders("web") == [back] and forwarder.link.instance == back.instance,
+                             3, lambda: "web at %s" % [r.port for r in self.holders("web")])
+            writer.write(b"still here")
+            self.assertEqual(await asyncio.wait_for(reader.readexactly(10), 5), b"still here")
+            self.assertEqual(second.open_streams, 1)
+            await self.echo_through(forwarder.port, b"through the first again")
+            writer.close()
+            await wait_until(lambda: not second.peers, 3, "the old links drained and closed")
+        self.run_async(main())
+
+    def test_without_name_nothing_changes_and_name_needs_a_ws_path(self):
+        plain = mindmeld._Client("127.0.0.1:7700", name="web")
+        self.assertEqual((plain.sharded, plain.ws_path), (False, None))
+        client = mindmeld._Client("ws://front.example/mindmeld/{name}", name="web")
+        self.assertEqual((client.sharded, client.ws_path, client.router_port), (True, "/mindmeld/web", 80))
+        for bad in ("{name}.example:7700", "ws://{name}.example/mindmeld"):
+            with self.assertRaises(mindmeld.MindmeldError):
+                mindmeld._Client(bad, name="web")
