@@ -6493,12 +6493,7 @@ class TestShardedRouters(LoopTestCase):
 
         async def pipe(reader, writer):
             try:
-                for _ in range(100000):
-                    data = await reader.read(CHUNK)
-                    if not data:
-                        break
-                    writer.write(data)
-                    await writer.drain()
+                await copy_to_eof(reader, writer)
             except (ConnectionError, OSError):
                 pass
             finally:
