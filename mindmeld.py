@@ -5574,6 +5574,7 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
 
     children, results, in_process = [], {}, None
     stop = threading.Event()
+    descriptors = _raise_descriptor_limit() if scale else None     # before any child starts
     if script is not None:      # the target in its own process: no GIL shared with the client
         children.append(_Child([script, "bench", "--serve-target"], "target"))
         target_port = children[0].port
@@ -5618,6 +5619,8 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             port, sizes, pattern, lambda t: say("  mindmeld: " + t), relays_cpu)
         result.setdefault("cpu_s_per_GB", None)
         result["router_peak_rss_MB"] = _proc_memory_mb(router_pid, "VmHWM") if router_pid else None
+        if scale and pids:      # last: a router of their own, killed on the way
+            results["scale"].update(_bench_links_and_storm(script, quick, descriptors, say))
     finally:
         stop.set()
         if in_process is not None:
@@ -5631,6 +5634,12 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
                        "scale": results.get("scale"), "tls": tls, "in_process": script is None,
                        "python": sys.version.split()[0], "quick": quick}, f, indent=2)
         say("wrote %s" % json_path)
+    storm = (results.get("scale") or {}).get("restart_storm")
+    if storm and storm["back"] < storm["peers"]:
+        raise MindmeldError("bench: restart storm: only %d of %d peers were back within %.0f s of the "
+                            "router's restart (sharers %d of %d, forwarders %d of %d)" % (
+                                storm["back"], storm["peers"], storm["limit_s"], storm["sharers_back"],
+                                storm["sharers"], storm["forwarders_back"], storm["forwarders"]))
     return 0
 
 
@@ -5697,6 +5706,197 @@ async def _bench_scale(port, pids, say):
     return result
 
 
+SCALE_LINKS = {"default": 5000, "quick": 1000}    # idle links, and restart storm peers
+STORM_LIMIT = 60.0          # s: the restart storm fails unless every peer is back within this
+STORM_PEERS_CODE = (        # the storm's peers: this file imported, whatever its name
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('mindmeld', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['mindmeld'] = module\n"
+    "spec.loader.exec_module(module)\n"
+    "sys.exit(module.serve_storm_peers(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))\n")
+
+
+def _raise_descriptor_limit():
+    """Soft RLIMIT_NOFILE up to the hard one (children inherit it); the soft limit after,
+    or None where there is none to read."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+    return _descriptor_limit()
+
+
+def serve_storm_peers(router, sharers, forwarders, lifetime=900.0):
+    """The restart storm's peers in one process: `sharers` Sharers of storm-0, storm-1 ...
+    (each to a target here that answers P with p) and `forwarders` Forwarders to them, in
+    turn.  Once all are up: one line on standard output, {"role", "forwarders": [port ...]}."""
+    log.setLevel(logging.ERROR)         # thousands of "retrying" lines are the point, not news
+
+    async def answer(reader, writer):
+        try:
+            if await reader.read(1) == b"P":
+                writer.write(b"p")
+                await reader.read()     # until the prober closes
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
+        target = ("127.0.0.1", server.sockets[0].getsockname()[1])
+        roles = []
+        for i in range(sharers):
+            sharer = Sharer({"storm-%d" % i: target}, router=router)
+            # A chain's length is paid once, at the first REGISTER (10,000 hashes: 6 ms);
+            # a reconnect costs the same on a short one.
+            sharer.owners = OwnerChain(2 * OwnerChain.CHECKPOINT)
+            roles.append(sharer)
+        roles += [Forwarder("storm-%d" % (i % sharers), "127.0.0.1", 0, router=router)
+                  for i in range(forwarders)]
+        for start in range(0, len(roles), 100):     # setting up is not what is measured
+            batch = roles[start:start + 100]
+            for role in batch:
+                await role.start()
+            await asyncio.gather(*[role.wait_ready(60) for role in batch])
+        _write_ready(1, {"role": "peers", "forwarders": [f.port for f in roles[sharers:]]})
+        await asyncio.sleep(lifetime)   # bounded; the bench terminates it long before
+    _run(main())
+    return 0
+
+
+def _bench_idle_links(port, pid, n, say):
+    """n raw links to the router at port, HELLO done (as a sharer's), and nothing more:
+    what the router (pid) holds for each."""
+    say("scale: router RSS with %d idle links (HELLO done)" % n)
+    hello = PREAMBLE + encode_json(HELLO, 0, {"version": PROTOCOL_VERSION, "role": "share",
+                                              "agent": "mindmeld/%s bench" % __version__})
+    before, links = _proc_memory_mb(pid), []
+    try:
+        for start in range(0, n, 100):      # a hundred handshakes in flight at a time
+            try:
+                batch = [_bench_connect(port) for _ in range(min(100, n - start))]
+            except OSError as exc:
+                raise MindmeldError("bench: idle link %d of %d: %s" % (len(links) + 1, n, _os_error_text(exc)))
+            links += batch
+            for sock in batch:
+                sock.sendall(hello)
+            for sock in batch:
+                length, ftype = HEADER.unpack(_recv_exact(sock, HEADER_SIZE))[:2]
+                _recv_exact(sock, length)
+                if ftype != HELLO:
+                    raise MindmeldError("bench: the router answered a HELLO with %s"
+                                        % FRAME_NAMES.get(ftype, ftype))
+        after = _proc_memory_mb(pid)
+    finally:
+        for sock in links:
+            sock.close()
+    per_link = (after - before) * 1024 / n if None not in (before, after) else None
+    return {"links": n, "router_rss_before_MB": before, "router_rss_MB": after, "per_link_KB": per_link}
+
+
+async def _storm_back(port, forwarder_ports, sharers, began, deadline):
+    """Until `deadline` (time.monotonic()): when `list` shows all the sharers' names, and
+    when each forwarder has carried a stream (P answered with p)."""
+    back = {"sharers_back": 0, "forwarders_back": 0, "sharers_back_s": None, "forwarders_back_s": None}
+
+    def left():
+        return max(0.1, deadline - time.monotonic())
+
+    async def listed():
+        while time.monotonic() < deadline:
+            try:
+                names = await asyncio.wait_for(list_services("127.0.0.1:%d" % port), left())
+                seen = sum(1 for s in names if str(s.get("name", "")).startswith("storm-"))
+            except (MindmeldError, OSError, asyncio.TimeoutError):
+                seen = 0                # the router is not back yet
+            back["sharers_back"] = max(back["sharers_back"], seen)
+            if seen >= sharers:
+                back["sharers_back_s"] = time.monotonic() - began
+                return
+            await asyncio.sleep(0.2)    # polling the router, as a user of `list` would
+
+    async def probe(forwarder_port):
+        while time.monotonic() < deadline:
+            answer = b""
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", forwarder_port), left())
+                try:
+                    writer.write(b"P")
+                    answer = await asyncio.wait_for(reader.read(1), left())
+                finally:
+                    writer.close()
+            except (OSError, asyncio.TimeoutError):
+                pass
+            if answer == b"p":
+                back["forwarders_back"] += 1
+                back["forwarders_back_s"] = time.monotonic() - began
+                return
+            await asyncio.sleep(0.2)    # the stream was refused or reset: try it again
+
+    await asyncio.gather(listed(), *[probe(p) for p in forwarder_ports])
+    return back
+
+
+def _bench_restart_storm(routers, router_argv, n, say):
+    """n peers (half sharers, half forwarders) on the last of `routers`; the router killed
+    (SIGKILL) and started again on its port; how long until all are back."""
+    port, sharers = routers[-1].port, max(1, n // 2)
+    script = router_argv[0]
+    say("scale: restart storm, %d sharers and %d forwarders" % (sharers, n - sharers))
+    peers = _Child(["-c", STORM_PEERS_CODE, script, "127.0.0.1:%d" % port, str(sharers), str(n - sharers)],
+                   "restart storm's peers", timeout=30.0 + n / 50.0)
+    try:
+        forwarder_ports = peers.report.get("forwarders") or []
+        say("scale: all %d up; the router killed and started again" % n)
+        began = time.monotonic()
+        routers[-1].process.kill()      # SIGKILL: no GOAWAY, the links just die
+        routers[-1].process.wait()
+        routers.append(_Child(router_argv + ["--listen", "127.0.0.1:%d" % port], "restarted router"))
+        result = _run(_storm_back(port, forwarder_ports, sharers, began, began + STORM_LIMIT))
+    finally:
+        peers.stop()
+    result.update(peers=n, sharers=sharers, forwarders=n - sharers, limit_s=STORM_LIMIT)
+    result["back"] = result["sharers_back"] + result["forwarders_back"]
+    result["all_back_s"] = (max(result["sharers_back_s"], result["forwarders_back_s"] or 0.0)
+                            if result["back"] == n and result["sharers_back_s"] is not None else None)
+    return result
+
+
+def _bench_links_and_storm(script, quick, descriptors, say):
+    """bench --scale's router figures, on a router of their own: RSS per idle link, and the
+    time every peer takes to come back after the router is killed and restarted."""
+    import tempfile
+    n = SCALE_LINKS["quick" if quick else "default"]
+    # The router holds a descriptor a link; the storm's peers about three a peer (a link, a
+    # listening socket or a target, a probe in flight); 100 to spare.
+    idle_n, storm_n = n, n
+    if descriptors is not None:
+        idle_n, storm_n = min(n, descriptors - 100), min(n, (descriptors - 100) // 3)
+        if storm_n < n:
+            say("scale: RLIMIT_NOFILE is %d here: %d idle links and %d storm peers instead of %d "
+                "(raise it with ulimit -n for the full figures)" % (descriptors, max(idle_n, 0),
+                                                                     max(storm_n, 0), n))
+        if idle_n < 10 or storm_n < 10:
+            raise MindmeldError("bench: RLIMIT_NOFILE is %d, too low for --scale; raise it with "
+                                "ulimit -n" % descriptors)
+    router_argv = [script, "router", "--state-dir", tempfile.mkdtemp(prefix="mindmeld-bench-"),
+                   "--ready-fd", "1"]
+    routers = [_Child(router_argv + ["--listen", "127.0.0.1:0"], "scale router")]
+    try:
+        result = {"idle_links": _bench_idle_links(routers[0].port, routers[0].process.pid, idle_n, say)}
+        result["restart_storm"] = _bench_restart_storm(routers, router_argv, storm_n, say)
+    finally:
+        for router in routers:
+            router.stop()
+    return result
+
+
 def _bench_report(results, out):
     rows = [("upload_MBps", "single stream upload, MB/s"), ("download_MBps", "single stream download, MB/s"),
             ("concurrent_MBps", "100 streams both ways, MB/s"), ("rtt_p50_us", "round trip p50, us"),
@@ -5719,6 +5919,17 @@ def _bench_report(results, out):
         out.write("  5000 concurrent streams verified        %d of 5000 in %.1f s\n"
                   % (scale["streams_5000_ok"], scale["streams_5000_s"]))
         out.write("  RSS growth, 100 stalled readers, MB     %s\n" % cell(scale["rss_growth_100_stalled_MB"]))
+        idle = scale.get("idle_links")
+        if idle:
+            out.write("  router RSS, %5d idle links, MB        %s (%s before: %s KB a link)\n" % (
+                idle["links"], cell(idle["router_rss_MB"]), cell(idle["router_rss_before_MB"]),
+                cell(idle["per_link_KB"])))
+        storm = scale.get("restart_storm")
+        if storm:
+            when = ("in %.1f s (sharers listed in %.1f s)" % (storm["all_back_s"], storm["sharers_back_s"])
+                    if storm["all_back_s"] is not None else "within %.0f s" % storm["limit_s"])
+            out.write("  router killed and restarted: %d of %d peers back %s\n"
+                      % (storm["back"], storm["peers"], when))
     out.flush()
 
 
@@ -5892,7 +6103,9 @@ def build_parser():
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--tls", action="store_true", help="TLS on the router's links")
     p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
-                   "100 stalled streams, and 5,000 concurrent streams (about 6 s more)")
+                   "100 stalled streams, 5,000 concurrent streams, the router's memory per idle link "
+                   "(5,000 links) and how long 5,000 peers take to come back after the router is "
+                   "killed and restarted (1,000 with --quick; about 50 s more, 25 s with --quick)")
     p.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
     parser.commands = sub.choices
     return parser
