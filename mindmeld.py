@@ -350,7 +350,7 @@ MAX_SERVICES_PER_PEER = 64
 MAX_PENDING_HANDSHAKES = 4096       # unfinished handshakes in all; past it, the source (IPv4 address
                                     # or IPv6 /64) with the most loses its oldest.  A restart storm
                                     # from one place is served at the rate the router can, not refused
-ROUTER_READ_BUFFER = 4 * 1024       # bytes: a new peer's first buffer (it grows as reads fill it)
+ROUTER_READ_BUFFER = 512           # bytes: a new peer's first buffer (it grows as reads fill it)
 MAX_STREAMS_PER_SERVICE = 4096      # sharer: streams of one service at once (each dials a socket)
 MAX_STREAMS_PER_OPENER = 1024       # sharer: ... opened through one forwarder link (at most half the above)
 SHARER_FD_SHARE = 0.5               # sharer: all its streams hold at most this share of RLIMIT_NOFILE
