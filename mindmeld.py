@@ -230,6 +230,25 @@ def _set_nodelay(transport):
             pass
 
 
+# TCP_NOTSENT_LOWAT keeps what a socket has not yet sent small, so that a queue forms in
+# userspace, where streams take turns, rather than in the kernel, first come first served.
+# The socket module names it only on some versions (3.6 does not): the values are Linux's
+# and macOS's.
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT",
+                            {"linux": 25, "darwin": 0x201}.get(sys.platform))
+
+
+def _set_notsent_lowat(transport, limit):
+    """Where the platform has it, at most `limit` unsent bytes in the socket's buffer."""
+    sock = transport.get_extra_info("socket")
+    if TCP_NOTSENT_LOWAT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
+    except OSError:  # pragma: no cover - an older kernel
+        pass
+
+
 def _abort_with_reset(transport):
     """Close so that the peer sees a TCP reset, as a RESET frame asks for."""
     sock = transport.get_extra_info("socket")
@@ -297,6 +316,8 @@ PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all stre
 MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the granter's error
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
+LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
+                                    # waits in the local sockets, where streams take turns
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
 
 HANDSHAKE_TIMEOUT = 15.0            # preamble + hello (+ auth) must complete in this time
@@ -1066,6 +1087,7 @@ class Link(BufferedProtocol):
     LINK_HIGH_WATER."""
 
     role = "link"
+    notsent_lowat = None    # TCP_NOTSENT_LOWAT for the socket, where local streams take turns
 
     def __init__(self, keepalive=KEEPALIVE_INTERVAL):
         self.loop = _get_loop()
@@ -1090,6 +1112,8 @@ class Link(BufferedProtocol):
         self.transport = transport
         self.peer = _peer_name(transport)
         _set_nodelay(transport)
+        if self.notsent_lowat:
+            _set_notsent_lowat(transport, self.notsent_lowat)
         self.sock = _raw_socket(transport)
         transport.set_write_buffer_limits(LINK_HIGH_WATER, LINK_LOW_WATER)
         if self.keepalive:
@@ -3456,6 +3480,7 @@ class ClientLink(Link):
     """A client's link to the router: hello (+ token), requests, and its streams."""
 
     role = "router link"
+    notsent_lowat = LINK_NOTSENT_LOWAT
 
     def __init__(self, client, hello, pin=None):
         Link.__init__(self, client.keepalive)
@@ -5116,8 +5141,8 @@ async def _wan_link(upstream_port, rtt, rate):
                 _WanDirection(rtt / 2, back).run(up_reader, writer)]
         try:
             await asyncio.gather(*ways)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass        # cancelled: the loop is closing (3.11's streams report it otherwise)
         finally:
             writer.close()
             up_writer.close()

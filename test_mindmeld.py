@@ -5818,3 +5818,48 @@ class TestWebSocketStrangers(HostileTestCase):
             self.assertTrue([l for l in self.logs if "over the limit" in l], self.logs)
             await wait_until(lambda: not self.router.peers, 5, 'not self.router.peers')
         self.run_async(main(), 30)
+
+
+class TestRealLinks(LoopTestCase):
+    """Fast where users are: a client's link socket keeps little unsent, so the queue stays
+    where streams take turns, and bench --wan's emulated link delays and paces as asked.
+    (The timing targets are in bench --wan's output, not here.)"""
+
+    @unittest.skipIf(mindmeld.TCP_NOTSENT_LOWAT is None, "no TCP_NOTSENT_LOWAT on this platform")
+    def test_link_sockets_hold_little_unsent(self):
+        async def main():
+            await self.tunnel(echo_handler)
+            for client in (self.forwarder, self.sharer):
+                sock = client.link.transport.get_extra_info("socket")
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, mindmeld.TCP_NOTSENT_LOWAT),
+                                 mindmeld.LINK_NOTSENT_LOWAT)
+        self.run_async(main())
+
+    def test_emulated_link_delays_and_paces(self):
+        rtt, rate = 0.2, 1e6                       # 200 ms, 1 MB/s each way
+        message = os.urandom(300 * 1000)
+
+        async def main():
+            target = await self.start_target(echo_handler)
+            server = await mindmeld._wan_link(target, rtt, rate)
+            self._async_cleanups.append(lambda: mindmeld._close_server(server))
+            reader, writer = await self.connect(server.sockets[0].getsockname()[1])
+            began = self.loop.time()
+            writer.write(b"x")
+            self.assertEqual(await asyncio.wait_for(reader.readexactly(1), 10), b"x")
+            round_trip = self.loop.time() - began
+            self.assertGreaterEqual(round_trip, rtt * 0.95)
+            self.assertLess(round_trip, rtt + 2.0)      # generous: a loaded machine
+            began = self.loop.time()
+            writer.write(message)
+            echoed = await asyncio.wait_for(reader.readexactly(len(message)), 20)
+            took = self.loop.time() - began
+            self.assertEqual(echoed, message)
+            self.assertGreaterEqual(took, len(message) / rate * 0.9 + rtt)   # paced, then delayed
+            self.assertLess(took, 2 * len(message) / rate + rtt + 3.0)
+        self.run_async(main(), 40)
+
+    def test_bench_wan_refuses_a_negative_round_trip(self):
+        ran = run_cli("bench", "--wan", "--rtt", "-5")
+        self.assertEqual(ran.code, 2)
+        self.assertIn("--rtt and --rate must not be negative", ran.err)
