@@ -316,6 +316,8 @@ PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all stre
 MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the granter's error
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
+LONG_LINK_RTT = 0.02                # seconds: a client link this long gets the smaller write buffer
+LONG_LINK_WATER = (128 * 1024, 32 * 1024)   # ... these limits: the pipe is full without it
 LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
                                     # waits in the local sockets, where streams take turns
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
@@ -1078,6 +1080,10 @@ def _write_parts(transport, sock, header, payload):
         transport.write(payload)
 
 
+def _pending_size(stream):
+    return len(stream.pending) if stream.pending is not None else 0
+
+
 class Link(BufferedProtocol):
     """One multiplexed connection: frame codec, write path, keepalive, shutdown.
 
@@ -1196,6 +1202,7 @@ class Link(BufferedProtocol):
     def resume_writing(self):
         self.write_paused = False
         blocked, self.blocked = self.blocked, []
+        blocked.sort(key=_pending_size)     # a short answer goes before the next bulk read
         for stream in blocked:
             stream.link_resumed()
 
@@ -1247,7 +1254,16 @@ class Link(BufferedProtocol):
         if len(payload) == PING_PAYLOAD.size:
             rtt = time.monotonic() - PING_PAYLOAD.unpack(payload)[0]
             if 0 <= rtt < RTT_MAX:
-                self.rtt = rtt
+                self.rtt_measured(rtt)
+
+    def rtt_measured(self, rtt):
+        """On a long link the kernel's data in flight keeps the pipe full: what waits here
+        beyond that only delays other streams' data, so the write buffer is smaller."""
+        self.rtt = rtt
+        if self.notsent_lowat and not self.closing:
+            long_link = rtt >= LONG_LINK_RTT
+            self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
+                                                   (LINK_HIGH_WATER, LINK_LOW_WATER))
 
     # -- closing ------------------------------------------------------------
     def close(self, code=None, message=None):
@@ -3582,7 +3598,7 @@ class ClientLink(Link):
 
     def on_hello(self, _id, payload):
         hello = decode_json(HELLO, payload)
-        self.rtt = max(self.loop.time() - self._hello_sent, RTT_MIN)
+        self.rtt_measured(max(self.loop.time() - self._hello_sent, RTT_MIN))
         if hello.get("auth") == "token":
             token = self.client.token
             if not token:
