@@ -5835,6 +5835,21 @@ class TestRealLinks(LoopTestCase):
                                  mindmeld.LINK_NOTSENT_LOWAT)
         self.run_async(main())
 
+    def test_a_long_link_keeps_a_smaller_write_buffer(self):
+        async def main():
+            await self.tunnel(echo_handler)
+            link = self.forwarder.link
+            link.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
+            self.assertEqual(link.transport.get_write_buffer_limits()[::-1], mindmeld.LONG_LINK_WATER)
+            link.rtt_measured(mindmeld.LONG_LINK_RTT / 10)
+            self.assertEqual(link.transport.get_write_buffer_limits()[::-1],
+                             (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
+            for peer in self.router.peers:          # the router's links are left as they were
+                peer.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
+                self.assertEqual(peer.transport.get_write_buffer_limits()[::-1],
+                                 (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
+        self.run_async(main())
+
     def test_emulated_link_delays_and_paces(self):
         rtt, rate = 0.2, 1e6                       # 200 ms, 1 MB/s each way
         message = os.urandom(300 * 1000)
