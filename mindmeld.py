@@ -5690,6 +5690,8 @@ def _run_bench(args):
     if args.wan:
         if args.rtt < 0 or args.rate < 0:
             raise UsageError("--rtt and --rate must not be negative")
+        if args.tls or args.scale:
+            raise UsageError("--wan measures plain links only: leave out --tls and --scale")
         return run_bench_wan(quick=args.quick, rtt_ms=args.rtt, rate_mbit=args.rate, json_path=args.json)
     return run_bench(quick=args.quick, json_path=args.json, tls=args.tls, scale=args.scale)
 
