@@ -231,6 +231,25 @@ def _set_nodelay(transport):
             pass
 
 
+# TCP_NOTSENT_LOWAT keeps what a socket has not yet sent small, so that a queue forms in
+# userspace, where streams take turns, rather than in the kernel, first come first served.
+# The socket module names it only on some versions (3.6 does not): the values are Linux's
+# and macOS's.
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT",
+                            {"linux": 25, "darwin": 0x201}.get(sys.platform))
+
+
+def _set_notsent_lowat(transport, limit):
+    """Where the platform has it, at most `limit` unsent bytes in the socket's buffer."""
+    sock = transport.get_extra_info("socket")
+    if TCP_NOTSENT_LOWAT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
+    except OSError:  # pragma: no cover - an older kernel
+        pass
+
+
 def _abort_with_reset(transport):
     """Close so that the peer sees a TCP reset, as a RESET frame asks for."""
     sock = transport.get_extra_info("socket")
@@ -298,6 +317,10 @@ PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all stre
 MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the granter's error
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
+LONG_LINK_RTT = 0.02                # seconds: a client link this long gets the smaller write buffer
+LONG_LINK_WATER = (128 * 1024, 32 * 1024)   # ... these limits: the pipe is full without it
+LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
+                                    # waits in the local sockets, where streams take turns
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
 PEER_INITIAL_BUDGET = 24 * 1024 * 1024  # router: full initial windows toward one peer, in all ...
 MIN_STREAM_WINDOW = 512             # ... beyond it a new stream starts with this window (it grows)
@@ -1164,6 +1187,10 @@ def _write_parts(transport, sock, header, payload):
         transport.write(payload)
 
 
+def _pending_size(stream):
+    return len(stream.pending) if stream.pending is not None else 0
+
+
 class Link(BufferedProtocol):
     """One multiplexed connection: frame codec, write path, keepalive, shutdown.
 
@@ -1173,6 +1200,7 @@ class Link(BufferedProtocol):
     LINK_HIGH_WATER."""
 
     role = "link"
+    notsent_lowat = None    # TCP_NOTSENT_LOWAT for the socket, where local streams take turns
 
     def __init__(self, keepalive=KEEPALIVE_INTERVAL):
         self.loop = _get_loop()
@@ -1197,6 +1225,8 @@ class Link(BufferedProtocol):
         self.transport = transport
         self.peer = _peer_name(transport)
         _set_nodelay(transport)
+        if self.notsent_lowat:
+            _set_notsent_lowat(transport, self.notsent_lowat)
         self.sock = _raw_socket(transport)
         transport.set_write_buffer_limits(LINK_HIGH_WATER, LINK_LOW_WATER)
         if self.keepalive:
@@ -1279,6 +1309,7 @@ class Link(BufferedProtocol):
     def resume_writing(self):
         self.write_paused = False
         blocked, self.blocked = self.blocked, []
+        blocked.sort(key=_pending_size)     # a short answer goes before the next bulk read
         for stream in blocked:
             stream.link_resumed()
 
@@ -1330,7 +1361,16 @@ class Link(BufferedProtocol):
         if len(payload) == PING_PAYLOAD.size:
             rtt = time.monotonic() - PING_PAYLOAD.unpack(payload)[0]
             if 0 <= rtt < RTT_MAX:
-                self.rtt = rtt
+                self.rtt_measured(rtt)
+
+    def rtt_measured(self, rtt):
+        """On a long link the kernel's data in flight keeps the pipe full: what waits here
+        beyond that only delays other streams' data, so the write buffer is smaller."""
+        self.rtt = rtt
+        if self.notsent_lowat and not self.closing:
+            long_link = rtt >= LONG_LINK_RTT
+            self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
+                                                   (LINK_HIGH_WATER, LINK_LOW_WATER))
 
     # -- closing ------------------------------------------------------------
     def close(self, code=None, message=None):
@@ -3864,6 +3904,7 @@ class ClientLink(Link):
     """A client's link to the router: hello (+ token), requests, and its streams."""
 
     role = "router link"
+    notsent_lowat = LINK_NOTSENT_LOWAT
 
     def __init__(self, client, hello, pin=None):
         Link.__init__(self, client.keepalive)
@@ -3966,7 +4007,7 @@ class ClientLink(Link):
 
     def on_hello(self, _id, payload):
         hello = decode_json(HELLO, payload)
-        self.rtt = max(self.loop.time() - self._hello_sent, RTT_MIN)
+        self.rtt_measured(max(self.loop.time() - self._hello_sent, RTT_MIN))
         self.instance = str(hello["instance"])[:64] if hello.get("instance") else None
         if hello.get("auth") == "token":
             token = self.client.token
@@ -5933,6 +5974,336 @@ def _bench_report(results, out):
     out.flush()
 
 
+# -- bench --wan: the links to the router through an emulated internet link --------------
+# Each link the sharer and the forwarder make to the router goes through a relay in a process
+# of its own (`bench --serve-wan`, no root needed) that paces every direction to a rate and
+# delays every chunk by half the round trip, as a bottleneck router and a long wire would.
+
+WAN_CHUNK = 16 * 1024               # bytes the emulated link reads at once (pacing granularity)
+WAN_QUEUE = 64 * 1024               # bytes that may wait for the wire at the bottleneck
+WAN_SOCKET_BUFFER = 16 * 1024       # the relay's receive buffers: little hidden queue of its own
+WAN_UNSHAPED_LIMIT = 16 * 1024 * 1024   # bytes on the wire at most when the rate is unlimited
+BENCH_WAN_SIZES = {  # (transfer bytes, interactive requests, seconds of bulk before measuring, new connections)
+    "default": (64 << 20, 300, 2.0, 20),
+    "quick": (16 << 20, 60, 1.5, 6),
+}
+
+
+class _Wire:
+    """One direction of one emulated link, shared by every connection through it."""
+
+    def __init__(self, rate):
+        self.rate = rate                # bytes/s; 0: no limit
+        self.free_at = 0.0              # when it has sent everything queued so far
+
+
+class _WanDirection:
+    """One connection's direction over a _Wire: a chunk leaves when the wire has sent what
+    came before it at the wire's rate and arrives `delay` s later.  Reading stops while more
+    than `queue` bytes wait for the wire, so memory stays bounded by what is on the wire plus
+    the queue."""
+
+    def __init__(self, delay, wire, queue=WAN_QUEUE):
+        self.delay, self.shared, self.queue = delay, wire, queue
+        rate = wire.rate
+        self.limit = queue + int(rate * delay) + WAN_CHUNK if rate else WAN_UNSHAPED_LIMIT
+        self.wire = collections.deque()     # (arrival time, chunk; b"" for EOF)
+        self.held = 0                       # bytes in the queue and on the wire
+
+    def departure(self, now, size):
+        """When a chunk of `size` bytes that came at `now` arrives at the far end."""
+        wire = self.shared
+        if wire.rate:
+            wire.free_at = max(now, wire.free_at) + size / wire.rate
+            return wire.free_at + self.delay
+        return now + self.delay
+
+    def backlog(self, now):
+        """Seconds until the queue waiting for the wire is back under its limit (0: room now)."""
+        if self.held >= self.limit:
+            return self.delay / 4 or 0.001
+        wire = self.shared
+        if not wire.rate:
+            return 0.0
+        return max(0.0, wire.free_at - now - self.queue / wire.rate)
+
+    async def run(self, reader, writer):
+        loop = _get_loop()
+        arrived = asyncio.Event()
+
+        async def outlet():
+            while True:
+                if not self.wire:
+                    arrived.clear()
+                    await arrived.wait()
+                    continue
+                wait = self.wire[0][0] - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                due = []
+                while self.wire and self.wire[0][0] <= loop.time():
+                    due.append(self.wire.popleft()[1])
+                self.held -= sum(len(chunk) for chunk in due)
+                data = b"".join(due)
+                if data:
+                    writer.write(data)
+                    await writer.drain()
+                if not due[-1]:                 # EOF
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+
+        pump = _spawn(outlet(), set())
+        try:
+            while not pump.done():              # the far end went: stop reading
+                chunk = await reader.read(WAN_CHUNK)
+                now = loop.time()
+                self.wire.append((self.departure(now, len(chunk)), chunk))
+                self.held += len(chunk)
+                arrived.set()
+                if not chunk:
+                    break
+                for _ in range(1000):           # bounded: each turn waits for the wire
+                    wait = self.backlog(loop.time())
+                    if not wait or pump.done():
+                        break
+                    await asyncio.sleep(wait)
+            await pump
+        finally:
+            pump.cancel()
+
+
+def _wan_socket(family=socket.AF_INET):
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, WAN_SOCKET_BUFFER)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def _wan_link(upstream_port, rtt, rate):
+    """Listen on 127.0.0.1; each connection goes on to upstream_port through an emulated
+    link (`rtt` seconds, `rate` bytes/s each way).  Returns the server."""
+    loop = _get_loop()
+    toward, back = _Wire(rate), _Wire(rate)
+
+    async def joined(reader, writer):
+        upstream = _wan_socket()
+        upstream.setblocking(False)
+        try:
+            await loop.sock_connect(upstream, ("127.0.0.1", upstream_port))
+            up_reader, up_writer = await asyncio.open_connection(sock=upstream)
+        except OSError:
+            upstream.close()
+            writer.close()
+            return
+        ways = [_WanDirection(rtt / 2, toward).run(reader, up_writer),
+                _WanDirection(rtt / 2, back).run(up_reader, writer)]
+        try:
+            await asyncio.gather(*ways)
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass        # cancelled: the loop is closing (3.11's streams report it otherwise)
+        finally:
+            writer.close()
+            up_writer.close()
+
+    listener = _wan_socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(LISTEN_BACKLOG)
+    listener.setblocking(False)
+    return await asyncio.start_server(joined, sock=listener)
+
+
+def serve_bench_wan(spec, lifetime=900.0):
+    """`bench --serve-wan SPEC`: emulated links in a process of their own.  SPEC is JSON:
+    {"rate": bytes/s, "links": [[upstream port, rtt seconds], ...]}; the ready report lists
+    one listening address per link, in order."""
+    spec = json.loads(spec)
+
+    async def main():
+        servers = [await _wan_link(port, rtt, spec["rate"]) for port, rtt in spec["links"]]
+        _write_ready(1, {"role": "wan", "listen": [list(s.sockets[0].getsockname()[:2])
+                                                   for s in servers]})
+        await asyncio.sleep(lifetime)   # bounded; the bench terminates it long before
+    _run(main())
+    return 0
+
+
+def _percentiles(times):
+    times = sorted(times)
+    return times[len(times) // 2] * 1e3, times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3
+
+
+def _interactive_latency(port, count, interval=0.05):
+    """64-byte requests every `interval` s on one echo stream (sent on schedule, whether or
+    not the answers are late); each one's time to its echo, in seconds."""
+    import threading
+    sock = _bench_connect(port)
+    try:
+        sock.sendall(b"E" + bytes(64))     # the stream opens first
+        _recv_exact(sock, 64)
+        sent_at = [0.0] * count
+
+        def sender():
+            start = time.perf_counter()
+            try:
+                for i in range(count):
+                    pause = start + i * interval - time.perf_counter()
+                    if pause > 0:
+                        time.sleep(pause)
+                    sent_at[i] = time.perf_counter()
+                    sock.sendall(struct.pack("!I", i) + bytes(60))
+            except OSError:
+                pass                    # the reader below says what failed
+        thread = threading.Thread(target=sender, daemon=True)
+        thread.start()
+        times = []
+        for i in range(count):
+            answer = _recv_exact(sock, 64)
+            times.append(time.perf_counter() - sent_at[i])
+            if struct.unpack("!I", answer[:4])[0] != i:
+                raise MindmeldError("bench: an echoed request came back changed")
+        thread.join()
+        return times
+    finally:
+        sock.close()
+
+
+class _BulkDownload:
+    """One download that runs until stopped, on a stream of its own: the load."""
+
+    def __init__(self, port):
+        import threading
+        self.sock = _bench_connect(port)
+        self.sock.sendall(b"D" + struct.pack("!Q", 1 << 50))
+        self.received, self.began, self.stopped = 0, time.perf_counter(), threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            while not self.stopped.is_set():
+                data = self.sock.recv(256 * 1024)
+                if not data:
+                    break
+                self.received += len(data)
+        except OSError:
+            pass
+
+    def stop(self):
+        """Stop; the download's rate while it ran, MB/s."""
+        self.stopped.set()
+        self.thread.join(10)
+        self.sock.close()
+        return self.received / (time.perf_counter() - self.began) / 1e6
+
+
+def _time_to_first_byte(port):
+    """Connect, send a 100-byte request, and wait for the first byte of the answer: seconds."""
+    began = time.perf_counter()
+    sock = _bench_connect(port)
+    try:
+        sock.sendall(b"E" + bytes(100))
+        if not sock.recv(1):
+            raise MindmeldError("bench: a new connection got no answer")
+        return time.perf_counter() - began
+    finally:
+        sock.close()
+
+
+def _bench_wan_measure(port, sizes, pattern, say):
+    size, requests, warmup, connections = sizes
+    result = {}
+    say("interactive: %d requests of 64 bytes, one every 50 ms" % requests)
+    result["idle_p50_ms"], result["idle_p99_ms"] = _percentiles(_interactive_latency(port, requests))
+    say("%d new connections, time to first byte" % connections)
+    result["ttfb_p50_ms"], result["ttfb_max_ms"] = _percentiles(
+        [_time_to_first_byte(port) for _ in range(connections)])
+    for key, command in (("download_MBps", b"D"), ("upload_MBps", b"U")):
+        say("%s %d MB" % (key.split("_")[0], size // 10 ** 6))
+        began = time.perf_counter()
+        _bench_transfer(port, pattern, command, size)
+        result[key] = size / (time.perf_counter() - began) / 1e6
+    say("interactive again, while a download runs on another stream")
+    bulk = _BulkDownload(port)
+    try:
+        time.sleep(warmup)              # the bulk stream's window grows first
+        loaded = _interactive_latency(port, requests)
+    finally:
+        result["bulk_during_MBps"] = bulk.stop()
+    result["loaded_p50_ms"], result["loaded_p99_ms"] = _percentiles(loaded)
+    return result
+
+
+def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out=sys.stdout):
+    """`mindmeld.py bench --wan`: router, sharer and forwarder as in `bench`, with the
+    sharer's and the forwarder's links to the router each through an emulated link; beside
+    it, plain TCP to the target through one emulated link of twice the round trip (what a
+    chain of TCP relays such as socat through the same two links would see)."""
+    sizes = BENCH_WAN_SIZES["quick" if quick else "default"]
+    pattern = _bench_pattern()
+    script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
+    if script is None:
+        raise MindmeldError("bench --wan starts its roles as processes: save the script as "
+                            "mindmeld.py and run it from there")
+    rtt, rate = rtt_ms / 1000.0, rate_mbit * 1e6 / 8
+
+    def say(text):
+        sys.stderr.write("bench: %s\n" % text)
+        sys.stderr.flush()
+
+    import tempfile
+    children, results = [], {}
+    try:
+        target = _Child([script, "bench", "--serve-target"], "target")
+        children.append(target)
+        ready = ["--ready-fd", "1"]
+        router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir",
+                         tempfile.mkdtemp(prefix="mindmeld-bench-")] + ready, "router")
+        children.append(router)
+        spec = {"rate": rate, "links": [[router.port, rtt], [router.port, rtt], [target.port, 2 * rtt]]}
+        wan = _Child([script, "bench", "--serve-wan", json.dumps(spec)], "emulated links")
+        children.append(wan)
+        to_sharer, to_forwarder, plain = [address[1] for address in wan.report["listen"]]
+        children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target.port,
+                                "--router", "127.0.0.1:%d" % to_sharer] + ready, "sharer"))
+        forwarder = _Child([script, "forward", "bench", "127.0.0.1:0",
+                            "--router", "127.0.0.1:%d" % to_forwarder] + ready, "forwarder")
+        children.append(forwarder)
+        say("emulated links: %.0f ms round trip, %s each way; router, sharer and forwarder "
+            "started" % (rtt_ms, "%.0f Mbit/s" % rate_mbit if rate else "no rate limit"))
+        results["mindmeld"] = _bench_wan_measure(forwarder.port, sizes, pattern,
+                                                 lambda t: say("  mindmeld: " + t))
+        results["plain"] = _bench_wan_measure(plain, sizes, pattern,
+                                              lambda t: say("  plain TCP: " + t))
+    finally:
+        for child in reversed(children):
+            child.stop()
+    rows = [("idle_p50_ms", "interactive p50, ms"), ("idle_p99_ms", "interactive p99, ms"),
+            ("loaded_p50_ms", "  with a download, p50, ms"), ("loaded_p99_ms", "  with a download, p99, ms"),
+            ("bulk_during_MBps", "  the download meanwhile, MB/s"),
+            ("ttfb_p50_ms", "new connection, first byte p50 ms"), ("ttfb_max_ms", "  max, ms"),
+            ("download_MBps", "download %d MB, MB/s" % (sizes[0] // 10 ** 6)),
+            ("upload_MBps", "upload %d MB, MB/s" % (sizes[0] // 10 ** 6))]
+    out.write("two emulated links, each %.0f ms round trip, %s\n"
+              % (rtt_ms, "%.0f Mbit/s each way" % rate_mbit if rate else "no rate limit"))
+    out.write("%-34s %10s %10s\n" % ("", "mindmeld", "plain TCP"))
+    for key, label in rows:
+        out.write("%-34s %10.1f %10.1f\n" % (label, results["mindmeld"][key], results["plain"][key]))
+    mine = results["mindmeld"]
+    out.write("interactive p99 under load is %+.1f ms over idle (target: at most +25)\n"
+              % (mine["loaded_p99_ms"] - mine["idle_p99_ms"]))
+    out.flush()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"mindmeld": results["mindmeld"], "plain": results["plain"], "rtt_ms": rtt_ms,
+                       "rate_mbit": rate_mbit, "python": sys.version.split()[0], "quick": quick},
+                      f, indent=2)
+        say("wrote %s" % json_path)
+    return 0
+
+
 # ###########################################################################
 # ### 9. Command line: a thin layer over the roles above
 # ###########################################################################
@@ -6106,7 +6477,15 @@ def build_parser():
                    "100 stalled streams, 5,000 concurrent streams, the router's memory per idle link "
                    "(5,000 links) and how long 5,000 peers take to come back after the router is "
                    "killed and restarted (1,000 with --quick; about 50 s more, 25 s with --quick)")
+    p.add_argument("--wan", action="store_true", help="the links to the router through emulated "
+                   "internet links (delay and rate, in this process's user space): interactive "
+                   "latency with and without a download beside it, first byte, bulk transfer")
+    p.add_argument("--rtt", metavar="MS", type=float, default=50.0,
+                   help="--wan: each link's round trip, milliseconds (default 50)")
+    p.add_argument("--rate", metavar="MBIT", type=float, default=100.0,
+                   help="--wan: each link's rate each way, Mbit/s; 0 for no limit (default 100)")
     p.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve-wan", metavar="SPEC", help=argparse.SUPPRESS)
     parser.commands = sub.choices
     return parser
 
@@ -6272,6 +6651,14 @@ def _run_list(args):
 def _run_bench(args):
     if args.serve_target:
         return serve_bench_target()
+    if args.serve_wan:
+        return serve_bench_wan(args.serve_wan)
+    if args.wan:
+        if args.rtt < 0 or args.rate < 0:
+            raise UsageError("--rtt and --rate must not be negative")
+        if args.tls or args.scale:
+            raise UsageError("--wan measures plain links only: leave out --tls and --scale")
+        return run_bench_wan(quick=args.quick, rtt_ms=args.rtt, rate_mbit=args.rate, json_path=args.json)
     return run_bench(quick=args.quick, json_path=args.json, tls=args.tls, scale=args.scale)
 
 

@@ -6625,3 +6625,61 @@ class TestShardedRouters(LoopTestCase):
         for bad in ("{name}.example:7700", "ws://{name}.example/mindmeld"):
             with self.assertRaises(mindmeld.MindmeldError):
                 mindmeld._Client(bad, name="web")
+class TestRealLinks(LoopTestCase):
+    """Fast where users are: a client's link socket keeps little unsent, so the queue stays
+    where streams take turns, and bench --wan's emulated link delays and paces as asked.
+    (The timing targets are in bench --wan's output, not here.)"""
+
+    @unittest.skipIf(mindmeld.TCP_NOTSENT_LOWAT is None, "no TCP_NOTSENT_LOWAT on this platform")
+    def test_link_sockets_hold_little_unsent(self):
+        async def main():
+            await self.tunnel(echo_handler)
+            for client in (self.forwarder, self.sharer):
+                sock = client.link.transport.get_extra_info("socket")
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, mindmeld.TCP_NOTSENT_LOWAT),
+                                 mindmeld.LINK_NOTSENT_LOWAT)
+        self.run_async(main())
+
+    def test_a_long_link_keeps_a_smaller_write_buffer(self):
+        async def main():
+            await self.tunnel(echo_handler)
+            link = self.forwarder.link
+            link.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
+            self.assertEqual(link.transport.get_write_buffer_limits()[::-1], mindmeld.LONG_LINK_WATER)
+            link.rtt_measured(mindmeld.LONG_LINK_RTT / 10)
+            self.assertEqual(link.transport.get_write_buffer_limits()[::-1],
+                             (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
+            for peer in self.router.peers:          # the router's links are left as they were
+                peer.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
+                self.assertEqual(peer.transport.get_write_buffer_limits()[::-1],
+                                 (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
+        self.run_async(main())
+
+    def test_emulated_link_delays_and_paces(self):
+        rtt, rate = 0.2, 1e6                       # 200 ms, 1 MB/s each way
+        message = os.urandom(300 * 1000)
+
+        async def main():
+            target = await self.start_target(echo_handler)
+            server = await mindmeld._wan_link(target, rtt, rate)
+            self._async_cleanups.append(lambda: mindmeld._close_server(server))
+            reader, writer = await self.connect(server.sockets[0].getsockname()[1])
+            began = self.loop.time()
+            writer.write(b"x")
+            self.assertEqual(await asyncio.wait_for(reader.readexactly(1), 10), b"x")
+            round_trip = self.loop.time() - began
+            self.assertGreaterEqual(round_trip, rtt * 0.95)
+            self.assertLess(round_trip, rtt + 2.0)      # generous: a loaded machine
+            began = self.loop.time()
+            writer.write(message)
+            echoed = await asyncio.wait_for(reader.readexactly(len(message)), 20)
+            took = self.loop.time() - began
+            self.assertEqual(echoed, message)
+            self.assertGreaterEqual(took, len(message) / rate * 0.9 + rtt)   # paced, then delayed
+            self.assertLess(took, 2 * len(message) / rate + rtt + 3.0)
+        self.run_async(main(), 40)
+
+    def test_bench_wan_refuses_a_negative_round_trip(self):
+        ran = run_cli("bench", "--wan", "--rtt", "-5")
+        self.assertEqual(ran.code, 2)
+        self.assertIn("--rtt and --rate must not be negative", ran.err)
