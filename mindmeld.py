@@ -4211,7 +4211,63 @@ SHARD_MOVE_WAIT = 5.0               # s: a forwarder's connection refused no-ser
                                     # this long for a check that may find the name elsewhere
 
 
-class _Client:
+class FollowsItsShard:
+    """A mixin of _Client for routers behind a front that shards by name ({name} in the
+    address): notice when the front sends the name to another router, and move there
+    without dropping a stream."""
+
+    recheck = None                  # an Event: check now (a forwarder heard no-service)
+
+    async def _follow_name(self):
+        """Until the current link is lost: right away and every shard_check seconds, ask the
+        front which router it sends the name to now (a fresh link's HELLO instance); if
+        another, move there (_move_to).  Returns the lost link's reason."""
+        loop = _get_loop()
+        self.recheck = asyncio.Event()
+        self.recheck.set()          # once after every (re)connect
+        while True:
+            current = self.link
+            wake = loop.create_task(self.recheck.wait())
+            try:
+                await asyncio.wait([current.lost, wake], return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=self.shard_check * (0.75 + random.random() / 2))
+            finally:
+                wake.cancel()
+            if current.lost.done():
+                return current.lost.result()
+            self.recheck.clear()
+            try:
+                probe = await self.connect_link()
+            except (MindmeldError, asyncio.TimeoutError) as exc:
+                log.debug("%s: cannot check which router has the name now: %s", self.command, exc)
+                continue
+            if probe.instance in (None, current.instance) or current.lost.done() or self.closing:
+                probe.close()
+            else:
+                await self._move_to(current, probe)
+
+    async def _move_to(self, current, probe):
+        """Make `probe` the link (a sharer registers there); the old one says GOAWAY, which
+        frees its names on its router at once, and drains: its open streams finish."""
+        self.link = probe
+        try:
+            await self.link_established(probe)
+        except (MindmeldError, asyncio.TimeoutError) as exc:
+            self.link = current
+            probe.abort("move failed")
+            log.warning("%s: cannot move to the router the front now sends %s to: %s; staying",
+                        self.command, self.ws_path, exc)
+            return
+        log.info("%s: the front now sends %s to another router (%s); moved, %d stream(s) finish on "
+                 "the old one", self.command, self.ws_path, probe.instance, len(current.streams))
+        self.retired.add(current)
+        current.lost.add_done_callback(lambda _lost: self.retired.discard(current))
+        current.send_json(GOAWAY, 0, {"code": "moved", "message": "the name moved to another router"})
+        if not current.streams:
+            current.close()
+
+
+class _Client(FollowsItsShard):
     """What every client role shares: where the router is, how to reach it, retries.
 
     A router address with {name} in its path (ws://front/mindmeld/{name}) is a front of
@@ -4421,57 +4477,6 @@ class _Client:
             log.warning("%s: %s; retrying in %.1f s", self.command, reason, delay)
             await asyncio.sleep(delay)      # backoff, not synchronisation
         self._finish()
-
-    # -- a {name} router: follow the name to the router the front sends it to ---------------
-    recheck = None                  # an Event: check now (a forwarder heard no-service)
-
-    async def _follow_name(self):
-        """Until the current link is lost: right away and every shard_check seconds, ask the
-        front which router it sends the name to now (a fresh link's HELLO instance); if
-        another, move there (_move_to).  Returns the lost link's reason."""
-        loop = _get_loop()
-        self.recheck = asyncio.Event()
-        self.recheck.set()          # once after every (re)connect
-        while True:
-            current = self.link
-            wake = loop.create_task(self.recheck.wait())
-            try:
-                await asyncio.wait([current.lost, wake], return_when=asyncio.FIRST_COMPLETED,
-                                   timeout=self.shard_check * (0.75 + random.random() / 2))
-            finally:
-                wake.cancel()
-            if current.lost.done():
-                return current.lost.result()
-            self.recheck.clear()
-            try:
-                probe = await self.connect_link()
-            except (MindmeldError, asyncio.TimeoutError) as exc:
-                log.debug("%s: cannot check which router has the name now: %s", self.command, exc)
-                continue
-            if probe.instance in (None, current.instance) or current.lost.done() or self.closing:
-                probe.close()
-            else:
-                await self._move_to(current, probe)
-
-    async def _move_to(self, current, probe):
-        """Make `probe` the link (a sharer registers there); the old one says GOAWAY, which
-        frees its names on its router at once, and drains: its open streams finish."""
-        self.link = probe
-        try:
-            await self.link_established(probe)
-        except (MindmeldError, asyncio.TimeoutError) as exc:
-            self.link = current
-            probe.abort("move failed")
-            log.warning("%s: cannot move to the router the front now sends %s to: %s; staying",
-                        self.command, self.ws_path, exc)
-            return
-        log.info("%s: the front now sends %s to another router (%s); moved, %d stream(s) finish on "
-                 "the old one", self.command, self.ws_path, probe.instance, len(current.streams))
-        self.retired.add(current)
-        current.lost.add_done_callback(lambda _lost: self.retired.discard(current))
-        current.send_json(GOAWAY, 0, {"code": "moved", "message": "the name moved to another router"})
-        if not current.streams:
-            current.close()
 
     async def close(self, grace=0.0):
         """Stop: no new streams (a sharer's names are released at once, by GOAWAY), open
