@@ -5204,6 +5204,7 @@ async def list_services(router=None, name=None, **options):
 BENCH_SIZES = {  # (single-stream bytes, per-stream bytes x 100 streams, round trips, seconds of new streams)
     "default": (1 << 30, 4 << 20, 5000, 2.0),
     "quick": (128 << 20, 1 << 20, 1000, 0.7),
+    "smoke": (8 << 20, 64 << 10, 100, 0.2),     # hidden --smoke: the machinery, not figures
 }
 _TRAILER = struct.Struct("!QB")     # bytes received, verified ok
 
@@ -5610,7 +5611,7 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
     and the same measurements through the tunnel and straight to the target."""
     import threading
     import tempfile
-    sizes = BENCH_SIZES["quick" if quick else "default"]
+    sizes = BENCH_SIZES["smoke" if quick == "smoke" else "quick" if quick else "default"]
     pattern = _bench_pattern()
     script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
 
@@ -6476,6 +6477,7 @@ def build_parser():
                                    "and a target on loopback; measure throughput, latency, new "
                                    "streams and CPU through the tunnel and straight to the target.")
     p.add_argument("--quick", action="store_true", help="smaller transfers (about 4 s)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)     # the tests' run
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--tls", action="store_true", help="TLS on the router's links")
     p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
@@ -6664,7 +6666,8 @@ def _run_bench(args):
         if args.tls or args.scale:
             raise UsageError("--wan measures plain links only: leave out --tls and --scale")
         return run_bench_wan(quick=args.quick, rtt_ms=args.rtt, rate_mbit=args.rate, json_path=args.json)
-    return run_bench(quick=args.quick, json_path=args.json, tls=args.tls, scale=args.scale)
+    return run_bench(quick="smoke" if args.smoke else args.quick, json_path=args.json, tls=args.tls,
+                     scale=args.scale)
 
 
 def _run_connect(args):
