@@ -380,6 +380,7 @@ SHARER_FD_SHARE = 0.5               # sharer: all its streams hold at most this 
 REFUSAL_LOG_INTERVAL = 10.0         # s: after one line, like refusals are logged as a count this often
 LIST_PAGE_MAX = 1000                # services per LIST_REPLY: under 256 KiB, well within MAX_LIST_REPLY
 LIST_PAGES_MAX = 10000              # `list` gives up on a router that keeps saying "more" past this
+LIST_SERVICES_MAX = 100000          # ... or that lists more services than this (memory it would hold)
 
 # Frame types.  Stream frames are relayed end to end by the router.
 HELLO, AUTH, REGISTER, REGISTERED, OPEN, OPEN_OK, OPEN_REFUSED, DATA, WINDOW, \
@@ -1083,7 +1084,11 @@ def _nonce_from(info):
 
 def _checked_secret_frame(ftype, payload, fields):
     """A CHALLENGE or PROOF reduced to its hex string fields; anything else is an error."""
-    info = decode_json(ftype, payload)
+    return _hex_fields(ftype, decode_json(ftype, payload), fields)
+
+
+def _hex_fields(ftype, info, fields):
+    """Those fields of a decoded frame, each a hex string of at most 128 digits, or an error."""
     out = {}
     for field in fields:
         value = info.get(field)
@@ -1348,7 +1353,7 @@ class Link(BufferedProtocol):
             if self._silent >= KEEPALIVE_MISSES:
                 self.abort("no answer to keepalive pings for %.0f s" % (self._silent * self.keepalive))
                 return
-            self.send(encode_frame(PING, 0, PING_PAYLOAD.pack(time.monotonic())))
+            self.ping()
         self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
 
     def ping(self):
@@ -1393,7 +1398,7 @@ class Link(BufferedProtocol):
 
     def fail(self, exc):
         """The peer broke the protocol: tell it, log one line, drop it."""
-        log.warning("%s %s: %s; disconnecting", self.role, self.peer, exc)
+        log.warning("%s %s: %s; disconnecting", self.role, self.peer, short_reason(exc))
         self._close_reason = "protocol error: %s" % exc
         self.close(getattr(exc, "code", "protocol"), str(exc))
 
@@ -1557,6 +1562,8 @@ class LocalStream(asyncio.Protocol):
             self._delivered(n)
 
     def _delivered(self, n):
+        if self.closed:                 # (resume_writing comes after close too): its window is released
+            return
         window = self.end.window
         if window.unreturned + n < window.size // 2:
             window.unreturned += n          # the common case: not yet worth a WINDOW frame
@@ -2259,8 +2266,7 @@ def make_self_signed_cert(common_name, days=3650):
 
 def cert_fingerprint(cert_der):
     """SHA-256 of a certificate's DER as 'AB:CD:...' (what the router prints)."""
-    digest = hashlib.sha256(cert_der).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return _colons(hashlib.sha256(cert_der).hexdigest())
 
 
 def normalize_fingerprint(text):
@@ -2540,7 +2546,7 @@ class FrontDoor:
                 peer.phase = "http"
                 self._answer_http(first)
             else:
-                peer.frames.need = len(first) + 1
+                peer.frames.need = min(max(2 * len(first), 1024), HTTP_HEAD_MAX + 1)
             return False
         if kind is None:
             return False
@@ -2715,8 +2721,9 @@ class RelayedStream:
         router.monitor.streams_opened += 1
 
     def open(self, info):
-        """Pass the OPEN on to the sharer, with who asked."""
-        forwarded = {k: v for k, v in info.items() if k in ("service", "nonce", "data")}
+        """Pass the OPEN on to the sharer, with who asked: only fields already checked
+        (on_open), so what grows on the way (peer, windows) cannot push it over MAX_CONTROL."""
+        forwarded = {k: v for k, v in info.items() if k in ("service", "data")}
         acceptor = self.acceptor.end
         forwarded.update(peer=self.opener.peer.peer, credit=acceptor.window.size,
                          window=acceptor.credit)
@@ -2726,8 +2733,8 @@ class RelayedStream:
     def data(self, leg, payload):
         n = len(payload)
         leg.end.recv_data(n)
-        other = leg.other
-        other.end.send_data(n)
+        other = leg.other               # its credit mirrors leg's window, checked just now
+        other.end.credit -= n
         other.unacked += n
         other.peer.relay_data(other.end.id, payload)
         leg.received += n
@@ -2755,9 +2762,10 @@ class RelayedStream:
     def open_ok(self, leg, payload):
         leg.end.receive(OPEN_OK)
         info = decode_json(OPEN_OK, payload) if payload else {}
-        other = leg.other
-        info.update(credit=other.end.credit, window=other.end.window.size)
-        other.peer.send(other.end.send_json(OPEN_OK, info))
+        accept = _hex_fields(OPEN_OK, info, ("proof",)) if "proof" in info else {}
+        other = leg.other               # the opener's leg: credit is what the router may send it
+        accept.update(credit=other.end.window.size, window=other.end.credit)
+        other.peer.send(other.end.send_json(OPEN_OK, accept))
 
     def open_refused(self, leg, payload):
         leg.end.receive(OPEN_REFUSED)
@@ -3096,6 +3104,8 @@ class RouterPeer(WatchedWrites, Link):
         early = open_data(info)                 # checked here: a bad one is this peer's error
         name = info.get("service")
         registration = self.router.services.get(name) if valid_name(name) else None
+        windows = (self.windows.next_window(),       # toward the opener, toward the sharer
+                   registration.peer.windows.next_window() if registration is not None else 0)
         code = refusal = None
         if self.draining:
             reason, code = "this link is going away", "going-away"
@@ -3107,11 +3117,11 @@ class RouterPeer(WatchedWrites, Link):
             registration.peer.drop_cause = "limits"
             registration.peer.close("ids-exhausted", "stream ids are used up; reconnect")
             reason, refusal = "the sharer is reconnecting", "sharer_reconnecting"
-        elif None in (self.windows.next_window(), registration.peer.windows.next_window()):
+        elif None in windows:
             reason, code = "the router holds all the stream data it may; try again later", "busy"
         else:
             relay = RelayedStream(self.router, registration, self, stream_id, registration.peer,
-                                  self.windows.next_window(), registration.peer.windows.next_window())
+                                  *windows)
             relay.opener.received += len(early)
             relay.open(info)
             return
@@ -3758,8 +3768,8 @@ def render_metrics(monitor):
                       "Start time of the process since unix epoch in seconds.", process_start))
     return "\n".join(out) + "\n"
 
+
 def _render_service_metrics(monitor, by_service):
-    """The opt-in per-service series, at most METRICS_SERVICE_SERIES_MAX."""
     """Per-service series, opt-in: names are chosen by strangers, so at most
     METRICS_SERVICE_SERIES_MAX series (the first services by name)."""
     registrations = sorted(monitor.router.services.values(), key=lambda r: r.name)
@@ -3966,12 +3976,17 @@ class ClientLink(Link):
         code = parts[1] if len(parts) > 1 else "?"
         if code != "101" or headers.get("sec-websocket-accept") != ws_accept_key(self.ws_key):
             where = "%s (path %s)" % (self.client.router, self.client.ws_path)
-            if code in ("400", "403", "404", "405", "426") or code == "101":
+            said = short_reason(status.strip()[:100])
+            if code == "101":
+                exc = PermanentError("the server at %s answered the WebSocket upgrade with a wrong "
+                                     "Sec-WebSocket-Accept: it is not a WebSocket server, or "
+                                     "something in between changed the answer" % where)
+            elif code in ("400", "403", "404", "405", "426"):
                 exc = PermanentError("the server at %s refused the WebSocket upgrade: %s"
-                                     % (where, status.strip()[:100]))
+                                     % (where, said))
             else:
                 exc = LinkLost("the server at %s answered the WebSocket upgrade with %s"
-                               % (where, status.strip()[:100]))
+                               % (where, said))
             self._settle(exc)
             self.abort(str(exc))
             return
@@ -4006,9 +4021,11 @@ class ClientLink(Link):
                 self.ready.set_exception(exc)
 
     def on_hello(self, _id, payload):
+        if self.ready.done():
+            raise ProtocolError("HELLO after the handshake")
         hello = decode_json(HELLO, payload)
         self.rtt_measured(max(self.loop.time() - self._hello_sent, RTT_MIN))
-        self.instance = str(hello["instance"])[:64] if hello.get("instance") else None
+        self.instance = short_reason(hello["instance"])[:64] if hello.get("instance") else None
         if hello.get("auth") == "token":
             token = self.client.token
             if not token:
@@ -4027,6 +4044,8 @@ class ClientLink(Link):
             self._settle()
 
     def on_auth_ok(self, _id, payload):
+        if self.ready.done():
+            raise ProtocolError("AUTH after the handshake")
         self._use_window_budget(decode_json(AUTH, payload) if payload else {})
         self._settle()
 
@@ -4039,7 +4058,7 @@ class ClientLink(Link):
 
     def on_goaway(self, _id, payload):
         self.goaway = info = decode_json(GOAWAY, payload)
-        code, message = info.get("code", ""), short_reason(info.get("message", ""))
+        code, message = str(info.get("code", "")), short_reason(info.get("message", ""))
         if code in PERMANENT_GOAWAY:
             exc = PermanentError(PERMANENT_GOAWAY[code] % {"router": self.client.router,
                                                             "message": message})
@@ -4197,7 +4216,8 @@ async def proxy_connect(proxy, host, port):
         code = status.split()[1] if len(status.split()) > 1 else "?"
         if code != "200":
             failure = PermanentError if code in ("403", "407") else LinkLost
-            raise failure("the proxy %s refused to connect to %s: %s" % (name, target, status[:100]))
+            raise failure("the proxy %s refused to connect to %s: %s"
+                          % (name, target, short_reason(status[:100])))
         return sock
     except BaseException:
         sock.close()
@@ -4509,8 +4529,7 @@ class _Client(FollowsItsShard):
 
 def _tls_failure(exc, where):
     reason = str(getattr(exc, "reason", None) or exc)
-    if "WRONG_VERSION_NUMBER" in reason.upper() or "EOF" in reason.upper() \
-            or "UNEXPECTED_EOF" in reason.upper():
+    if "WRONG_VERSION_NUMBER" in reason.upper() or "EOF" in reason.upper():    # EOF: UNEXPECTED_EOF too
         return PermanentError("the router at %s does not speak TLS (drop --tls, or start the "
                               "router with --tls)" % where)
     if "CERTIFICATE_VERIFY_FAILED" in reason.upper() or isinstance(
@@ -4755,7 +4774,7 @@ class Sharer(_Client):
 
     def stream_requested(self, link, stream_id, info):
         name = info.get("service")
-        target = self.services.get(name)
+        target = self.services.get(name) if valid_name(name) else None
         stream = SharedStream(link, stream_id)
         stream.end.start_with(*initial_windows(info))
         stream.early = open_data(info) or None
@@ -5090,12 +5109,14 @@ class Forwarder(_Client):
 
 
 class StdioStream(ForwardedStream):
-    """`connect`: the one stream, joined to standard input and output."""
+    """`connect`: the one stream, joined to standard input and output.  Its OPEN goes
+    before anything is read (stdin may never say anything), so no first bytes ride in it."""
+
+    reads_before_open = False
 
     def __init__(self, connector):
-        LocalStream.__init__(self)
-        self.connector = self.forwarder = connector
-        self.timer = None
+        ForwardedStream.__init__(self, connector)
+        self.connector = connector
         self.failure = None
 
     def refused(self, reason):
@@ -5181,9 +5202,12 @@ async def list_services(router=None, name=None, **options):
             page = reply.get("services", [])
             if not isinstance(page, list) or not all(isinstance(s, dict) for s in page):
                 raise ProtocolError("the router at %s sent a malformed LIST_REPLY" % client.router)
-            services.extend(page)
+            services.extend(s for s in page if name is None or s.get("name") == name)
+            if len(services) > LIST_SERVICES_MAX:
+                raise ProtocolError("the router at %s listed more than %d services"
+                                    % (client.router, LIST_SERVICES_MAX))
             if not reply.get("more") or not page:
-                return [s for s in services if name is None or s.get("name") == name]
+                return services
             after = page[-1].get("name")
             if not isinstance(after, str) or ("after" in request and after <= request["after"]):
                 raise ProtocolError("the router at %s sent LIST_REPLY pages out of order" % client.router)

@@ -49,6 +49,7 @@ import threading
 import time
 import tracemalloc
 import unittest
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "mindmeld.py")
@@ -5623,6 +5624,18 @@ class TestFarEndFaults(HostileTestCase):
             await self.after(traffic)           # byte-exact, on the same sharer link
         self.run_async(main(), 30)
 
+    def test_an_open_that_would_grow_past_the_frame_limit_cannot_drop_the_sharer(self):
+        """Fields the router only passed on (a nonce of escaped characters) grew the OPEN it
+        sent the sharer past MAX_CONTROL, and the sharer lost its link for it."""
+        async def attack():
+            peer = await self.raw_peer()
+            body = json.dumps({"service": "web", "nonce": "\u00e9" * 8000}, ensure_ascii=False)
+            peer.send(encode_frame(OPEN, 1, body.encode("utf-8")))   # 16,033 bytes: allowed
+            await peer.frame(OPEN_OK, 1)        # the sharer got an OPEN without it, and accepted
+            self.assertEqual(await peer.settled(), "pong")
+            peer.writer.close()
+        self.against_honest_peers(attack)
+
     def test_a_malformed_challenge_resets_its_stream_and_the_forwarder_stays(self):
         async def main():
             self.router = await self.start_router()
@@ -5897,6 +5910,37 @@ class TestRouterMemory(HostileTestCase):
             opener.send(encode_frame(WINDOW, 3, struct.pack("!I", 4096)))
             self.assertEqual((await opener.goaway())["code"], "flow-control")
             sharer.writer.close()
+        self.run_async(main(), 30)
+
+    def test_an_opener_is_told_its_own_credit_when_the_two_directions_differ(self):
+        """The sharer's first windows are used up by another opener: a new stream's window
+        toward the sharer is 512 bytes while the one toward the opener is full.  The opener
+        must be told 512 as its credit (it was told the other direction's, and sending that
+        dropped a link for flow control)."""
+        self.addCleanup(setattr, mindmeld, "PEER_INITIAL_BUDGET", mindmeld.PEER_INITIAL_BUDGET)
+        mindmeld.PEER_INITIAL_BUDGET = 2 * INITIAL_WINDOW
+
+        async def main():
+            self.router = await self.start_router()
+            sharer = await self.raw_peer()
+            sharer.send(encode_json(REGISTER, 1, {"name": "asym", "owner": "ab" * 16}))
+            await sharer.frame(REGISTERED, 1)
+            first, second = await self.raw_peer(), await self.raw_peer()
+            for stream_id in (1, 3):                     # the sharer's full windows, used up
+                first.send(encode_json(OPEN, stream_id, {"service": "asym"}))
+                await sharer.frame(OPEN)
+            second.send(encode_json(OPEN, 1, {"service": "asym"}))
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            self.assertEqual(json.loads(payload.decode()), {
+                "service": "asym", "peer": second.address, "credit": INITIAL_WINDOW, "window": 512})
+            sharer.send(encode_frame(OPEN_OK, there))
+            accepted = json.loads((await second.frame(OPEN_OK, 1))[3].decode())
+            self.assertEqual(accepted, {"credit": 512, "window": INITIAL_WINDOW})
+            second.send(encode_frame(DATA, 1, bytes(512)))     # all of its credit: fine
+            self.assertEqual((await sharer.frame(DATA, there))[3], bytes(512))
+            sharer.send(encode_frame(DATA, there, bytes(INITIAL_WINDOW // 4)))
+            self.assertEqual(await second.settled(), "pong")
+            self.assertEqual(await sharer.settled(), "pong")
         self.run_async(main(), 30)
 
     def test_what_a_stranger_queued_and_reset_does_not_knock_a_reading_sharer_off(self):
@@ -6487,7 +6531,6 @@ class TestShardedRouters(LoopTestCase):
     async def start_front(self):
         """A front: read the request head, hash its path over the live routers, replay the
         head to the one chosen and splice bytes both ways."""
-        import zlib
         writers = []
 
         async def pipe(reader, writer):
@@ -6502,8 +6545,7 @@ class TestShardedRouters(LoopTestCase):
             writers.append(writer)
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                ports = sorted(self.routers)
-                port = ports[zlib.crc32(head.split(b" ", 2)[1]) % len(ports)]
+                port = self.shard_of(head.split(b" ", 2)[1]).port
                 up_reader, up_writer = await asyncio.open_connection(LOCALHOST, port)
                 writers.append(up_writer)
                 up_writer.write(head)
@@ -6527,10 +6569,13 @@ class TestShardedRouters(LoopTestCase):
         self.routers[router.port] = router
         return router
 
-    def owner(self, name):
-        import zlib
+    def shard_of(self, path):
+        """The live router the front sends this request path to (crc32 over the ports)."""
         ports = sorted(self.routers)
-        return self.routers[ports[zlib.crc32(("/mindmeld/" + name).encode()) % len(ports)]]
+        return self.routers[ports[zlib.crc32(path) % len(ports)]]
+
+    def owner(self, name):
+        return self.shard_of(("/mindmeld/" + name).encode())
 
     def holders(self, name):
         return [r for r in self.routers.values() if name in r.services]
@@ -6624,6 +6669,8 @@ class TestShardedRouters(LoopTestCase):
         for bad in ("{name}.example:7700", "ws://{name}.example/mindmeld"):
             with self.assertRaises(mindmeld.MindmeldError):
                 mindmeld._Client(bad, name="web")
+
+
 class TestRealLinks(LoopTestCase):
     """Fast where users are: a client's link socket keeps little unsent, so the queue stays
     where streams take turns, and bench --wan's emulated link delays and paces as asked.
