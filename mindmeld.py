@@ -4944,8 +4944,8 @@ class ForwardedStream(LocalStream):
         else:
             self.refused(reason)
         self._forget()
-        if self.early is not None:      # its first bytes were taken: end it as a refusal would
-            _abort_with_reset(self.transport)
+        if self.early is not None or self.pending is not None:
+            _abort_with_reset(self.transport)   # bytes the client sent were lost: say so
         else:
             self.transport.close()
 
