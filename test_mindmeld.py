@@ -6732,6 +6732,705 @@ class TestRealLinks(LoopTestCase):
 
 
 # ---------------------------------------------------------------------------
+# 18. A malicious router (issue 13): a relay in front of a real router that reads, alters,
+#     drops, reorders, replays and makes up frames, against share and forward as users run them
+# ---------------------------------------------------------------------------
+
+UP, DOWN = "up", "down"             # client -> router, router -> client
+
+
+class HostileLink:
+    """One client's link through a HostileRelay, parsed both ways with mindmeld's own codec.
+
+    Each frame is recorded in `frames` as (direction, type, stream id, payload) and handed to
+    the relay's hook(link, direction, type, stream id, payload), which returns None to pass
+    it on, or the list of (type, stream id, payload) to pass instead ([] drops it); it may
+    send frames of its own either way with send().  `raw` holds the bytes seen each way.
+    Streams the relay opens toward the client itself (own_stream()) take ids in the client's
+    order: the router's later streams are renumbered, and what the client sends on the
+    relay's own streams goes to the hook only."""
+
+    def __init__(self, relay, writers):
+        self.relay, self.writers = relay, writers       # {UP: to the router, DOWN: to the client}
+        self.raw = {UP: bytearray(), DOWN: bytearray()}
+        self.frames = []
+        self.role = None                                # from the client's HELLO
+        self.own = set()
+        self._to_client, self._to_router = {}, {}       # ids of the streams the router opened
+        self._next_even = 2
+
+    def send(self, direction, ftype, stream_id, payload=b""):
+        if isinstance(payload, dict):
+            payload = json.dumps(payload).encode()
+        self.writers[direction].write(encode_frame(ftype, stream_id, payload))
+
+    def own_stream(self):
+        stream_id = self._next_even
+        self._next_even += 2
+        self.own.add(stream_id)
+        return stream_id
+
+    def recorded(self, direction, ftype=None, stream_id=None):
+        return [f for f in self.frames if f[0] == direction and ftype in (None, f[1])
+                and stream_id in (None, f[2])]
+
+    def _renumber(self, direction, ftype, stream_id):
+        if stream_id == 0 or stream_id % 2:             # the control stream, or the client's own
+            return stream_id
+        if direction == UP:
+            return self._to_router.get(stream_id, stream_id)
+        if ftype == OPEN and stream_id not in self._to_client:
+            self._to_client[stream_id], self._to_router[self._next_even] = self._next_even, stream_id
+            self._next_even += 2
+        return self._to_client.get(stream_id, stream_id)
+
+    def received(self, direction, ftype, stream_id, payload):
+        self.frames.append((direction, ftype, stream_id, payload))
+        if direction == UP and ftype == HELLO:
+            self.role = json.loads(payload.decode()).get("role")
+        hook = self.relay.hook
+        out = hook(self, direction, ftype, stream_id, payload) if hook is not None else None
+        if direction == UP and stream_id in self.own:
+            return
+        for ftype, stream_id, payload in [(ftype, stream_id, payload)] if out is None else out:
+            self.writers[direction].write(
+                encode_frame(ftype, self._renumber(direction, ftype, stream_id), payload))
+
+
+class HostileRelay(SilentRelay):
+    """A malicious router: a SilentRelay in a LoopThread to a real router at `upstream_port`
+    whose links are HostileLinks.  The hook runs in the loop's thread, under `changed`;
+    wait() blocks the test thread until a predicate on the links holds."""
+
+    def __init__(self, test, loops, upstream_port, hook=None):
+        SilentRelay.__init__(self, test, upstream_port)
+        self.loops, self.hook = loops, hook
+        self.links, self.errors = [], []
+        self.changed = threading.Condition()
+        self.port = loops.call(self._listen())
+        self.address = "%s:%d" % (LOCALHOST, self.port)
+        test.addCleanup(lambda: loops.call(self.close()))
+
+    async def _listen(self):
+        self.server = await asyncio.start_server(self._serve, LOCALHOST, 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer):
+        self._writers.append(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(LOCALHOST, self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self._writers.append(up_writer)
+        link = HostileLink(self, {UP: up_writer, DOWN: writer})
+        with self.changed:
+            self.links.append(link)
+        for direction, source in ((UP, reader), (DOWN, up_reader)):
+            task = asyncio.ensure_future(self._relay(link, direction, source))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _relay(self, link, direction, reader):
+        decoder, sink = FrameDecoder(), link.writers[direction]
+        preamble = len(PREAMBLE) if direction == UP else 0
+        try:
+            for _ in range(10 ** 6):
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                with self.changed:
+                    link.raw[direction] += data
+                    if preamble:                # the client's preamble passes as it is
+                        head, data = data[:preamble], data[preamble:]
+                        sink.write(head)
+                        preamble -= len(head)
+                    for ftype, _flags, stream_id, payload in decoder.feed(data):
+                        link.received(direction, ftype, stream_id, payload)
+                    self.changed.notify_all()
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        except Exception as exc:                # noqa: BLE001 - a hook's bug: wait() raises it
+            with self.changed:
+                self.errors.append(exc)
+                self.changed.notify_all()
+        finally:
+            sink.close()
+            with self.changed:
+                self.changed.notify_all()
+
+    def wait(self, predicate, what, timeout=5):
+        """Block until predicate() holds (checked after each batch of frames)."""
+        with self.changed:
+            ok = self.changed.wait_for(lambda: self.errors or predicate(), timeout)
+            if self.errors:
+                raise self.errors[0]
+            if not ok:
+                raise AssertionError("the relay did not see %s within %s s" % (what, timeout))
+
+    def call(self, action):
+        """Run action() in the relay's loop, as a hook runs (to send frames of its own)."""
+        async def run():
+            with self.changed:
+                return action()
+        return self.loops.call(run())
+
+    def link(self, role):
+        """The first link whose client said it is a `role` ('share', 'forward')."""
+        self.wait(lambda: any(l.role == role for l in self.links), "a %s link" % role)
+        return next(l for l in self.links if l.role == role)
+
+    def captured(self):
+        with self.changed:
+            return b"".join(bytes(l.raw[d]) for l in self.links for d in (UP, DOWN))
+
+
+class TlsEnd:
+    """One end of a TLS session over memory BIOs, for a relay that plays the sharer (server)
+    or the forwarder (client) inside a stream: ciphertext in with feed(), out with take()."""
+
+    def __init__(self, context, server_side):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.done, self.plain = False, bytearray()
+        self.step()
+
+    def step(self):
+        if not self.done:
+            try:
+                self.tls.do_handshake()
+                self.done = True
+            except ssl.SSLWantReadError:
+                return
+        for _ in range(1000):
+            try:
+                chunk = self.tls.read(CHUNK)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return
+            if not chunk:
+                return
+            self.plain += chunk
+
+    def feed(self, data):
+        self.incoming.write(data)
+        self.step()
+
+    def write(self, data):
+        self.tls.write(data)
+
+    def take(self):
+        return self.outgoing.read()
+
+
+def e2e_tls_context(server_side, files):
+    """What a relay needs to speak TLS inside a stream as either end: the public embedded
+    certificate and key as a server, no checks as a client; TLS 1.2, as mindmeld speaks it."""
+    if server_side:
+        context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_SERVER", ssl.PROTOCOL_SSLv23))
+        cert = write_file(os.path.join(files, "e2e-cert.pem"), mindmeld.E2E_CERT_PEM, 0o644)
+        key = write_file(os.path.join(files, "e2e-key.pem"), mindmeld.E2E_KEY_PEM)
+        context.load_cert_chain(cert, key)
+    else:
+        context = ssl_client_context_without_checks()
+    if hasattr(ssl, "TLSVersion"):
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:                                       # 3.6
+        context.options |= ssl.OP_NO_TLSv1_3
+    return context
+
+
+class RecordingTarget(ThreadedServer):
+    """An echo target that keeps what each connection brought and how it ended."""
+
+    def __init__(self, test):
+        self.received, self.endings = [], []
+        self.changed = threading.Condition()
+        ThreadedServer.__init__(self, test, self._echo)
+
+    def _echo(self, conn):
+        got = bytearray()
+        with self.changed:
+            self.received.append(got)
+            self.changed.notify_all()
+        how = "eof"
+        try:
+            for _ in range(10 ** 6):
+                chunk = conn.recv(CHUNK)
+                if not chunk:
+                    break
+                with self.changed:
+                    got += chunk
+                    self.changed.notify_all()
+                conn.sendall(chunk)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            how = "reset" if isinstance(exc, ConnectionResetError) else repr(exc)
+        with self.changed:
+            self.endings.append(how)
+            self.changed.notify_all()
+
+    def wait(self, predicate, what, timeout=5):
+        with self.changed:
+            if not self.changed.wait_for(predicate, timeout):
+                raise AssertionError("the target: not within %s s: %s (received %r, endings %r)"
+                                     % (timeout, what, self.received, self.endings))
+
+
+class UserConnection:
+    """A user's connection to the forwarder's port, from the test thread."""
+
+    def __init__(self, test, port):
+        self.conn = socket.create_connection((LOCALHOST, port), timeout=5)
+        test.addCleanup(self.conn.close)
+
+    def send(self, data):
+        self.conn.sendall(data)
+
+    def round_trip(self, data):
+        self.send(data)
+        return recv_exactly(self.conn, len(data), 5)
+
+    def rest(self, timeout=5):
+        """Everything until the far side ends the connection: (bytes, 'eof' or 'reset')."""
+        got = bytearray()
+        for remaining in countdown(timeout):
+            self.conn.settimeout(remaining)
+            try:
+                chunk = self.conn.recv(CHUNK)
+            except (ConnectionResetError, ConnectionAbortedError):
+                return bytes(got), "reset"
+            except socket.timeout:
+                break
+            if not chunk:
+                return bytes(got), "eof"
+            got += chunk
+        return bytes(got), "still open"
+
+
+def json_of(payload):
+    return json.loads(bytes(payload).decode())
+
+
+ALTERED = r"stream web#\d+: end-to-end check failed: the data was altered on the way"
+CUT_SHORT = r"stream web#\d+: end-to-end check failed: the stream was cut short on the way"
+NOT_THE_SHARER = (r"forward: the sharer of 'web' could not prove the secret "
+                  r"\(a different secret, or not the real sharer\)")
+FAILED_ATTEMPT = r"share: 'web': a stream failed to prove the secret"
+FIRST = b"first: the stream is open end to end\n"
+
+
+class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
+    """Issue 13: a router that does its worst, as a HostileRelay in front of a real one.
+    share and forward run as a user runs them; each test asserts what the user sees: the
+    lines they print, what the local client and the target receive.  The tests marked
+    'control' run the same attack without --secret and show that it works there: the
+    relay really does what the other tests say fails."""
+
+    SECRET = "sunshine"
+
+    def tunnel(self, hook=None, share_secret=SECRET, forward_secret=SECRET):
+        """A router, a HostileRelay in front of it running `hook`, a RecordingTarget shared
+        as 'web' and a forwarder to it, both through the relay: the forwarder's port."""
+        _router, address = self.router()
+        self.loops = LoopThread(self)
+        self.relay = HostileRelay(self, self.loops, int(address.rpartition(":")[2]), hook)
+        self.target = RecordingTarget(self)
+        self.sharer = self.share("web", self.target.port, self.relay.address,
+                                 *(["--secret", share_secret] if share_secret else []))
+        self.forwarder, port = self.forward(
+            "web", self.relay.address, *(["--secret", forward_secret] if forward_secret else []))
+        self.started = self.forwarder.lines[-1]
+        return port
+
+    def opened(self, port):
+        """A user's connection whose stream is open end to end (FIRST came back)."""
+        user = UserConnection(self, port)
+        self.assertEqual(user.round_trip(FIRST), FIRST)
+        return user
+
+    def assert_target_got(self, *expected):
+        self.assertEqual([bytes(r) for r in self.target.received], list(expected))
+
+    # -- one byte changed, two records swapped, the end cut off --------------------------
+    def alter_next_data(self, role, direction, alter):
+        """A hook that, once state['armed'], passes the next DATA frame of `role`'s link
+        going `direction` as alter(payload)."""
+        state = {"armed": False, "done": False}
+
+        def hook(link, way, ftype, stream_id, payload):
+            if state["armed"] and not state["done"] and link.role == role and way == direction \
+                    and ftype == DATA:
+                state["done"] = True
+                return [(DATA, stream_id, alter(payload))]
+        return state, hook
+
+    @staticmethod
+    def flip(payload):
+        middle = len(payload) // 2
+        return payload[:middle] + bytes([payload[middle] ^ 0x20]) + payload[middle + 1:]
+
+    def flipped_on_the_way(self, secret, direction=UP):
+        state, hook = self.alter_next_data("forward", direction, self.flip)
+        user = self.opened(self.tunnel(hook, secret, secret))
+        state["armed"] = True
+        user.send(b"a lower-case line\n")
+        return user
+
+    def test_control_without_a_secret_a_flipped_byte_arrives(self):
+        user = self.flipped_on_the_way(None)
+        altered = self.flip(b"a lower-case line\n")
+        self.assertEqual(recv_exactly(user.conn, len(altered), 5), altered)
+        self.assert_target_got(FIRST + altered)
+
+    def test_a_flipped_byte_toward_the_sharer_ends_the_stream_at_both_ends(self):
+        user = self.flipped_on_the_way(self.SECRET)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.sharer.wait_line(ALTERED)
+        self.forwarder.wait_line(ALTERED)
+        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assert_target_got(FIRST)
+
+    def test_a_flipped_byte_toward_the_forwarder_ends_the_stream_at_both_ends(self):
+        user = self.flipped_on_the_way(self.SECRET, DOWN)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.forwarder.wait_line(ALTERED)
+        self.sharer.wait_line(ALTERED)
+        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assertEqual(self.target.endings, ["reset"])
+        self.assert_target_got(FIRST + b"a lower-case line\n")     # the echo was altered, not this
+
+    def swapped_on_the_way(self, secret):
+        state = {"armed": False, "held": None, "done": False}
+
+        def hook(link, direction, ftype, stream_id, payload):
+            if not state["armed"] or state["done"] or link.role != "forward" \
+                    or direction != UP or ftype != DATA:
+                return None
+            if state["held"] is None:
+                state["held"] = payload
+                return []
+            state["done"] = True
+            return [(DATA, stream_id, payload), (DATA, stream_id, state["held"])]
+        user = self.opened(self.tunnel(hook, secret, secret))
+        state["armed"] = True
+        user.send(b"one\n")
+        self.relay.wait(lambda: state["held"] is not None, "the first frame to hold back")
+        user.send(b"two\n")
+        self.relay.wait(lambda: state["done"], "the second frame")
+        return user
+
+    def test_control_without_a_secret_swapped_frames_arrive_swapped(self):
+        user = self.swapped_on_the_way(None)
+        self.assertEqual(recv_exactly(user.conn, 8, 5), b"two\none\n")
+        self.assert_target_got(FIRST + b"two\none\n")
+
+    def test_swapped_frames_end_the_stream_at_both_ends(self):
+        user = self.swapped_on_the_way(self.SECRET)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.sharer.wait_line(ALTERED)
+        self.forwarder.wait_line(ALTERED)
+        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assert_target_got(FIRST)
+
+    def cut_short_on_the_way(self, secret):
+        """The relay holds back the forwarder's DATA frames once armed, and at its EOF passes
+        all but the last (the close_notify with --secret): the end of the stream is cut."""
+        state = {"armed": False, "held": [], "cut": None}
+
+        def hook(link, direction, ftype, stream_id, payload):
+            if not state["armed"] or link.role != "forward" or direction != UP:
+                return None
+            if ftype == DATA:
+                state["held"].append(payload)
+                return []
+            if ftype == EOF:
+                state["cut"] = state["held"].pop()
+                return [(DATA, stream_id, p) for p in state["held"]] + [(EOF, stream_id, b"")]
+        user = self.opened(self.tunnel(hook, secret, secret))
+        state["armed"] = True
+        user.send(b"the last line\n")
+        self.relay.wait(lambda: state["held"], "the last line")
+        user.conn.shutdown(socket.SHUT_WR)
+        self.relay.wait(lambda: state["cut"] is not None, "the forwarder's EOF")
+        return user
+
+    def test_control_without_a_secret_a_cut_stream_ends_as_if_nothing_happened(self):
+        user = self.cut_short_on_the_way(None)
+        self.assertEqual(user.rest(), (b"", "eof"))
+        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assertEqual(self.target.endings, ["eof"])
+        self.assert_target_got(FIRST)
+
+    def test_a_stream_cut_short_is_an_error_at_the_end_that_sees_it(self):
+        user = self.cut_short_on_the_way(self.SECRET)
+        self.sharer.wait_line(CUT_SHORT)
+        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assert_target_got(FIRST + b"the last line\n")
+        self.assertEqual(self.target.endings, ["reset"])
+        got, how = user.rest()
+        self.assertEqual(how, "reset")
+        self.assertTrue((b"the last line\n").startswith(got), got)
+
+    # -- a capture of both router links --------------------------------------------------
+    def captured_transfer(self, secret):
+        marker = b"MARKER-" + os.urandom(8).hex().encode()
+        port = self.tunnel(None, secret, secret)
+        payload = (marker + b" ") * 20000
+        self.assertEqual(exchange(port, payload, timeout=10), payload)
+        return marker, self.relay.captured()
+
+    def test_control_without_a_secret_the_router_sees_the_plaintext(self):
+        marker, captured = self.captured_transfer(None)
+        self.assertGreater(captured.count(marker), 20000 * 3)      # 4 passes, some split by reads
+
+    def test_the_router_sees_no_plaintext_and_not_the_secret(self):
+        marker, captured = self.captured_transfer(self.SECRET)
+        self.assertGreater(len(captured), 20000 * len(marker))
+        for plaintext in (marker, self.SECRET.encode()):
+            self.assertEqual(captured.count(plaintext), 0, plaintext)
+        self.assertIn("encrypted end to end", self.started)
+        self.assertNotIn("not encrypted", self.started)
+
+    # -- playing the sharer, the forwarder, or both -------------------------------------
+    def fake_proof(self):
+        return os.urandom(32)
+
+    def test_proofs_relayed_between_two_tls_sessions_are_worthless(self):
+        # The relay is the TLS server of the forwarder's stream and the TLS client of the
+        # sharer's, passes the pairing through unchanged and hands the sharer's proof to the
+        # forwarder: it was made for the other session's tls-unique, so it fails.
+        server, client = e2e_tls_context(True, self.tmp), e2e_tls_context(False, self.tmp)
+        state = {"relayed": b"", "to_sharer": bytearray(), "to_forwarder": bytearray()}
+
+        def hook(link, direction, ftype, stream_id, payload):
+            if link.role != "forward" or ftype not in (OPEN, OPEN_OK, DATA):
+                return None
+            out = []
+            if ftype == OPEN:
+                info = json_of(payload)
+                state["forwarder"], state["sharer"] = TlsEnd(server, True), TlsEnd(client, False)
+                state["forwarder"].feed(base64.b64decode(info.get("data", "")))
+                info["data"] = base64.b64encode(state["sharer"].take()).decode()
+                return [(OPEN, stream_id, json.dumps(info).encode())]
+            if ftype == OPEN_OK:
+                out.append((OPEN_OK, stream_id, payload))
+            elif direction == UP:
+                state["forwarder"].feed(payload)
+                state["to_sharer"] += state["forwarder"].plain
+                del state["forwarder"].plain[:]
+            else:
+                state["sharer"].feed(payload)
+                state["to_forwarder"] += state["sharer"].plain
+                state["relayed"] += state["sharer"].plain
+                del state["sharer"].plain[:]
+            for end, pending in ((state["sharer"], state["to_sharer"]),
+                                 (state["forwarder"], state["to_forwarder"])):
+                if end.done and pending:
+                    end.write(bytes(pending))
+                    del pending[:]
+            up, down = state["sharer"].take(), state["forwarder"].take()
+            if up:
+                link.send(UP, DATA, stream_id, up)
+            if down:
+                out.append((DATA, stream_id, down))
+            return out if direction == DOWN else []
+
+        port = self.tunnel(hook)
+        user = UserConnection(self, port)
+        user.send(b"hello?")
+        self.forwarder.wait_line(NOT_THE_SHARER)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.relay.wait(lambda: len(state["relayed"]) >= 32, "the sharer's proof")
+        self.assertTrue(state["forwarder"].done and state["sharer"].done)   # both legs were up
+        self.assertEqual(self.target.received, [])
+
+    def own_stream_hook(self, state):
+        """Streams the relay opens toward the sharer itself, with a TLS client of its own that
+        answers the sharer's proof with a made-up one: their outcome in state['ends']."""
+        client = e2e_tls_context(False, self.tmp)
+
+        def hook(link, direction, ftype, stream_id, payload):
+            if link.role != "share" or direction != UP or stream_id not in link.own:
+                return None
+            tls = state["tls"].get(stream_id)
+            if ftype in (RESET, OPEN_REFUSED, EOF):
+                state["ends"][stream_id] = FRAME_NAMES[ftype]
+            elif ftype == OPEN_OK:
+                for frame in state["after_ok"].pop(stream_id, ()):
+                    link.send(DOWN, *frame)
+            elif ftype == DATA and tls is not None:
+                tls.feed(payload)
+                if tls.done and len(tls.plain) >= 32 and not state["proved"].get(stream_id):
+                    state["proved"][stream_id] = True
+                    tls.write(self.fake_proof() + b"GET / HTTP/1.0\r\n\r\n")
+                out = tls.take()
+                if out:
+                    link.send(DOWN, DATA, stream_id, out)
+            return []
+
+        def open_streams(link, variants):
+            template = json_of(link.recorded(DOWN, OPEN)[0][3])
+            for e2e in variants:
+                stream_id = link.own_stream()
+                info = dict(template)
+                if e2e is None:
+                    info.pop("e2e", None)
+                    info["data"] = base64.b64encode(b"made up by the router\n").decode()
+                else:
+                    tls = state["tls"][stream_id] = TlsEnd(client, False)
+                    info["e2e"], info["data"] = e2e, base64.b64encode(tls.take()).decode()
+                link.send(DOWN, OPEN, stream_id, json.dumps(info).encode())
+        state.update(tls={}, ends={}, proved={}, after_ok={})
+        return hook, open_streams
+
+    def streams_of_its_own(self, secret):
+        state = {}
+        hook, open_streams = self.own_stream_hook(state)
+        user = self.opened(self.tunnel(hook, secret, secret))
+        user.conn.shutdown(socket.SHUT_WR)
+        self.assertEqual(user.rest(), (b"", "eof"))
+        share_link = self.relay.link("share")
+        if secret:
+            pair = json_of(self.relay.link("forward").recorded(UP, OPEN)[0][3])["e2e"]["pair"]
+            made_up = "%0512x" % random.randrange(2, int("f" * 400, 16))
+            variants = [{"pairs": [pair]}, {"pair": os.urandom(16).hex(), "pake": made_up}]
+        else:
+            variants = [None]
+        self.relay.call(lambda: open_streams(share_link, variants))
+        return state, share_link, len(variants)
+
+    def test_control_without_a_secret_the_router_opens_streams_of_its_own(self):
+        _state, _link, _count = self.streams_of_its_own(None)
+        self.target.wait(lambda: len(self.target.received) == 2 and self.target.received[1],
+                         "the router's own stream")
+        self.assertEqual(bytes(self.target.received[1]), b"made up by the router\n")
+
+    def test_streams_the_router_opens_itself_never_reach_the_target(self):
+        state, _link, count = self.streams_of_its_own(self.SECRET)
+        self.sharer.wait_line(FAILED_ATTEMPT)
+        self.relay.wait(lambda: len(state["ends"]) == count, "the end of the relay's streams")
+        self.assertEqual(sorted(state["ends"].values()), ["RESET"] * count)
+        self.assertEqual(len(state["proved"]), count)      # the sharer proved itself each time
+        self.assertEqual(len(self.target.received), 1)     # the user's honest stream only
+
+    def answered_by_the_router(self, secret):
+        """The relay keeps the forwarder's OPEN from the router and answers it itself: with
+        --secret as a TLS server with the public certificate, a made-up pairing message and
+        a made-up proof."""
+        server = e2e_tls_context(True, self.tmp) if secret else None
+        state = {}
+
+        def hook(link, direction, ftype, stream_id, payload):
+            if link.role != "forward" or direction != UP or ftype not in (OPEN, DATA):
+                return None
+            if ftype == OPEN:
+                info = json_of(payload)
+                if not secret:
+                    link.send(DOWN, OPEN_OK, stream_id, {})
+                    link.send(DOWN, DATA, stream_id, b"made up by the router\n")
+                    return []
+                tls = state["tls"] = TlsEnd(server, True)
+                tls.feed(base64.b64decode(info.get("data", "")))
+                made_up = "%0512x" % random.randrange(2, int("f" * 400, 16))
+                link.send(DOWN, OPEN_OK, stream_id, {"e2e": {"pair": info["e2e"]["pair"], "pake": made_up}})
+                link.send(DOWN, DATA, stream_id, tls.take())
+            elif ftype == DATA and "tls" in state:
+                tls = state["tls"]
+                tls.feed(payload)
+                if tls.done and not state.get("proved"):
+                    state["proved"] = True
+                    tls.write(self.fake_proof())
+                link.send(DOWN, DATA, stream_id, tls.take())
+            return []
+        port = self.tunnel(hook, secret, secret)
+        user = UserConnection(self, port)
+        user.send(b"GET /secret-plans HTTP/1.0\r\n\r\n")
+        return state, user
+
+    def test_control_without_a_secret_the_router_answers_as_the_sharer(self):
+        _state, user = self.answered_by_the_router(None)
+        self.assertEqual(recv_exactly(user.conn, 22, 5), b"made up by the router\n")
+
+    def test_the_router_cannot_answer_as_the_sharer(self):
+        state, user = self.answered_by_the_router(self.SECRET)
+        self.forwarder.wait_line(NOT_THE_SHARER)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.assertTrue(state["proved"])                    # the TLS handshake went through
+        self.assertEqual(self.target.received, [])
+
+    def replayed_stream(self, secret):
+        """A whole stream recorded on the sharer's link, replayed to it as a new stream."""
+        state = {}
+        hook, _open_streams = self.own_stream_hook(state)
+        user = self.opened(self.tunnel(hook, secret, secret))
+        user.conn.shutdown(socket.SHUT_WR)
+        self.assertEqual(user.rest(), (b"", "eof"))
+        self.target.wait(lambda: self.target.endings, "the end of the user's stream")
+        link = self.relay.link("share")
+        recorded = link.recorded(DOWN, OPEN)[0][2]
+        self.relay.wait(lambda: link.recorded(DOWN, EOF, recorded), "the stream's EOF")
+
+        def replay():                   # what followed the OPEN goes after the sharer's OPEN_OK
+            stream_id = link.own_stream()
+            frames = [(ftype, stream_id, payload) for _direction, ftype, _id, payload
+                      in link.recorded(DOWN, None, recorded) if ftype in (OPEN, DATA, EOF)]
+            state["after_ok"][stream_id] = frames[1:]
+            link.send(DOWN, *frames[0])
+        self.relay.call(replay)
+        return state
+
+    def test_control_without_a_secret_a_replayed_stream_reaches_the_target_again(self):
+        self.replayed_stream(None)
+        self.target.wait(lambda: len(self.target.endings) == 2, "the replayed stream")
+        self.assert_target_got(FIRST, FIRST)
+
+    def test_a_replayed_stream_never_reaches_the_target(self):
+        state = self.replayed_stream(self.SECRET)
+        self.sharer.wait_line(FAILED_ATTEMPT)
+        self.relay.wait(lambda: state["ends"], "the end of the replayed stream")
+        self.assertEqual(list(state["ends"].values()), ["RESET"])
+        self.assert_target_got(FIRST)
+
+    # -- a secret on one side only, or two different ones: the lines users see ------------
+    def test_a_wrong_secret(self):
+        port = self.tunnel(None, self.SECRET, "moonshine")
+        self.assertIn("encrypted end to end", self.started)
+        user = UserConnection(self, port)
+        user.send(b"hello?")
+        self.forwarder.wait_line(NOT_THE_SHARER)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.sharer.wait_line(FAILED_ATTEMPT)
+        self.assertEqual(self.target.received, [])
+
+    def test_no_secret_on_the_forwarder(self):
+        port = self.tunnel(None, self.SECRET, None)
+        self.assertIn("not encrypted end to end", self.started)
+        user = UserConnection(self, port)
+        user.send(b"hello?")
+        self.forwarder.wait_line(r"forward: connection to 'web' refused: service 'web' requires a "
+                                 r"secret: pass --secret or --secret-file$")
+        self.assertEqual(user.rest()[0], b"")
+        self.assertEqual(self.target.received, [])
+
+    def test_a_secret_on_the_forwarder_only(self):
+        state = {}
+
+        def hook(link, direction, ftype, stream_id, payload):
+            if link.role == "forward" and direction == UP and ftype in (OPEN, DATA):
+                state.setdefault("sent", []).append(payload)
+        port = self.tunnel(hook, None, self.SECRET)
+        user = UserConnection(self, port)
+        user.send(b"a user byte that must not leave")
+        self.forwarder.wait_line(r"forward: connection to 'web' refused: service 'web' has no secret, "
+                                 r"so its streams cannot be encrypted end to end: drop --secret, or "
+                                 r"share it with --secret$")
+        self.assertEqual(user.rest()[0], b"")
+        self.assertEqual(self.target.received, [])
+        self.assertNotIn(b"must not leave", b"".join(state["sent"]))
+
+
+# ---------------------------------------------------------------------------
 # Running the suite in two processes: `python3 test_mindmeld.py` (what CI runs)
 # ---------------------------------------------------------------------------
 
