@@ -687,11 +687,11 @@ class TestStreamEnd(unittest.TestCase):
                 pair.deliver(b.send(EOF), a)
                 self.assertEqual((a.state, b.state), (CLOSED, CLOSED))
 
-    def test_refusal_and_challenge_on_the_way_to_open(self):
+    def test_refusal_on_the_way_to_open(self):
         pair = EndPair()
-        pair.deliver(pair.acceptor.send_json(CHALLENGE, {"nonce": "00"}), pair.opener)
-        pair.deliver(pair.opener.send_json(PROOF, {"proof": "00"}), pair.acceptor)
-        self.assertEqual((pair.opener.state, pair.acceptor.state), (OPEN_SENT, OPEN_RECEIVED))
+        for ftype in (CHALLENGE, PROOF):             # retired frames: an error in any state
+            with self.assertRaises(ProtocolError):
+                pair.opener.receive(ftype)
         pair.deliver(pair.acceptor.send_json(OPEN_REFUSED, {"reason": "no"}), pair.opener)
         self.assertEqual((pair.opener.state, pair.acceptor.state), (CLOSED, CLOSED))
         pair = EndPair()
@@ -4167,11 +4167,13 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
 
         payload = os.urandom(512 * 1024)
         self.assertEqual(exchange(good_port, payload), b"T" + payload)
-        for proc, port, why in ((bad, bad_port, "wrong secret"),
-                                (none, none_port, "requires a secret")):
+        for proc, port, pattern, why in (
+                (bad, bad_port, r"could not prove", "the sharer of 'vault' could not prove the secret "
+                                                    "(a different secret, or not the real sharer)"),
+                (none, none_port, r"refused", "requires a secret: pass --secret or --secret-file")):
             with self.subTest(why=why):
                 self.assertIn(first_byte_or_close(port), ("eof", "reset"))
-                line = proc.wait_line(r"refused").string
+                line = proc.wait_line(pattern).string
                 self.assertIn(why, line)
                 self.assertIn("'vault'", line)
                 self.assertTrue(proc.running())
@@ -4187,7 +4189,7 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
         rows = list_rows(listing[1])
         self.assertEqual(rows[0][-1], "SECRET")
         self.assertEqual([(r[0], r[-1]) for r in rows[1:]], [("vault", "yes")])
-        self.assert_one_error_line(wrong_connect, "connect", "'vault'", "wrong secret")
+        self.assert_one_error_line(wrong_connect, "connect", "'vault'", "could not prove the secret")
         self.assertEqual((right_connect[0], right_connect[1], right_connect[2]),
                          (0, b"Tthrough stdin", ""))
 
@@ -4196,7 +4198,7 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
             code, lines = proc.signal(signal.SIGTERM)
             self.assertEqual(code, 0, lines)
             if proc in (bad, none):                     # one line for its one refusal
-                self.assertEqual(len([l for l in lines if "refused" in l]), 1, lines)
+                self.assertEqual(len([l for l in lines if "refused" in l or "could not prove" in l]), 1, lines)
             seen += lines + [l for l in proc.stdout if l is not None]
         self.assertFalse([l for l in seen if secret in l or wrong in l])
 
@@ -5607,18 +5609,15 @@ class TestCloseEndsWithTheLastStream(LoopTestCase):
 
 class TestFarEndFaults(HostileTestCase):
 
-    def test_a_malformed_proof_resets_its_stream_and_the_sharer_stays(self):
-        """A forwarder that knows the secret but sends an empty nonce: the sharer used to drop
-        its whole link for it, and every other user's stream with it."""
+    def test_a_pairing_message_out_of_range_is_refused_and_the_sharer_stays(self):
+        """A forwarder whose pairing message is 0 (well formed, so the router passes it): it
+        gives no key, so the sharer refuses that one stream and keeps its link for the rest."""
         async def main():
             traffic = await self.honest(secret="s3cret")
             peer = await self.raw_peer()
-            peer.send(encode_json(OPEN, 1, {"service": "web"}))
-            nonce = json.loads((await peer.frame(CHALLENGE, 1))[3].decode())["nonce"]
-            proof = mindmeld._secret_mac("s3cret", "open", "web", bytes.fromhex(nonce))
-            peer.send(encode_json(PROOF, 1, {"proof": proof, "nonce": ""}))
-            reset = json.loads((await peer.frame(RESET, 1))[3].decode())
-            self.assertIn("nonce", reset["reason"])
+            peer.send(encode_json(OPEN, 1, {"service": "web", "e2e": {"pair": "ab" * 16, "pake": "00" * 256}}))
+            refusal = json.loads((await peer.frame(OPEN_REFUSED, 1))[3].decode())
+            self.assertIn("pairing message out of range", refusal["reason"])
             self.assertEqual(await peer.settled(), "pong")
             peer.writer.close()
             await self.after(traffic)           # byte-exact, on the same sharer link
@@ -5636,10 +5635,12 @@ class TestFarEndFaults(HostileTestCase):
             peer.writer.close()
         self.against_honest_peers(attack)
 
-    def test_a_malformed_challenge_resets_its_stream_and_the_forwarder_stays(self):
+    def test_a_bad_pairing_answer_resets_its_stream_and_the_forwarder_stays(self):
+        """A sharer that answers a pairing with a message that gives no key: the forwarder
+        resets that stream, says the sharer could not prove the secret, and keeps its link."""
         async def main():
             self.router = await self.start_router()
-            sharer = await self.raw_peer()      # a sharer that lies in its challenge
+            sharer = await self.raw_peer()
             sharer.send(encode_json(REGISTER, 1, {"name": "evil", "owner": "ab" * 16,
                                                   "verifier": "cd" * 32}))
             self.assertTrue(json.loads((await sharer.frame(REGISTERED, 1))[3].decode())["ok"])
@@ -5647,10 +5648,11 @@ class TestFarEndFaults(HostileTestCase):
             link = forwarder.link
             for attempt in range(2):            # the same link, twice
                 reader, writer = await self.connect(forwarder.port)
-                _t, _f, stream_id, _p = await sharer.frame(OPEN)
-                sharer.send(encode_json(CHALLENGE, stream_id, {"nonce": ""}))
+                _t, _f, stream_id, payload = await sharer.frame(OPEN)
+                pair = json.loads(payload.decode())["e2e"]["pair"]
+                sharer.send(encode_json(OPEN_OK, stream_id, {"e2e": {"pair": pair, "pake": "00" * 256}}))
                 reset = json.loads((await sharer.frame(RESET, stream_id))[3].decode())
-                self.assertIn("nonce", reset["reason"])
+                self.assertIn("could not prove the secret", reset["reason"])
                 self.assertIs(forwarder.link, link)
                 self.assertFalse(link.closing)
                 self.assertIn(await read_until_closed(reader, 5), ("eof", "reset"))
