@@ -28,6 +28,7 @@ import collections
 import datetime
 import gc
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -635,6 +636,108 @@ class EndPair:
     def data(self, sender, receiver, n):
         sender.send_data(n)
         receiver.recv_data(n)
+
+
+class TestEndToEndExchange(unittest.TestCase):
+    """The pairing (SPAKE2) and the stream proofs without sockets: the exchange as the
+    README writes it, against a fixed transcript."""
+
+    P, Q = mindmeld.SPAKE2_P, mindmeld.SPAKE2_Q
+
+    @staticmethod
+    def lp(*parts):
+        return b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+
+    def test_the_group_and_its_two_points(self):
+        P, Q = self.P, self.Q
+        self.assertEqual(P.bit_length(), 2048)
+        self.assertEqual(pow(2, Q, P), 1)                    # g generates the order-q subgroup
+        for point in (mindmeld.SPAKE2_M, mindmeld.SPAKE2_N):
+            self.assertEqual(pow(point, Q, P), 1)
+            self.assertNotIn(point, (1, P - 1))
+        self.assertNotEqual(mindmeld.SPAKE2_M, mindmeld.SPAKE2_N)
+        # M and N as the README defines them: SHA-512 of the label and a counter byte 0..4
+        for label, point in ((b"mindmeld SPAKE2 M", mindmeld.SPAKE2_M), (b"mindmeld SPAKE2 N", mindmeld.SPAKE2_N)):
+            stream = b"".join(hashlib.sha512(label + bytes([i])).digest() for i in range(5))
+            self.assertEqual(pow(int.from_bytes(stream, "big") % P, 2, P), point)
+
+    def test_a_fixed_transcript(self):
+        P, Q = self.P, self.Q
+        pw = mindmeld.SecretPassword("sunshine", "web")
+        forwarder = mindmeld.Spake2(pw, mindmeld.FORWARDER, "00" * 16, exponent=0x1234567)
+        sharer = mindmeld.Spake2(pw, mindmeld.SHARER, "00" * 16, exponent=0x7654321)
+        # w, X, Y and the keys, computed here from the README's formulas
+        w = int.from_bytes(hashlib.sha512(self.lp(b"mindmeld SPAKE2 w v1", b"web", b"sunshine")).digest(), "big") % Q
+        X = pow(2, 0x1234567, P) * pow(mindmeld.SPAKE2_M, w, P) % P
+        Y = pow(2, 0x7654321, P) * pow(mindmeld.SPAKE2_N, w, P) % P
+        self.assertEqual((forwarder.message, sharer.message), (X, Y))
+        Z = pow(2, 2 * 0x1234567 * 0x7654321, P)
+        e = lambda n: n.to_bytes(256, "big")
+        secret = hashlib.sha256(self.lp(b"mindmeld SPAKE2 v1", b"web", b"00" * 16, e(X), e(Y), e(Z), e(w))).digest()
+        key = hmac_sha256(secret, b"mindmeld e2e v1 sharer key")
+        expected_proof = hmac_sha256(key, b"mindmeld e2e v1 sharer proof:" + b"binding")
+        for keys in (forwarder.finish(Y), sharer.finish(X)):
+            self.assertEqual(keys.proof(mindmeld.SHARER, b"binding"), expected_proof)
+        self.assertEqual(hashlib.sha256(e(X)).hexdigest()[:32], "1db3b56b760fc55d5112e30d431db68a")
+        self.assertEqual(expected_proof.hex()[:32], "5777415bf7e2307da4ecf08e97976f18")
+
+    def test_a_wrong_secret_or_name_gives_other_keys_and_each_proof_is_bound(self):
+        def pair(forwarder_secret, sharer_secret, sharer_name="web"):
+            f = mindmeld.Spake2(mindmeld.SecretPassword(forwarder_secret, "web"), mindmeld.FORWARDER, "11" * 16)
+            s = mindmeld.Spake2(mindmeld.SecretPassword(sharer_secret, sharer_name), mindmeld.SHARER, "11" * 16)
+            return f.finish(s.message), s.finish(f.message)
+        right = pair("a", "a")
+        self.assertEqual(right[0].keys, right[1].keys)
+        for wrong in (pair("a", "b"), pair("a", "a", "other")):
+            self.assertNotEqual(wrong[0].keys, wrong[1].keys)
+        keys = right[0]
+        self.assertNotEqual(keys.proof(mindmeld.SHARER, b"one"), keys.proof(mindmeld.SHARER, b"two"))
+        self.assertNotEqual(keys.proof(mindmeld.SHARER, b"one"), keys.proof(mindmeld.FORWARDER, b"one"))
+
+    def test_messages_that_give_no_key_are_refused(self):
+        pw = mindmeld.SecretPassword("a", "web")
+        side = mindmeld.Spake2(pw, mindmeld.FORWARDER, "22" * 16)
+        unmasked_one = mindmeld.SecretPassword("a", "web").masks[mindmeld.SHARER]
+        for message in (0, 1, self.P - 1, self.P, unmasked_one, self.P - unmasked_one):
+            with self.assertRaises(mindmeld.StreamError):
+                side.finish(message)
+
+    def test_pairings_offer_accept_and_refuse(self):
+        opener = mindmeld.OpenerPairings("s", "web")
+        acceptor = mindmeld.AcceptorPairings("s", "web")
+        offer, spake = opener.offer()
+        self.assertEqual(sorted(offer), ["pair", "pake"])
+        keys, answer = acceptor.open(mindmeld.checked_e2e(OPEN, {"e2e": offer}), 0.0)
+        mine = opener.accepted(spake, mindmeld.checked_e2e(OPEN_OK, {"e2e": answer}))
+        self.assertEqual(mine.keys, keys.keys)
+        opener.confirmed(mine)
+        acceptor.confirmed(keys)
+        offer, spake = opener.offer()               # the next stream reuses the pairing
+        self.assertEqual((offer, spake), ({"pairs": [mine.pair]}, None))
+        self.assertEqual(acceptor.open(offer, 1.0)[1], {"pair": mine.pair})
+        with self.assertRaises(mindmeld.E2ERefused) as refused:   # a sharer that restarted
+            mindmeld.AcceptorPairings("s", "web").open(offer, 1.0)
+        self.assertEqual(refused.exception.code, "e2e-rekey")
+        for _ in range(mindmeld.E2E_FAILURES_PER_MINUTE):          # guessing: new pairings wait
+            acceptor.failed(2.0)
+        fresh, _spake = opener.offer(fresh=True)
+        with self.assertRaises(mindmeld.E2ERefused) as refused:
+            acceptor.open(fresh, 3.0)
+        self.assertEqual(refused.exception.code, "busy")
+        self.assertEqual(acceptor.open(offer, 3.0)[1], {"pair": mine.pair})   # known pairs go on
+        self.assertEqual(acceptor.open(fresh, 62.5)[1]["pair"], fresh["pair"])  # a minute later
+
+    def test_malformed_e2e_fields(self):
+        for e2e in ("x", {"pairs": "ab"}, {"pairs": ["AB" * 16]}, {"pairs": ["ab"] * 5}, {},
+                    {"pair": "ab" * 16, "pake": "zz" * 256}, {"pake": "00" * 256},
+                    {"pair": "ab" * 16, "pake": "00" * 255}):
+            with self.subTest(e2e=e2e), self.assertRaises(mindmeld.StreamError):
+                mindmeld.checked_e2e(OPEN, {"e2e": e2e})
+        self.assertIsNone(mindmeld.checked_e2e(OPEN, {}))
+
+
+def hmac_sha256(key, message):
+    return hmac.new(key, message, hashlib.sha256).digest()
 
 
 class TestStreamEnd(unittest.TestCase):
