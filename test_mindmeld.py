@@ -4254,6 +4254,70 @@ def first_byte_or_close(port, timeout=5.0):
         return data or "eof"
 
 
+class TestEndToEndCommandLine(SecurityCommandLine, unittest.TestCase):
+    """--secret from the command line: what a user sees when the pairing is lost, guessed
+    at, or missing on one side."""
+
+    def test_a_restarted_sharer_is_paired_again_without_the_user_noticing(self):
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        env = self.env_with(MINDMELD_SECRET="open sesame")
+        first = self.share("vault", target.port, address, env=env)
+        forward, port = self.forward("vault", address, env=env)
+        self.assertIn("streams are encrypted end to end", forward.lines[-1])
+        payload = os.urandom(256 * 1024)
+        self.assertEqual(exchange(port, payload), b"T" + payload)
+        self.assertEqual(first.signal(signal.SIGTERM)[0], 0)
+        self.share("vault", target.port, address, env=env)     # knows none of the old pairings
+        self.assertEqual(exchange(port, payload), b"T" + payload)
+        self.assertEqual(exchange(port, b"again"), b"Tagain")
+        code, lines = forward.signal(signal.SIGTERM)
+        self.assertEqual(code, 0)
+        self.assertFalse([l for l in lines if "could not prove" in l or "refused" in l], lines)
+
+    def test_guessing_is_limited_and_paired_forwarders_go_on(self):
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        share = self.share("vault", target.port, address, env=self.env_with(MINDMELD_SECRET="right"))
+        _forward, port = self.forward("vault", address, env=self.env_with(MINDMELD_SECRET="right"))
+        self.assertEqual(exchange(port, b"x"), b"Tx")              # paired before the guessing
+        guess = (["connect", "vault", "--router", address], self.env_with(MINDMELD_SECRET="guess"), b"")
+        for result in self.run_many([guess] * mindmeld.E2E_FAILURES_PER_MINUTE, timeout=20):
+            self.assert_one_error_line(result, "connect", "the sharer of 'vault' could not prove the secret")
+        over = self.run_many([guess])[0]
+        self.assert_one_error_line(over, "connect", "too many failed attempts at the secret of 'vault'; "
+                                                    "try again in a minute")
+        self.assertEqual(exchange(port, b"y"), b"Ty")              # its pairing still works
+        code, lines = share.signal(signal.SIGTERM)
+        self.assertEqual(code, 0)
+        failures = [l for l in lines if "failed to prove the secret" in l]
+        self.assertEqual(len(failures), 1, lines)                  # then a count, once a minute
+        self.assertIn("share: 'vault': a stream failed to prove the secret", failures[0])
+
+    def test_a_secret_on_the_forwarder_only_sends_nothing(self):
+        received = []
+
+        def recording(conn):
+            received.append(conn.recv(100))
+            conn.sendall(received[-1])
+        router, address = self.router()
+        target = ThreadedServer(self, recording)
+        self.share("plain", target.port, address)
+        forward, port = self.forward("plain", address, env=self.env_with(MINDMELD_SECRET="s"))
+        self.assertIn(first_byte_or_close(port), ("eof", "reset"))
+        line = forward.wait_line(r"refused").string
+        self.assertIn("forward: connection to 'plain' refused: service 'plain' has no secret, so its "
+                      "streams cannot be encrypted end to end: drop --secret, or share it with --secret", line)
+        self.assertEqual(exchange(self.forward("plain", address)[1], b"plain"), b"plain")  # the control
+        self.assertEqual(received, [b"plain"])                     # and only the control got in
+
+    def test_forward_says_whether_streams_are_encrypted(self):
+        router, address = self.router()
+        plain, _port = self.forward("x", address)
+        self.assertIn("streams are not encrypted end to end (no --secret): the router can read them",
+                      plain.lines[-1])
+
+
 class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
 
     def test_secret_is_proved_end_to_end_and_never_shown(self):
