@@ -47,10 +47,12 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 
 try:  # a few locked-down builds ship without OpenSSL
@@ -352,6 +354,16 @@ OWNER_CHAIN_LENGTH = 10000          # sharer: reconnects one owner chain lasts, 
 OWNER_CHAIN_SKIP = 64               # router: chain links a reconnect may skip (REGISTERs lost
                                     # with their link before the router read them)
 
+# End to end (--secret, sections 3f and 4e).
+E2E_EXPONENT_BITS = 256             # SPAKE2 exponents: 2s bits for a safe-prime group of strength s
+                                    # (s = 112 for 2048 bits; NIST SP 800-56A rev. 3, 5.6.1.1.4)
+E2E_PAIR_ID_DIGITS = 32             # hex digits of a pairing's id (16 random bytes)
+E2E_PAIRS_OFFERED = 4               # forwarder: confirmed pairings it keeps and offers in an OPEN
+E2E_SHARER_PAIRS_MAX = 1024         # sharer: confirmed pairings kept per service (least recent go)
+E2E_FAILURES_PER_MINUTE = 10        # sharer: failed attempts at a secret before new pairings wait
+E2E_PROOF_BYTES = 32                # each side's first plaintext: an HMAC-SHA256 of tls-unique
+E2E_READ_CHUNK = 256 * 1024         # bytes decrypted at a time
+
 # Internal timings, in seconds (as all times here).
 CLOSE_FLUSH_TIMEOUT = 2.0           # a closed link whose peer stops reading is aborted after this
 LINK_CLOSE_WAIT = 1.0               # a client's close waits this long for its link to go, then aborts
@@ -382,7 +394,8 @@ LIST_PAGE_MAX = 1000                # services per LIST_REPLY: under 256 KiB, we
 LIST_PAGES_MAX = 10000              # `list` gives up on a router that keeps saying "more" past this
 LIST_SERVICES_MAX = 100000          # ... or that lists more services than this (memory it would hold)
 
-# Frame types.  Stream frames are relayed end to end by the router.
+# Frame types.  Stream frames are relayed end to end by the router.  CHALLENGE and PROOF
+# (17, 18) are retired: secrets are proved inside the stream now (section 4e).
 HELLO, AUTH, REGISTER, REGISTERED, OPEN, OPEN_OK, OPEN_REFUSED, DATA, WINDOW, \
     EOF, RESET, PING, PONG, GOAWAY, LIST, LIST_REPLY, CHALLENGE, PROOF = range(1, 19)
 FRAME_NAMES = {
@@ -743,11 +756,9 @@ SEND, RECV = "send", "recv"
 _RESETS = {(SEND, RESET): CLOSED, (RECV, RESET): CLOSED}
 STREAM_TRANSITIONS = {
     OPEN_SENT: {
-        **_RESETS, (RECV, OPEN_OK): OPEN_STATE, (RECV, OPEN_REFUSED): CLOSED,
-        (RECV, CHALLENGE): OPEN_SENT, (SEND, PROOF): OPEN_SENT},
+        **_RESETS, (RECV, OPEN_OK): OPEN_STATE, (RECV, OPEN_REFUSED): CLOSED},
     OPEN_RECEIVED: {
-        **_RESETS, (SEND, OPEN_OK): OPEN_STATE, (SEND, OPEN_REFUSED): CLOSED,
-        (SEND, CHALLENGE): OPEN_RECEIVED, (RECV, PROOF): OPEN_RECEIVED},
+        **_RESETS, (SEND, OPEN_OK): OPEN_STATE, (SEND, OPEN_REFUSED): CLOSED},
     OPEN_STATE: {
         **_RESETS, (SEND, DATA): OPEN_STATE, (RECV, DATA): OPEN_STATE,
         (SEND, WINDOW): OPEN_STATE, (RECV, WINDOW): OPEN_STATE,
@@ -876,7 +887,7 @@ class StreamEnd:
 
     # -- what the peer sent -------------------------------------------------------
     def receive(self, ftype):
-        """A control frame arrived (OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF, EOF); the new state."""
+        """A control frame arrived (OPEN_OK, OPEN_REFUSED, EOF); the new state."""
         return self._fire(RECV, ftype)
 
     def recv_data(self, n):
@@ -1009,18 +1020,10 @@ PEER_PHASES = {
     "hello": (HELLO,),
     "auth": (AUTH, PING),
     "ready": (PING, PONG, REGISTER, OPEN, LIST, GOAWAY, DATA, WINDOW, EOF, RESET,
-              OPEN_OK, OPEN_REFUSED, CHALLENGE, PROOF),
+              OPEN_OK, OPEN_REFUSED),
 }
 def _auth_mac(token, nonce):
     return hmac.new(token.encode(), b"mindmeld-auth:" + nonce, hashlib.sha256).hexdigest()
-
-
-def _secret_mac(secret, purpose, name, nonce=b""):
-    """Proofs of a service secret.  The router relays them but cannot make them:
-    'open' is the forwarder's answer to the sharer's challenge, 'accept' the sharer's
-    answer to the forwarder's."""
-    message = b"mindmeld-" + purpose.encode() + b":" + name.encode() + b":" + nonce
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def _owner_hash(value):
@@ -1072,32 +1075,6 @@ def owner_link_follows(link, accepted, skip=OWNER_CHAIN_SKIP):
     return False
 
 
-def _nonce_from(info):
-    try:
-        nonce = binascii.unhexlify(str(info.get("nonce", "")))
-    except (binascii.Error, ValueError):
-        nonce = b""
-    if len(nonce) != 16:
-        raise StreamError("a secret challenge without a 16-byte nonce")
-    return nonce
-
-
-def _checked_secret_frame(ftype, payload, fields):
-    """A CHALLENGE or PROOF reduced to its hex string fields; anything else is an error."""
-    return _hex_fields(ftype, decode_json(ftype, payload), fields)
-
-
-def _hex_fields(ftype, info, fields):
-    """Those fields of a decoded frame, each a hex string of at most 128 digits, or an error."""
-    out = {}
-    for field in fields:
-        value = info.get(field)
-        if not isinstance(value, str) or len(value) > 128 or any(c not in "0123456789abcdef" for c in value):
-            raise ProtocolError("%s frame without a valid %r" % (FRAME_NAMES[ftype], field))
-        out[field] = value
-    return out
-
-
 def backoff_delays(first=BACKOFF_FIRST, cap=BACKOFF_MAX, rng=random.random):
     """Exponential backoff with full jitter in [delay/2, delay]: 0.5 s, 1 s, ... 30 s."""
     delay = first
@@ -1143,6 +1120,242 @@ def parse_hostport(text, default_host, default_port=None, what="address"):
 
 def format_hostport(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+# ### 3f. End to end (--secret): SPAKE2 pairing and per-stream confirmation
+
+# A forwarder and a sharer that share a secret pair up once with SPAKE2 (RFC 9382's
+# shape) over the RFC 3526 2048-bit MODP group; every stream between them is then TLS
+# inside the stream (section 4e), accepted only when each side's MAC of that TLS
+# channel's tls-unique (RFC 5929) checks out under the pair's keys.  Neither a passive
+# nor an active router can test a guess of the secret offline: all it sees of the secret
+# is X = g^x M^w and Y = g^y N^w, which fit every w, and MACs under keys it cannot derive
+# without x or y.  An active router gets one online guess per pairing it joins, and the
+# sharer counts those (GuessLimiter).
+SPAKE2_P = int(
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DD"
+    "EF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F"
+    "83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3B"
+    "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA0510"
+    "15728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
+SPAKE2_Q = (SPAKE2_P - 1) // 2          # p is a safe prime: the squares have prime order q
+SPAKE2_G = 2                            # a square mod p, so it generates the order-q subgroup
+SPAKE2_BYTES = 256
+FORWARDER, SHARER = "forwarder", "sharer"
+
+
+def _length_prefixed(*parts):
+    """RFC 9382's transcript encoding: each part after its length, 8 bytes little-endian."""
+    return b"".join(len(part).to_bytes(8, "little") + part for part in parts)
+
+
+def _hash_to_group(label):
+    """An element of the order-q subgroup that nobody knows a discrete log of: SHA-512
+    in counter mode, reduced mod p, squared."""
+    stream = b"".join(hashlib.sha512(label + bytes([i])).digest() for i in range(5))
+    return pow(int.from_bytes(stream, "big") % SPAKE2_P, 2, SPAKE2_P)
+
+
+SPAKE2_M = _hash_to_group(b"mindmeld SPAKE2 M")
+SPAKE2_N = _hash_to_group(b"mindmeld SPAKE2 N")
+
+
+def _element_bytes(n):
+    return n.to_bytes(SPAKE2_BYTES, "big")
+
+
+class SecretPassword:
+    """w for one secret and one service name, and its masks, worked out once."""
+    __slots__ = ("service", "w", "masks", "unmasks")
+
+    def __init__(self, secret, service):
+        self.service = service.encode()
+        digest = hashlib.sha512(_length_prefixed(b"mindmeld SPAKE2 w v1", self.service,
+                                                 secret.encode())).digest()
+        self.w = int.from_bytes(digest, "big") % SPAKE2_Q
+        self.masks = {FORWARDER: pow(SPAKE2_M, self.w, SPAKE2_P), SHARER: pow(SPAKE2_N, self.w, SPAKE2_P)}
+        self.unmasks = {side: _inv(mask, SPAKE2_P) for side, mask in self.masks.items()}
+
+
+class Spake2:
+    """One side of one pairing.  The forwarder masks with M, the sharer with N; each sends
+    `message` and turns the other's into PairKeys with finish()."""
+    __slots__ = ("password", "side", "pair", "exponent", "message")
+
+    def __init__(self, password, side, pair, exponent=None):
+        self.password, self.side, self.pair = password, side, pair
+        self.exponent = exponent or (secrets.randbits(E2E_EXPONENT_BITS) | 1)
+        self.message = pow(SPAKE2_G, self.exponent, SPAKE2_P) * password.masks[side] % SPAKE2_P
+
+    def finish(self, peer_message):
+        """PairKeys from the other side's message; StreamError if it cannot be one."""
+        if not 1 < peer_message < SPAKE2_P - 1:
+            raise StreamError("a pairing message out of range")
+        other = SHARER if self.side == FORWARDER else FORWARDER
+        unmasked = peer_message * self.password.unmasks[other] % SPAKE2_P
+        shared = pow(unmasked, 2 * self.exponent, SPAKE2_P)     # 2: into the order-q subgroup
+        if shared == 1:
+            raise StreamError("a pairing message that gives no key")
+        ours, theirs = _element_bytes(self.message), _element_bytes(peer_message)
+        forwarder_message, sharer_message = (ours, theirs) if self.side == FORWARDER else (theirs, ours)
+        transcript = _length_prefixed(b"mindmeld SPAKE2 v1", self.password.service, self.pair.encode(),
+                                      forwarder_message, sharer_message, _element_bytes(shared),
+                                      _element_bytes(self.password.w))
+        return PairKeys(self.pair, hashlib.sha256(transcript).digest())
+
+
+class PairKeys:
+    """What a pairing leaves: one confirmation key per side.  A stream's proof is a MAC of
+    its TLS channel binding, so it is worth nothing on any other stream."""
+    __slots__ = ("pair", "keys")
+
+    def __init__(self, pair, secret):
+        self.pair = pair
+        self.keys = {side: hmac.new(secret, b"mindmeld e2e v1 " + side.encode() + b" key",
+                                    hashlib.sha256).digest() for side in (FORWARDER, SHARER)}
+
+    def proof(self, side, channel_binding):
+        return hmac.new(self.keys[side], b"mindmeld e2e v1 " + side.encode() + b" proof:" + channel_binding,
+                        hashlib.sha256).digest()
+
+
+def _hex_id(value):
+    return isinstance(value, str) and len(value) == E2E_PAIR_ID_DIGITS and \
+        all(c in "0123456789abcdef" for c in value)
+
+
+def checked_e2e(ftype, info):
+    """The `e2e` field of an OPEN or OPEN_OK, checked (StreamError if malformed), or None."""
+    e2e = info.get("e2e")
+    if e2e is None:
+        return None
+    out = {}
+    pairs = e2e.get("pairs", []) if isinstance(e2e, dict) else None
+    if not isinstance(pairs, list) or len(pairs) > E2E_PAIRS_OFFERED or not all(map(_hex_id, pairs)):
+        raise StreamError("%s with a malformed e2e field" % FRAME_NAMES[ftype])
+    if pairs:
+        out["pairs"] = pairs
+    if "pair" in e2e:
+        if not _hex_id(e2e["pair"]):
+            raise StreamError("%s with a malformed e2e pair" % FRAME_NAMES[ftype])
+        out["pair"] = e2e["pair"]
+    if "pake" in e2e:
+        pake = e2e["pake"]
+        if not (isinstance(pake, str) and len(pake) == 2 * SPAKE2_BYTES and "pair" in out):
+            raise StreamError("%s with a malformed e2e pairing message" % FRAME_NAMES[ftype])
+        try:
+            int(pake, 16)
+        except ValueError:
+            raise StreamError("%s with a malformed e2e pairing message" % FRAME_NAMES[ftype])
+        out["pake"] = pake
+    if not out:
+        raise StreamError("%s with an empty e2e field" % FRAME_NAMES[ftype])
+    return out
+
+
+class E2ERefused(Exception):
+    """A sharer turns an OPEN down: reason and code for its OPEN_REFUSED."""
+
+    def __init__(self, reason, code=None):
+        Exception.__init__(self, reason)
+        self.reason, self.code = reason, code
+
+
+class GuessLimiter:
+    """At most `limit` failed attempts at a secret per `period` seconds."""
+    __slots__ = ("limit", "period", "failures")
+
+    def __init__(self, limit=E2E_FAILURES_PER_MINUTE, period=60.0):
+        self.limit, self.period = limit, period
+        self.failures = collections.deque()
+
+    def _expire(self, now):
+        while self.failures and self.failures[0] <= now - self.period:
+            self.failures.popleft()
+
+    def failed(self, now):
+        self._expire(now)
+        self.failures.append(now)
+
+    def exhausted(self, now):
+        self._expire(now)
+        return len(self.failures) >= self.limit
+
+
+class OpenerPairings:
+    """A forwarder's pairings with the sharers of one service: the confirmed ones, newest
+    last, and the offer an OPEN makes (known pairs, or a new pairing)."""
+
+    def __init__(self, secret, service):
+        self.password = SecretPassword(secret, service)
+        self.pairs = collections.OrderedDict()      # pair id -> PairKeys, confirmed
+
+    def offer(self, fresh=False):
+        """(the OPEN's e2e field, the Spake2 of a new pairing or None)."""
+        if self.pairs and not fresh:
+            return {"pairs": list(self.pairs)[-E2E_PAIRS_OFFERED:]}, None
+        spake = Spake2(self.password, FORWARDER, os.urandom(E2E_PAIR_ID_DIGITS // 2).hex())
+        return {"pair": spake.pair, "pake": "%0512x" % spake.message}, spake
+
+    def accepted(self, spake, e2e):
+        """The keys for this stream, from the OPEN_OK's e2e field; StreamError if unusable."""
+        if e2e is None:
+            raise StreamError("the sharer answered without end-to-end encryption")
+        pair = e2e.get("pair")
+        if spake is not None:
+            if pair != spake.pair or "pake" not in e2e:
+                raise StreamError("the sharer did not answer the pairing")
+            return spake.finish(int(e2e["pake"], 16))
+        keys = self.pairs.get(pair)
+        if keys is None:
+            raise StreamError("the sharer chose a pairing this forwarder does not hold")
+        return keys
+
+    def confirmed(self, keys):
+        self.pairs[keys.pair] = keys
+        self.pairs.move_to_end(keys.pair)
+        while len(self.pairs) > E2E_PAIRS_OFFERED:
+            self.pairs.popitem(last=False)
+
+    def forget(self, keys):
+        self.pairs.pop(keys.pair, None)
+
+
+class AcceptorPairings:
+    """A sharer's pairings for one service: confirmed pairs (bounded, least recently used
+    go first), and the count of failed attempts at the secret."""
+
+    def __init__(self, secret, service):
+        self.service = service
+        self.password = SecretPassword(secret, service)
+        self.pairs = collections.OrderedDict()      # pair id -> PairKeys, confirmed
+        self.limiter = GuessLimiter()
+
+    def open(self, e2e, now):
+        """(PairKeys, the OPEN_OK's e2e field) for an OPEN's e2e field, or E2ERefused."""
+        for pair in e2e.get("pairs", ()):
+            keys = self.pairs.get(pair)
+            if keys is not None:
+                self.pairs.move_to_end(pair)
+                return keys, {"pair": pair}
+        if "pake" not in e2e:
+            raise E2ERefused("the sharer holds none of these pairings; pair again", "e2e-rekey")
+        if self.limiter.exhausted(now):
+            raise E2ERefused("too many failed attempts at the secret of %r; try again in a minute"
+                             % self.service, "busy")
+        spake = Spake2(self.password, SHARER, e2e["pair"])
+        keys = spake.finish(int(e2e["pake"], 16))
+        return keys, {"pair": spake.pair, "pake": "%0512x" % spake.message}
+
+    def confirmed(self, keys):
+        self.pairs[keys.pair] = keys
+        self.pairs.move_to_end(keys.pair)
+        while len(self.pairs) > E2E_SHARER_PAIRS_MAX:
+            self.pairs.popitem(last=False)
+
+    def failed(self, now):
+        self.limiter.failed(now)
 
 
 # ###########################################################################
@@ -1405,6 +1618,9 @@ class Link(BufferedProtocol):
 
 # ### 4b. Local streams: one TCP connection joined to one stream
 
+E2E_FAILURE = "end-to-end check failed"
+
+
 class LocalStream(asyncio.Protocol):
     """One local TCP connection joined to one stream of a ClientLink.
 
@@ -1416,6 +1632,8 @@ class LocalStream(asyncio.Protocol):
 
     reads_before_open = False       # a forwarder reads the client's first bytes, for its OPEN
     early = None                    # those bytes, until the stream is accepted
+    e2e = None                      # an EndToEndLayer (--secret): it is the transport then
+    role = "stream"                 # what its log lines start with
 
     def __init__(self, link=None, stream_id=0):
         self.link = None
@@ -1578,6 +1796,8 @@ class LocalStream(asyncio.Protocol):
             self._flush_pending()           # or joins link.blocked if the link is paused
 
     def on_eof(self, _payload):
+        if self.e2e is not None and not self.e2e.check_end():
+            return                          # a truncation: reset
         if self.end.receive(EOF) == CLOSED:
             self._finish()
         elif self.transport.can_write_eof():
@@ -1593,7 +1813,15 @@ class LocalStream(asyncio.Protocol):
             _abort_with_reset(self.transport)
 
     def reset_by_peer(self, reason):
-        log.debug("stream %s reset by the peer: %s", self.label, reason)
+        if reason.startswith(E2E_FAILURE):      # the far end's check failed: say so here too
+            log.warning("%s: stream %s reset by the far end: %s", self.role, self.label, reason)
+        else:
+            log.debug("stream %s reset by the peer: %s", self.label, reason)
+
+    def e2e_failed(self, why):
+        """An end-to-end check failed (EndToEndLayer): one line, and the stream is reset."""
+        log.warning("%s: stream %s: %s: %s; stream reset", self.role, self.label, E2E_FAILURE, why)
+        self.reset("%s: %s" % (E2E_FAILURE, why))
 
     # The opening frames.  Each role overrides the ones it expects; the rest are
     # refused by the state table (an acceptor never receives OPEN_OK, say).
@@ -1605,17 +1833,11 @@ class LocalStream(asyncio.Protocol):
             self._flush_pending()
 
     def accepted(self, _info):
-        """Does the opener take this OPEN_OK?  (A forwarder with a secret checks the proof.)"""
+        """Does the opener take this OPEN_OK?  (A forwarder with a secret checks its pairing.)"""
         return True
 
     def on_open_refused(self, _info):
         self.end.receive(OPEN_REFUSED)
-
-    def on_challenge(self, _info):
-        self.end.receive(CHALLENGE)
-
-    def on_proof(self, _info):
-        self.end.receive(PROOF)
 
     def accept(self, info):
         """The acceptor's side: tell the opener (OPEN_OK), then let data flow."""
@@ -2086,6 +2308,348 @@ class TlsLayer(_Layer, BufferedProtocol):
             return self.tls
         return _Layer.get_extra_info(self, name, default)
 
+
+# ### 4e. End to end: TLS inside one stream (--secret)
+
+# TLS needs a certificate, and ssl loads one only from a file; this one is public on
+# purpose (it authenticates nothing: the pairing's proofs do, section 3f), so any copy
+# of mindmeld can be the TLS server of a stream.  ECDHE still gives every stream keys of
+# its own, which is forward secrecy: a secret learned later decrypts nothing recorded.
+E2E_KEY_PEM = b"""-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgRrJLSxBZHggjSQZp
+rgi6QEo/ztPU4HME+PtVbunGpKehRANCAATez4bduiQy2mqHdPXeAXXxrzRQ/G+D
+RLs5AdndbpkFmhsyn1W3Xyjh5II2AnIZx3FCzMSjpaHlO9F2yg7SYD7k
+-----END PRIVATE KEY-----
+"""
+E2E_CERT_PEM = b"""-----BEGIN CERTIFICATE-----
+MIIBvTCCAWOgAwIBAgIUSEqkssyzrxgOvlm/tpspdRhP2hswCgYIKoZIzj0EAwIw
+MzExMC8GA1UEAwwobWluZG1lbGQgZW5kLXRvLWVuZCAodGhpcyBrZXkgaXMgcHVi
+bGljKTAgFw0yNjEyMDIxNDM3MThaGA8yMTI2MTEwODE0MzcxOFowMzExMC8GA1UE
+AwwobWluZG1lbGQgZW5kLXRvLWVuZCAodGhpcyBrZXkgaXMgcHVibGljKTBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABN7Pht26JDLaaod09d4BdfGvNFD8b4NEuzkB
+2d1umQWaGzKfVbdfKOHkgjYCchnHcULMxKOloeU70XbKDtJgPuSjUzBRMB0GA1Ud
+DgQWBBQwD4KNoxhz++iy5XDY9FZBWbE2hzAfBgNVHSMEGDAWgBQwD4KNoxhz++iy
+5XDY9FZBWbE2hzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQDi
+okpN+rRwaphjIhgk2QQhJNiwmB7gM0SF/jwzswROLwIgRO7dPGK8GcGYIXUPNHlQ
+RoMSxmgheBcJQ4C/Mwn7MYQ=
+-----END CERTIFICATE-----
+"""
+# TLS 1.2 because tls-unique (the first Finished message) is its channel binding; with the
+# extended master secret (OpenSSL's default) and ECDHE only, no man in the middle can make
+# both its legs share one.  Python has no tls-exporter for TLS 1.3.
+E2E_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384"
+_e2e_contexts = {}
+
+
+def e2e_context(server_side):
+    """The (cached) SSLContext of one side of an end-to-end stream."""
+    context = _e2e_contexts.get(server_side)
+    if context is not None:
+        return context
+    if ssl is None:
+        raise MindmeldError("--secret needs Python's ssl module, which this Python lacks")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    _tls_policy(context)
+    if SSL_HAS_MINIMUM_VERSION:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:  # 3.6
+        context.options |= ssl.OP_NO_TLSv1_3
+    context.options |= getattr(ssl, "OP_NO_TICKET", 0)
+    context.set_ciphers(E2E_CIPHERS)
+    if server_side:
+        folder = tempfile.mkdtemp(prefix="mindmeld-e2e-")
+        try:
+            path = os.path.join(folder, "e2e.pem")
+            with open(path, "wb") as f:
+                f.write(E2E_KEY_PEM + E2E_CERT_PEM)
+            context.load_cert_chain(path)
+        except OSError as exc:
+            raise MindmeldError("cannot write a temporary file for end-to-end TLS in %s: %s"
+                                % (tempfile.gettempdir(), exc.strerror or exc))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE    # the proofs authenticate, not the certificate
+    _e2e_contexts[server_side] = context
+    return context
+
+
+class EndToEndError(Exception):
+    """An end-to-end check failed on one stream: it is reset, and both ends say why."""
+
+
+class EndToEndLayer(_Layer, asyncio.Protocol):
+    """TLS between the two ends of one stream: the transport of a LocalStream, which so
+    carries only TLS records, and the protocol of the local socket, which sees plaintext.
+
+    After the handshake the sharer sends its proof (PairKeys.proof of tls-unique) as its
+    first plaintext and the forwarder checks it before it sends its own and then the
+    user's bytes; the sharer lets nothing through, and dials nothing, until the
+    forwarder's proof checks out.  Half-close: a local EOF is a TLS close_notify, then the
+    stream's EOF; a stream EOF that no close_notify announced is a truncation."""
+
+    def __init__(self, stream, server_side, keys=None, on_confirmed=None):
+        self.stream = stream
+        stream.e2e = self
+        self.server_side = server_side
+        self.side, self.peer_side = (SHARER, FORWARDER) if server_side else (FORWARDER, SHARER)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.keys = keys
+        self.on_confirmed = on_confirmed
+        self.transport = None           # the local socket (a sharer's comes once confirmed)
+        self.closing = False
+        self.handshaken = self.proof_sent = self.confirmed = False
+        self.proof_buffer = b""
+        self.held = []                  # plaintext that may not pass yet
+        self.local_eof = False          # the local side ended: close_notify sent, or to send
+        self.close_notify_received = False
+        self.delivered_any = False
+        self.stream_paused = self.holding = False
+        self.failed = None
+
+    # -- the local socket ---------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        _set_nodelay(transport)
+        transport.set_write_buffer_limits(0, 0)
+        if self.stream.transport is None:       # a forwarder's: the stream starts with it
+            self.stream.connection_made(self)
+            self._shake()
+        else:                                   # a sharer's target: what waited goes first
+            held, self.held = self.held, []
+            for data in held:
+                transport.write(data)
+            if self.close_notify_received:
+                self._write_local_eof()
+            self._update_reading()
+            if not transport.get_write_buffer_size():
+                self.stream.resume_writing()
+
+    def data_received(self, data):
+        if self.closing:
+            return
+        if not self.confirmed:
+            self.held.append(bytes(data))       # until the sharer has proved the secret
+            self.holding = True
+            self._update_reading()
+            return
+        self._send(data)
+
+    def eof_received(self):
+        self.local_eof = True
+        if self.confirmed and not self.closing:
+            self._send_close_notify()
+        return True                             # the other direction goes on: half-close
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self.stream.connection_lost(exc)
+
+    def pause_writing(self):
+        self.stream.pause_writing()
+
+    def resume_writing(self):
+        self.stream.resume_writing()
+
+    # -- the transport of the stream ----------------------------------------------------
+    def write(self, data):
+        """TLS records from the far end."""
+        if self.closing or self.failed:
+            return
+        self.incoming.write(data)
+        try:
+            if not self.handshaken:
+                self._shake()
+            if self.handshaken:
+                self._read_plaintext()
+        except EndToEndError as exc:
+            self.fail(str(exc))
+
+    def write_parts(self, header, payload):
+        if header:
+            self.write(header)
+        self.write(payload)
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        """The far end's stream EOF: fine only after its close_notify."""
+        if self.check_end() and self.transport is not None:
+            self._write_local_eof()
+
+    def check_end(self):
+        """The far end ended its direction: was that announced inside TLS?  Else the
+        stream is reset (a truncation) and the answer is False."""
+        if self.close_notify_received or self.closing or self.failed:
+            return True
+        self.fail("the stream was cut short on the way")
+        return False
+
+    def _write_local_eof(self):
+        if self.transport.can_write_eof() and not self.transport.is_closing():
+            try:
+                self.transport.write_eof()
+            except OSError:
+                self.stream.reset("local connection reset")
+
+    def close(self):
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self):
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def is_closing(self):
+        return self.closing or (self.transport is not None and self.transport.is_closing())
+
+    def get_write_buffer_size(self):
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass                                    # the local socket's are 0: see connection_made
+
+    def pause_reading(self):
+        self.stream_paused = True
+        self._update_reading()
+
+    def resume_reading(self):
+        self.stream_paused = False
+        self._update_reading()
+
+    def get_extra_info(self, name, default=None):
+        if self.transport is None:
+            return default
+        return self.transport.get_extra_info(name, default)
+
+    def _update_reading(self):
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.stream_paused or self.holding:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    # -- TLS --------------------------------------------------------------------------
+    def _flush(self):
+        data = self.outgoing.read()
+        if data and not self.stream.closed:
+            self.stream.data_received(data)
+
+    def _shake(self):
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as exc:
+            self._flush()
+            raise EndToEndError("the TLS handshake failed (%s)" % (exc.reason or exc))
+        self._flush()
+        self.handshaken = True
+        if self.keys is None:
+            raise EndToEndError("the TLS handshake ended before the pairing")
+        if self.server_side:
+            self._send_proof()
+
+    def _send_proof(self):
+        binding = self.tls.get_channel_binding("tls-unique")
+        self.tls.write(self.keys.proof(self.side, binding))
+        self.proof_sent = True
+        self._flush()
+
+    def _read_plaintext(self):
+        tls = self.tls
+        while not self.closing and not self.failed:
+            try:
+                data = tls.read(E2E_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLError as exc:
+                self._flush()           # the alert, for the far end's TLS
+                raise EndToEndError("the data was altered on the way (%s)" % (exc.reason or exc))
+            if not data:
+                self._close_notify()
+                break
+            if not self.confirmed:
+                data = self._take_proof(data)
+            if data:
+                self._deliver(data)
+        self._flush()
+
+    def _take_proof(self, data):
+        """The far end's proof, the first E2E_PROOF_BYTES of its plaintext; what follows."""
+        need = E2E_PROOF_BYTES - len(self.proof_buffer)
+        self.proof_buffer += data[:need]
+        if len(self.proof_buffer) < E2E_PROOF_BYTES:
+            return b""
+        binding = self.tls.get_channel_binding("tls-unique")
+        if not hmac.compare_digest(self.proof_buffer, self.keys.proof(self.peer_side, binding)):
+            raise EndToEndError("the %s could not prove the secret" % self.peer_side)
+        if not self.server_side:
+            self._send_proof()
+        self.confirmed = True
+        if self.on_confirmed is not None:
+            self.on_confirmed(self)
+        self._release_held()
+        return data[need:]
+
+    def _release_held(self):
+        if self.transport is None or self.server_side:
+            return
+        held, self.held = self.held, []
+        self.holding = False
+        for data in held:
+            self._send(data)
+        if self.local_eof:
+            self._send_close_notify()
+        self._update_reading()
+
+    def _deliver(self, data):
+        self.delivered_any = True
+        if self.transport is None:              # the sharer's target is not connected yet
+            self.held.append(data)
+            self.stream.pause_writing()         # no credit back until it is written
+        else:
+            self.transport.write(data)
+
+    def _send(self, data):
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            raise_later = exc.reason or exc
+            self.fail("TLS refused to send (%s)" % raise_later)
+            return
+        self._flush()
+
+    def _send_close_notify(self):
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass                                # the far end's close_notify comes later, or never
+        except ssl.SSLError:
+            pass
+        self._flush()
+        self.stream.eof_received()
+
+    def _close_notify(self):
+        if not self.close_notify_received:
+            self.close_notify_received = True
+
+    def fail(self, why):
+        """An end-to-end check failed: one line, the stream reset, the local socket reset."""
+        if self.failed:
+            return
+        self.failed = why
+        self.stream.e2e_failed(why)
 
 # ###########################################################################
 # ### 5. TLS trust: a self-signed certificate, pins, known routers
@@ -2701,6 +3265,14 @@ class PeerWindows:
         return self.initial + self.growth + self.ended
 
 
+def _router_checked_e2e(ftype, info):
+    """An OPEN's or OPEN_OK's e2e field, checked; a malformed one is its sender's error."""
+    try:
+        return checked_e2e(ftype, info)
+    except StreamError as exc:
+        raise ProtocolError(str(exc))
+
+
 class RelayedStream:
     """One stream between an opener and a sharer.  It owns both legs, so every frame
     that crosses the router, and every edit to both sides, happens here."""
@@ -2723,7 +3295,7 @@ class RelayedStream:
     def open(self, info):
         """Pass the OPEN on to the sharer, with who asked: only fields already checked
         (on_open), so what grows on the way (peer, windows) cannot push it over MAX_CONTROL."""
-        forwarded = {k: v for k, v in info.items() if k in ("service", "data")}
+        forwarded = {k: v for k, v in info.items() if k in ("service", "data", "e2e") and v is not None}
         acceptor = self.acceptor.end
         forwarded.update(peer=self.opener.peer.peer, credit=acceptor.window.size,
                          window=acceptor.credit)
@@ -2762,7 +3334,8 @@ class RelayedStream:
     def open_ok(self, leg, payload):
         leg.end.receive(OPEN_OK)
         info = decode_json(OPEN_OK, payload) if payload else {}
-        accept = _hex_fields(OPEN_OK, info, ("proof",)) if "proof" in info else {}
+        e2e = _router_checked_e2e(OPEN_OK, info)
+        accept = {"e2e": e2e} if e2e is not None else {}
         other = leg.other               # the opener's leg: credit is what the router may send it
         accept.update(credit=other.end.window.size, window=other.end.credit)
         other.peer.send(other.end.send_json(OPEN_OK, accept))
@@ -2771,27 +3344,12 @@ class RelayedStream:
         leg.end.receive(OPEN_REFUSED)
         info = decode_json(OPEN_REFUSED, payload)
         refusal = {"reason": short_reason(info.get("reason", "refused"))}
-        if info.get("code") == "busy":          # the one code a sharer sets: its stream limits
-            refusal["code"] = "busy"
+        if info.get("code") in ("busy", "e2e-rekey"):     # the codes a sharer sets
+            refusal["code"] = info["code"]
         other = leg.other
         other.peer.send(other.end.send_json(OPEN_REFUSED, refusal))
         self.router.monitor.stream_refused("sharer")
         self.end()
-
-    def challenge(self, leg, payload):
-        leg.end.receive(CHALLENGE)
-        info = _checked_secret_frame(CHALLENGE, payload, ("nonce",))
-        other = leg.other
-        other.peer.send(other.end.send_json(CHALLENGE, info))
-
-    def proof(self, leg, payload):
-        """Checked here, so that a forwarder's bad PROOF costs it its link, not the sharer's."""
-        if not self.registration.verifier:
-            raise ProtocolError("PROOF for %r, which has no secret" % self.registration.name)
-        leg.end.receive(PROOF)
-        info = _checked_secret_frame(PROOF, payload, ("proof", "nonce"))
-        other = leg.other
-        other.peer.send(other.end.send_json(PROOF, info))
 
     # -- ending ---------------------------------------------------------------------
     def abort(self, gone, reason):
@@ -2885,7 +3443,7 @@ class PendingHandshakes:
 
 # Stream frames the router relays: (frame type, RelayedStream method).
 RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, "open_ok"),
-                  (OPEN_REFUSED, "open_refused"), (CHALLENGE, "challenge"), (PROOF, "proof"))
+                  (OPEN_REFUSED, "open_refused"))
 
 
 class WatchedWrites:
@@ -3102,6 +3660,7 @@ class RouterPeer(WatchedWrites, Link):
         self.ids.opened_by_peer(stream_id)
         info = decode_json(OPEN, payload)
         early = open_data(info)                 # checked here: a bad one is this peer's error
+        info["e2e"] = _router_checked_e2e(OPEN, info)
         name = info.get("service")
         registration = self.router.services.get(name) if valid_name(name) else None
         windows = (self.windows.next_window(),       # toward the opener, toward the sharer
@@ -3905,8 +4464,6 @@ CLIENT_STREAM_ROUTES = (
     (WINDOW, "on_window", None), (EOF, "on_eof", None), (RESET, "on_reset", None),
     (OPEN_OK, "on_open_ok", None),
     (OPEN_REFUSED, "on_open_refused", lambda p: decode_far_json(OPEN_REFUSED, p)),
-    (CHALLENGE, "on_challenge", lambda p: decode_far_json(CHALLENGE, p)),
-    (PROOF, "on_proof", lambda p: decode_far_json(PROOF, p)),
 )
 
 
@@ -4630,26 +5187,20 @@ class RefusalLog:
 
 class SharedStream(LocalStream):
     """A stream the router opened to a sharer: dialled to the service's target.  It holds
-    one of the sharer's stream slots from its OPEN until its socket is closed."""
+    one of the sharer's stream slots from its OPEN until its socket is closed.  With a
+    secret its transport is an EndToEndLayer, and the target is dialled once the opener
+    has proved the secret."""
 
-    sharer = service = challenge = peer_nonce = opener = None
-    dialling = counted = False
+    role = "share"
+    sharer = service = opener = keys = None
+    dialling = counted = failure_counted = False
 
-    def on_proof(self, info):
-        self.end.receive(PROOF)
-        sharer, name = self.sharer, self.service
-        if self.challenge is None:
-            self.reset("PROOF without a challenge")     # the forwarder's fault, not the router's
-            return
-        expected = _secret_mac(sharer.secret, "open", name, self.challenge)
-        self.challenge = None
-        if not hmac.compare_digest(str(info.get("proof", "")).encode(), expected.encode()):
-            log.warning("share: refused a stream to %r: wrong secret", name)
-            self.refuse("wrong secret for service %r" % name)
-            return
-        self.peer_nonce = _nonce_from(info)
-        self.dialling = True
-        _spawn(sharer._dial(self.link, self, sharer.services[name]), sharer.tasks)
+    def e2e_failed(self, why):
+        if why.endswith("could not prove the secret"):
+            self.sharer.secret_failed(self)
+            self.reset("%s: %s" % (E2E_FAILURE, why))
+        else:
+            LocalStream.e2e_failed(self, why)
 
     def accept(self, info):
         if self.early:                  # what the OPEN carried goes first
@@ -4667,7 +5218,10 @@ class SharedStream(LocalStream):
 
     def _forget(self):
         LocalStream._forget(self)
-        if self.transport is None and not self.dialling:
+        e2e = self.e2e
+        if e2e is not None and e2e.proof_sent and not e2e.confirmed:
+            self.sharer.secret_failed(self)         # it saw our proof and gave none
+        if (self.transport is None or (e2e is not None and e2e.transport is None)) and not self.dialling:
             self.sharer.stream_released(self)       # no socket was made: the slot is free
 
     def connection_lost(self, exc):
@@ -4700,6 +5254,7 @@ class Sharer(_Client):
         self.streams_by_service = collections.Counter()
         self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
         self.busy_log = RefusalLog("share: streams refused, over a limit")
+        self.guess_log = RefusalLog("share: streams that failed to prove the secret")
         self.services = {}
         for name, target in services.items():
             check_name(name)
@@ -4708,6 +5263,7 @@ class Sharer(_Client):
             self.services[name] = Target(target[0] or "localhost", target[1])
         if not self.services:
             raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
+        self.pairings = {name: AcceptorPairings(secret, name) for name in self.services} if secret else {}
         self.owners = OwnerChain()          # proves a reconnect is the same process
         # marks a service with a secret; random, so that no router takes it for a proof
         self.secret_marker = os.urandom(16).hex()
@@ -4792,14 +5348,51 @@ class Sharer(_Client):
             stream.refuse(busy, "busy")
         else:
             self._take_slot(stream)
-            if self.secret:
-                stream.challenge = os.urandom(16)
-                link.send(stream.end.send_json(CHALLENGE, {"nonce": stream.challenge.hex()}))
-                link.loop.call_later(OPEN_TIMEOUT, lambda: stream.end.state == OPEN_RECEIVED and
-                                     stream.reset("no answer to the secret challenge"))
+            if self.secret or "e2e" in info:
+                self._open_end_to_end(link, stream, info, target)
             else:
                 stream.dialling = True          # from now until _dial() ends
                 _spawn(self._dial(link, stream, target), self.tasks)
+
+    def _open_end_to_end(self, link, stream, info, target):
+        """Pair (or find the pairing), accept, and start TLS; the target is dialled once the
+        opener has proved the secret (EndToEndLayer calls back)."""
+        name = stream.service
+        try:
+            e2e = checked_e2e(OPEN, info)
+            if not self.secret:
+                raise E2ERefused("service %r has no secret, so its streams cannot be encrypted end to "
+                                 "end: drop --secret, or share it with --secret" % name)
+            if e2e is None:
+                raise E2ERefused("service %r requires a secret: pass --secret or --secret-file" % name)
+            keys, reply = self.pairings[name].open(e2e, link.loop.time())
+        except (E2ERefused, StreamError) as exc:
+            if isinstance(exc, E2ERefused) and exc.code == "busy":
+                self.busy_log.refused("share: refused a stream to %r: %s" % (name, exc.reason))
+            stream.refuse(getattr(exc, "reason", str(exc)), getattr(exc, "code", None))
+            return
+        stream.keys = keys
+
+        def confirmed(layer):
+            self.pairings[name].confirmed(keys)
+            stream.dialling = True
+            _spawn(self._dial(link, stream, target, layer), self.tasks)
+
+        EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
+        stream.connection_made(stream.e2e)
+        stream.accept({"e2e": reply})
+        link.loop.call_later(OPEN_TIMEOUT, lambda: stream.closed or stream.e2e.confirmed or
+                             stream.reset("no proof of the secret within %.0f s" % OPEN_TIMEOUT))
+
+    def secret_failed(self, stream):
+        """A stream that did not prove the secret: counted against new pairings, and said
+        once, then as a count (a guessing attack does not flood the log)."""
+        if stream.failure_counted:
+            return
+        stream.failure_counted = True
+        self.pairings[stream.service].failed(_get_loop().time())
+        self.guess_log.refused("share: %r: a stream failed to prove the secret (from %s)"
+                               % (stream.service, printable(stream.opener)))
 
     # -- stream slots: what keeps a flood of OPENs from using up the descriptors ---------
     def _over_limit(self, name, opener):
@@ -4835,15 +5428,16 @@ class Sharer(_Client):
 
     async def stop_accepting(self):
         self.busy_log.close()
+        self.guess_log.close()
 
-    async def _dial(self, link, stream, target):
+    async def _dial(self, link, stream, target, layer=None):
         host, port = target.host, target.port
         where = format_hostport(host, port)
         loop = _get_loop()
         task, expired = _current_task(), []
         timer = loop.call_later(DIAL_TIMEOUT, lambda: expired.append(True) or task.cancel())
         try:
-            await target.connect(lambda: stream)
+            await target.connect(lambda: layer or stream)
         except asyncio.CancelledError:
             if not expired:
                 raise
@@ -4856,19 +5450,19 @@ class Sharer(_Client):
             timer.cancel()
             if stream.closed:                 # reset while we dialled
                 stream.transport.abort()
-            else:
-                accept = {}
-                if stream.peer_nonce is not None:
-                    accept["proof"] = _secret_mac(self.secret, "accept", stream.service, stream.peer_nonce)
-                stream.accept(accept)
+            elif layer is None:
+                stream.accept({})
             return
         finally:
             timer.cancel()
             stream.dialling = False
-            if stream.transport is None:
+            if (layer or stream).transport is None:
                 self.stream_released(stream)    # no socket came of it
         log.warning("share: stream to %r refused: %s", stream.service, reason)
-        stream.refuse(reason)
+        if layer is None:
+            stream.refuse(reason)
+        else:                                   # accepted already: the reason rides the RESET
+            stream.reset(reason)
 
 
 class ForwardedStream(LocalStream):
@@ -4878,6 +5472,8 @@ class ForwardedStream(LocalStream):
 
     wait_until = 0.0                # a connection that waited for the router may wait this long
     reads_before_open = True
+    role = "forward"
+    spake = keys = None             # --secret: the pairing its OPEN began, and the keys it uses
 
     def __init__(self, forwarder):
         LocalStream.__init__(self)
@@ -4908,32 +5504,61 @@ class ForwardedStream(LocalStream):
         else:
             LocalStream.connection_lost(self, exc)
 
-    nonce = None
-
     def on_open_ok(self, payload):
         self._cancel_timer()
         LocalStream.on_open_ok(self, payload)
 
     def accepted(self, info):
         self.early = None
-        secret, name = self.forwarder.secret, self.forwarder.service
-        if secret:
-            proof = str(info.get("proof", ""))
-            expected = _secret_mac(secret, "accept", name, self.nonce) if self.nonce else ""
-            if not expected or not hmac.compare_digest(proof.encode(), expected.encode()):
-                self.refused("the sharer of %r did not prove the secret (it may be an impostor, "
-                             "or the service has no secret)" % name)
-                self.reset("sharer did not prove the secret")
-                return False
+        if self.e2e is None:
+            return True
+        try:
+            self.keys = self.forwarder.pairings.accepted(self.spake, checked_e2e(OPEN_OK, info))
+        except StreamError as exc:
+            log.debug("forward: %s: %s", self.label, exc)
+            self.e2e_failed("the sharer could not prove the secret")
+            return False
+        self.e2e.keys = self.keys
         return True
+
+    def e2e_failed(self, why):
+        if why.endswith("could not prove the secret"):
+            self.say("the sharer of %r could not prove the secret (a different secret, or not the "
+                     "real sharer)" % self.forwarder.service)
+            if self.keys is not None:
+                self.forwarder.pairings.forget(self.keys)
+        else:
+            self.say("stream %s: %s: %s; stream reset" % (self.label, E2E_FAILURE, why))
+        self.reset("%s: %s" % (E2E_FAILURE, why))
+
+    def say(self, text):
+        log.warning("forward: %s", text)
+
+    def reset_by_peer(self, reason):
+        if self.e2e is not None and not self.e2e.delivered_any and not reason.startswith(E2E_FAILURE):
+            self.refused(reason)        # with a secret the sharer dials after OPEN_OK: this is its refusal
+        else:
+            LocalStream.reset_by_peer(self, reason)
 
     def refused(self, reason):
         log.warning("forward: connection to %r refused: %s", self.forwarder.service, reason)
+
+    def rekey_if_asked(self, info):
+        """The sharer holds none of the pairings offered: open again, at once, with a new one."""
+        if info.get("code") != "e2e-rekey" or self.e2e is None or self.spake is not None:
+            return False
+        link = self.link
+        self.detach()
+        self.spake = None
+        self.forwarder._open(link, self, fresh=True)
+        return True
 
     def on_open_refused(self, info):
         self._cancel_timer()
         self.end.receive(OPEN_REFUSED)
         reason = short_reason(info.get("reason", "refused"))
+        if self.rekey_if_asked(info):
+            return
         if info.get("code") == "no-service" and (self.link.loop.time() < self.wait_until or
                                                   self.forwarder.name_may_have_moved(self)):
             self.forwarder.wait_for_service(self)   # waited for the router: its sharer may be next
@@ -4949,17 +5574,6 @@ class ForwardedStream(LocalStream):
         else:
             self.transport.close()
 
-    def on_challenge(self, info):
-        self.end.receive(CHALLENGE)
-        secret, name = self.forwarder.secret, self.forwarder.service
-        if not secret:
-            self.refused("service %r requires a secret: pass --secret or --secret-file" % name)
-            self.reset("no secret")
-            return
-        self.nonce = os.urandom(16)
-        self.link.send(self.end.send_json(PROOF, {
-            "proof": _secret_mac(secret, "open", name, _nonce_from(info)), "nonce": self.nonce.hex()}))
-
     def _cancel_timer(self):
         if self.timer is not None:
             self.timer.cancel()
@@ -4968,6 +5582,20 @@ class ForwardedStream(LocalStream):
     def _forget(self):
         self._cancel_timer()
         LocalStream._forget(self)
+
+
+def _e2e_status(secret):
+    return ("streams are encrypted end to end (--secret): the router sees only ciphertext" if secret else
+            "streams are not encrypted end to end (no --secret): the router can read them")
+
+
+def _with_e2e(stream, pairings):
+    """The protocol for a forwarder's (or connect's) local connection: the stream itself,
+    or with a secret an EndToEndLayer in front of it, which confirms its pairing."""
+    if pairings is None:
+        return stream
+    return EndToEndLayer(stream, server_side=False,
+                         on_confirmed=lambda layer: pairings.confirmed(stream.keys))
 
 
 class Forwarder(_Client):
@@ -4984,6 +5612,7 @@ class Forwarder(_Client):
         _Client.__init__(self, name=service, **options)
         self.service = check_name(service)
         self.secret = secret
+        self.pairings = OpenerPairings(secret, self.service) if secret else None
         self.host, self.port = host, port
         self.pending_timeout = pending_timeout
         self.waiting = []
@@ -4992,15 +5621,19 @@ class Forwarder(_Client):
 
     async def start(self):
         try:
-            self.server = await _create_server(lambda: ForwardedStream(self), self.host, self.port)
+            self.server = await _create_server(self._new_connection, self.host, self.port)
         except OSError as exc:
             raise MindmeldError("cannot listen on %s: %s" % (
                 format_hostport(self.host or "*", self.port), exc.strerror or exc))
         self.addresses = [s.getsockname()[:2] for s in self.server.sockets]
         self.port = self.addresses[0][1]
-        log.info("forwarding %s -> %r through the router at %s",
-                 ", ".join(format_hostport(h, p) for h, p in self.addresses), self.service, self.router)
+        log.info("forwarding %s -> %r through the router at %s; %s",
+                 ", ".join(format_hostport(h, p) for h, p in self.addresses), self.service, self.router,
+                 _e2e_status(self.secret))
         return await _Client.start(self)
+
+    def _new_connection(self):
+        return _with_e2e(ForwardedStream(self), self.pairings)
 
     def _link_for_new_streams(self):
         """The link, unless it is down or going: a router that said GOAWAY (shutdown) lets
@@ -5083,12 +5716,14 @@ class Forwarder(_Client):
                 stream._cancel_timer()
                 self.arrived(stream)
 
-    def _open(self, link, stream):
+    def _open(self, link, stream, fresh=False):
         stream._cancel_timer()
         info = {"service": self.service}
         early = stream.take_early()
         if early:
             info["data"] = base64.b64encode(early).decode("ascii")
+        if stream.e2e is not None:
+            info["e2e"], stream.spake = self.pairings.offer(fresh)
         link.open_stream(stream, info)
         stream.label = "%s#%d" % (self.service, stream.id)
         stream.timer = link.loop.call_later(OPEN_TIMEOUT, stream.reset, "not accepted in time")
@@ -5113,6 +5748,7 @@ class StdioStream(ForwardedStream):
     before anything is read (stdin may never say anything), so no first bytes ride in it."""
 
     reads_before_open = False
+    role = "connect"
 
     def __init__(self, connector):
         ForwardedStream.__init__(self, connector)
@@ -5121,6 +5757,9 @@ class StdioStream(ForwardedStream):
 
     def refused(self, reason):
         self.fail_with("cannot open a stream to %r: %s" % (self.connector.service, reason))
+
+    def say(self, text):
+        self.fail_with(text)
 
     def fail_with(self, text):
         """Say it now: a parent like ssh ends us as soon as our stdout closes."""
@@ -5138,6 +5777,8 @@ class StdioStream(ForwardedStream):
 
     def on_open_refused(self, info):
         self.end.receive(OPEN_REFUSED)
+        if self.rekey_if_asked(info):
+            return
         self.refused(short_reason(info.get("reason", "refused")))
         self._forget()
         self.transport.close()
@@ -5159,6 +5800,7 @@ class Connector(_Client):
         _Client.__init__(self, name=service, **options)
         self.service = check_name(service)
         self.secret = secret
+        self.pairings = OpenerPairings(secret, self.service) if secret else None
         self.read_fd, self.write_fd = read_fd, write_fd
         self.ended = None
 
@@ -5168,15 +5810,24 @@ class Connector(_Client):
         self.link = link
         try:
             stream = StdioStream(self)
-            link.open_stream(stream, {"service": self.service})
+            protocol = _with_e2e(stream, self.pairings)
+            log.info("connect: a stream to %r through the router at %s; %s",
+                     self.service, self.router, _e2e_status(self.secret))
+            self._open(link, stream)
             read_fd, write_fd = self.read_fd, self.write_fd
             if (read_fd, write_fd) == (0, 1):
                 read_fd, write_fd = _take_stdio()
-            _StdioTransport(_get_loop(), stream, read_fd, write_fd)
+            _StdioTransport(_get_loop(), protocol, read_fd, write_fd)
             await self.ended
         finally:
             link.close()
         return 1 if stream.failure else 0      # a failure was already reported on stderr
+
+    def _open(self, link, stream, fresh=False):
+        info = {"service": self.service}
+        if stream.e2e is not None:
+            info["e2e"], stream.spake = self.pairings.offer(fresh)
+        link.open_stream(stream, info)
 
     def finished(self, stream):
         if self.ended is not None and not self.ended.done():

@@ -28,6 +28,7 @@ import collections
 import datetime
 import gc
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -637,6 +638,108 @@ class EndPair:
         receiver.recv_data(n)
 
 
+class TestEndToEndExchange(unittest.TestCase):
+    """The pairing (SPAKE2) and the stream proofs without sockets: the exchange as the
+    README writes it, against a fixed transcript."""
+
+    P, Q = mindmeld.SPAKE2_P, mindmeld.SPAKE2_Q
+
+    @staticmethod
+    def lp(*parts):
+        return b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+
+    def test_the_group_and_its_two_points(self):
+        P, Q = self.P, self.Q
+        self.assertEqual(P.bit_length(), 2048)
+        self.assertEqual(pow(2, Q, P), 1)                    # g generates the order-q subgroup
+        for point in (mindmeld.SPAKE2_M, mindmeld.SPAKE2_N):
+            self.assertEqual(pow(point, Q, P), 1)
+            self.assertNotIn(point, (1, P - 1))
+        self.assertNotEqual(mindmeld.SPAKE2_M, mindmeld.SPAKE2_N)
+        # M and N as the README defines them: SHA-512 of the label and a counter byte 0..4
+        for label, point in ((b"mindmeld SPAKE2 M", mindmeld.SPAKE2_M), (b"mindmeld SPAKE2 N", mindmeld.SPAKE2_N)):
+            stream = b"".join(hashlib.sha512(label + bytes([i])).digest() for i in range(5))
+            self.assertEqual(pow(int.from_bytes(stream, "big") % P, 2, P), point)
+
+    def test_a_fixed_transcript(self):
+        P, Q = self.P, self.Q
+        pw = mindmeld.SecretPassword("sunshine", "web")
+        forwarder = mindmeld.Spake2(pw, mindmeld.FORWARDER, "00" * 16, exponent=0x1234567)
+        sharer = mindmeld.Spake2(pw, mindmeld.SHARER, "00" * 16, exponent=0x7654321)
+        # w, X, Y and the keys, computed here from the README's formulas
+        w = int.from_bytes(hashlib.sha512(self.lp(b"mindmeld SPAKE2 w v1", b"web", b"sunshine")).digest(), "big") % Q
+        X = pow(2, 0x1234567, P) * pow(mindmeld.SPAKE2_M, w, P) % P
+        Y = pow(2, 0x7654321, P) * pow(mindmeld.SPAKE2_N, w, P) % P
+        self.assertEqual((forwarder.message, sharer.message), (X, Y))
+        Z = pow(2, 2 * 0x1234567 * 0x7654321, P)
+        e = lambda n: n.to_bytes(256, "big")
+        secret = hashlib.sha256(self.lp(b"mindmeld SPAKE2 v1", b"web", b"00" * 16, e(X), e(Y), e(Z), e(w))).digest()
+        key = hmac_sha256(secret, b"mindmeld e2e v1 sharer key")
+        expected_proof = hmac_sha256(key, b"mindmeld e2e v1 sharer proof:" + b"binding")
+        for keys in (forwarder.finish(Y), sharer.finish(X)):
+            self.assertEqual(keys.proof(mindmeld.SHARER, b"binding"), expected_proof)
+        self.assertEqual(hashlib.sha256(e(X)).hexdigest()[:32], "1db3b56b760fc55d5112e30d431db68a")
+        self.assertEqual(expected_proof.hex()[:32], "5777415bf7e2307da4ecf08e97976f18")
+
+    def test_a_wrong_secret_or_name_gives_other_keys_and_each_proof_is_bound(self):
+        def pair(forwarder_secret, sharer_secret, sharer_name="web"):
+            f = mindmeld.Spake2(mindmeld.SecretPassword(forwarder_secret, "web"), mindmeld.FORWARDER, "11" * 16)
+            s = mindmeld.Spake2(mindmeld.SecretPassword(sharer_secret, sharer_name), mindmeld.SHARER, "11" * 16)
+            return f.finish(s.message), s.finish(f.message)
+        right = pair("a", "a")
+        self.assertEqual(right[0].keys, right[1].keys)
+        for wrong in (pair("a", "b"), pair("a", "a", "other")):
+            self.assertNotEqual(wrong[0].keys, wrong[1].keys)
+        keys = right[0]
+        self.assertNotEqual(keys.proof(mindmeld.SHARER, b"one"), keys.proof(mindmeld.SHARER, b"two"))
+        self.assertNotEqual(keys.proof(mindmeld.SHARER, b"one"), keys.proof(mindmeld.FORWARDER, b"one"))
+
+    def test_messages_that_give_no_key_are_refused(self):
+        pw = mindmeld.SecretPassword("a", "web")
+        side = mindmeld.Spake2(pw, mindmeld.FORWARDER, "22" * 16)
+        unmasked_one = mindmeld.SecretPassword("a", "web").masks[mindmeld.SHARER]
+        for message in (0, 1, self.P - 1, self.P, unmasked_one, self.P - unmasked_one):
+            with self.assertRaises(mindmeld.StreamError):
+                side.finish(message)
+
+    def test_pairings_offer_accept_and_refuse(self):
+        opener = mindmeld.OpenerPairings("s", "web")
+        acceptor = mindmeld.AcceptorPairings("s", "web")
+        offer, spake = opener.offer()
+        self.assertEqual(sorted(offer), ["pair", "pake"])
+        keys, answer = acceptor.open(mindmeld.checked_e2e(OPEN, {"e2e": offer}), 0.0)
+        mine = opener.accepted(spake, mindmeld.checked_e2e(OPEN_OK, {"e2e": answer}))
+        self.assertEqual(mine.keys, keys.keys)
+        opener.confirmed(mine)
+        acceptor.confirmed(keys)
+        offer, spake = opener.offer()               # the next stream reuses the pairing
+        self.assertEqual((offer, spake), ({"pairs": [mine.pair]}, None))
+        self.assertEqual(acceptor.open(offer, 1.0)[1], {"pair": mine.pair})
+        with self.assertRaises(mindmeld.E2ERefused) as refused:   # a sharer that restarted
+            mindmeld.AcceptorPairings("s", "web").open(offer, 1.0)
+        self.assertEqual(refused.exception.code, "e2e-rekey")
+        for _ in range(mindmeld.E2E_FAILURES_PER_MINUTE):          # guessing: new pairings wait
+            acceptor.failed(2.0)
+        fresh, _spake = opener.offer(fresh=True)
+        with self.assertRaises(mindmeld.E2ERefused) as refused:
+            acceptor.open(fresh, 3.0)
+        self.assertEqual(refused.exception.code, "busy")
+        self.assertEqual(acceptor.open(offer, 3.0)[1], {"pair": mine.pair})   # known pairs go on
+        self.assertEqual(acceptor.open(fresh, 62.5)[1]["pair"], fresh["pair"])  # a minute later
+
+    def test_malformed_e2e_fields(self):
+        for e2e in ("x", {"pairs": "ab"}, {"pairs": ["AB" * 16]}, {"pairs": ["ab"] * 5}, {},
+                    {"pair": "ab" * 16, "pake": "zz" * 256}, {"pake": "00" * 256},
+                    {"pair": "ab" * 16, "pake": "00" * 255}):
+            with self.subTest(e2e=e2e), self.assertRaises(mindmeld.StreamError):
+                mindmeld.checked_e2e(OPEN, {"e2e": e2e})
+        self.assertIsNone(mindmeld.checked_e2e(OPEN, {}))
+
+
+def hmac_sha256(key, message):
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
 class TestStreamEnd(unittest.TestCase):
     """The sans-IO stream end: every row of the state table, and credit at its edges."""
 
@@ -687,11 +790,11 @@ class TestStreamEnd(unittest.TestCase):
                 pair.deliver(b.send(EOF), a)
                 self.assertEqual((a.state, b.state), (CLOSED, CLOSED))
 
-    def test_refusal_and_challenge_on_the_way_to_open(self):
+    def test_refusal_on_the_way_to_open(self):
         pair = EndPair()
-        pair.deliver(pair.acceptor.send_json(CHALLENGE, {"nonce": "00"}), pair.opener)
-        pair.deliver(pair.opener.send_json(PROOF, {"proof": "00"}), pair.acceptor)
-        self.assertEqual((pair.opener.state, pair.acceptor.state), (OPEN_SENT, OPEN_RECEIVED))
+        for ftype in (CHALLENGE, PROOF):             # retired frames: an error in any state
+            with self.assertRaises(ProtocolError):
+                pair.opener.receive(ftype)
         pair.deliver(pair.acceptor.send_json(OPEN_REFUSED, {"reason": "no"}), pair.opener)
         self.assertEqual((pair.opener.state, pair.acceptor.state), (CLOSED, CLOSED))
         pair = EndPair()
@@ -4151,6 +4254,70 @@ def first_byte_or_close(port, timeout=5.0):
         return data or "eof"
 
 
+class TestEndToEndCommandLine(SecurityCommandLine, unittest.TestCase):
+    """--secret from the command line: what a user sees when the pairing is lost, guessed
+    at, or missing on one side."""
+
+    def test_a_restarted_sharer_is_paired_again_without_the_user_noticing(self):
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        env = self.env_with(MINDMELD_SECRET="open sesame")
+        first = self.share("vault", target.port, address, env=env)
+        forward, port = self.forward("vault", address, env=env)
+        self.assertIn("streams are encrypted end to end", forward.lines[-1])
+        payload = os.urandom(256 * 1024)
+        self.assertEqual(exchange(port, payload), b"T" + payload)
+        self.assertEqual(first.signal(signal.SIGTERM)[0], 0)
+        self.share("vault", target.port, address, env=env)     # knows none of the old pairings
+        self.assertEqual(exchange(port, payload), b"T" + payload)
+        self.assertEqual(exchange(port, b"again"), b"Tagain")
+        code, lines = forward.signal(signal.SIGTERM)
+        self.assertEqual(code, 0)
+        self.assertFalse([l for l in lines if "could not prove" in l or "refused" in l], lines)
+
+    def test_guessing_is_limited_and_paired_forwarders_go_on(self):
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        share = self.share("vault", target.port, address, env=self.env_with(MINDMELD_SECRET="right"))
+        _forward, port = self.forward("vault", address, env=self.env_with(MINDMELD_SECRET="right"))
+        self.assertEqual(exchange(port, b"x"), b"Tx")              # paired before the guessing
+        guess = (["connect", "vault", "--router", address], self.env_with(MINDMELD_SECRET="guess"), b"")
+        for result in self.run_many([guess] * mindmeld.E2E_FAILURES_PER_MINUTE, timeout=20):
+            self.assert_one_error_line(result, "connect", "the sharer of 'vault' could not prove the secret")
+        over = self.run_many([guess])[0]
+        self.assert_one_error_line(over, "connect", "too many failed attempts at the secret of 'vault'; "
+                                                    "try again in a minute")
+        self.assertEqual(exchange(port, b"y"), b"Ty")              # its pairing still works
+        code, lines = share.signal(signal.SIGTERM)
+        self.assertEqual(code, 0)
+        failures = [l for l in lines if "failed to prove the secret" in l]
+        self.assertEqual(len(failures), 1, lines)                  # then a count, once a minute
+        self.assertIn("share: 'vault': a stream failed to prove the secret", failures[0])
+
+    def test_a_secret_on_the_forwarder_only_sends_nothing(self):
+        received = []
+
+        def recording(conn):
+            received.append(conn.recv(100))
+            conn.sendall(received[-1])
+        router, address = self.router()
+        target = ThreadedServer(self, recording)
+        self.share("plain", target.port, address)
+        forward, port = self.forward("plain", address, env=self.env_with(MINDMELD_SECRET="s"))
+        self.assertIn(first_byte_or_close(port), ("eof", "reset"))
+        line = forward.wait_line(r"refused").string
+        self.assertIn("forward: connection to 'plain' refused: service 'plain' has no secret, so its "
+                      "streams cannot be encrypted end to end: drop --secret, or share it with --secret", line)
+        self.assertEqual(exchange(self.forward("plain", address)[1], b"plain"), b"plain")  # the control
+        self.assertEqual(received, [b"plain"])                     # and only the control got in
+
+    def test_forward_says_whether_streams_are_encrypted(self):
+        router, address = self.router()
+        plain, _port = self.forward("x", address)
+        self.assertIn("streams are not encrypted end to end (no --secret): the router can read them",
+                      plain.lines[-1])
+
+
 class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
 
     def test_secret_is_proved_end_to_end_and_never_shown(self):
@@ -4167,11 +4334,13 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
 
         payload = os.urandom(512 * 1024)
         self.assertEqual(exchange(good_port, payload), b"T" + payload)
-        for proc, port, why in ((bad, bad_port, "wrong secret"),
-                                (none, none_port, "requires a secret")):
+        for proc, port, pattern, why in (
+                (bad, bad_port, r"could not prove", "the sharer of 'vault' could not prove the secret "
+                                                    "(a different secret, or not the real sharer)"),
+                (none, none_port, r"refused", "requires a secret: pass --secret or --secret-file")):
             with self.subTest(why=why):
                 self.assertIn(first_byte_or_close(port), ("eof", "reset"))
-                line = proc.wait_line(r"refused").string
+                line = proc.wait_line(pattern).string
                 self.assertIn(why, line)
                 self.assertIn("'vault'", line)
                 self.assertTrue(proc.running())
@@ -4187,7 +4356,7 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
         rows = list_rows(listing[1])
         self.assertEqual(rows[0][-1], "SECRET")
         self.assertEqual([(r[0], r[-1]) for r in rows[1:]], [("vault", "yes")])
-        self.assert_one_error_line(wrong_connect, "connect", "'vault'", "wrong secret")
+        self.assert_one_error_line(wrong_connect, "connect", "'vault'", "could not prove the secret")
         self.assertEqual((right_connect[0], right_connect[1], right_connect[2]),
                          (0, b"Tthrough stdin", ""))
 
@@ -4196,7 +4365,7 @@ class TestServiceSecret(SecurityCommandLine, unittest.TestCase):
             code, lines = proc.signal(signal.SIGTERM)
             self.assertEqual(code, 0, lines)
             if proc in (bad, none):                     # one line for its one refusal
-                self.assertEqual(len([l for l in lines if "refused" in l]), 1, lines)
+                self.assertEqual(len([l for l in lines if "refused" in l or "could not prove" in l]), 1, lines)
             seen += lines + [l for l in proc.stdout if l is not None]
         self.assertFalse([l for l in seen if secret in l or wrong in l])
 
@@ -5607,18 +5776,15 @@ class TestCloseEndsWithTheLastStream(LoopTestCase):
 
 class TestFarEndFaults(HostileTestCase):
 
-    def test_a_malformed_proof_resets_its_stream_and_the_sharer_stays(self):
-        """A forwarder that knows the secret but sends an empty nonce: the sharer used to drop
-        its whole link for it, and every other user's stream with it."""
+    def test_a_pairing_message_out_of_range_is_refused_and_the_sharer_stays(self):
+        """A forwarder whose pairing message is 0 (well formed, so the router passes it): it
+        gives no key, so the sharer refuses that one stream and keeps its link for the rest."""
         async def main():
             traffic = await self.honest(secret="s3cret")
             peer = await self.raw_peer()
-            peer.send(encode_json(OPEN, 1, {"service": "web"}))
-            nonce = json.loads((await peer.frame(CHALLENGE, 1))[3].decode())["nonce"]
-            proof = mindmeld._secret_mac("s3cret", "open", "web", bytes.fromhex(nonce))
-            peer.send(encode_json(PROOF, 1, {"proof": proof, "nonce": ""}))
-            reset = json.loads((await peer.frame(RESET, 1))[3].decode())
-            self.assertIn("nonce", reset["reason"])
+            peer.send(encode_json(OPEN, 1, {"service": "web", "e2e": {"pair": "ab" * 16, "pake": "00" * 256}}))
+            refusal = json.loads((await peer.frame(OPEN_REFUSED, 1))[3].decode())
+            self.assertIn("pairing message out of range", refusal["reason"])
             self.assertEqual(await peer.settled(), "pong")
             peer.writer.close()
             await self.after(traffic)           # byte-exact, on the same sharer link
@@ -5636,10 +5802,12 @@ class TestFarEndFaults(HostileTestCase):
             peer.writer.close()
         self.against_honest_peers(attack)
 
-    def test_a_malformed_challenge_resets_its_stream_and_the_forwarder_stays(self):
+    def test_a_bad_pairing_answer_resets_its_stream_and_the_forwarder_stays(self):
+        """A sharer that answers a pairing with a message that gives no key: the forwarder
+        resets that stream, says the sharer could not prove the secret, and keeps its link."""
         async def main():
             self.router = await self.start_router()
-            sharer = await self.raw_peer()      # a sharer that lies in its challenge
+            sharer = await self.raw_peer()
             sharer.send(encode_json(REGISTER, 1, {"name": "evil", "owner": "ab" * 16,
                                                   "verifier": "cd" * 32}))
             self.assertTrue(json.loads((await sharer.frame(REGISTERED, 1))[3].decode())["ok"])
@@ -5647,10 +5815,11 @@ class TestFarEndFaults(HostileTestCase):
             link = forwarder.link
             for attempt in range(2):            # the same link, twice
                 reader, writer = await self.connect(forwarder.port)
-                _t, _f, stream_id, _p = await sharer.frame(OPEN)
-                sharer.send(encode_json(CHALLENGE, stream_id, {"nonce": ""}))
+                _t, _f, stream_id, payload = await sharer.frame(OPEN)
+                pair = json.loads(payload.decode())["e2e"]["pair"]
+                sharer.send(encode_json(OPEN_OK, stream_id, {"e2e": {"pair": pair, "pake": "00" * 256}}))
                 reset = json.loads((await sharer.frame(RESET, stream_id))[3].decode())
-                self.assertIn("nonce", reset["reason"])
+                self.assertIn("could not prove the secret", reset["reason"])
                 self.assertIs(forwarder.link, link)
                 self.assertFalse(link.closing)
                 self.assertIn(await read_until_closed(reader, 5), ("eof", "reset"))
