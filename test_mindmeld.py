@@ -7398,12 +7398,15 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
                 if end.done and pending:
                     end.write(bytes(pending))
                     del pending[:]
-            up, down = state["sharer"].take(), state["forwarder"].take()
-            if up:
-                link.send(UP, DATA, stream_id, up)
-            if down:
-                out.append((DATA, stream_id, down))
-            return out if direction == DOWN else []
+            ahead, back = ((state["sharer"], state["forwarder"]) if direction == UP
+                           else (state["forwarder"], state["sharer"]))
+            data = ahead.take()                 # on in this frame's direction
+            if data:
+                out.append((DATA, stream_id, data))
+            data = back.take()
+            if data:
+                link.send(DOWN if direction == UP else UP, DATA, stream_id, data)
+            return out
 
         port = self.tunnel(hook)
         user = UserConnection(self, port)
@@ -7412,6 +7415,7 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(user.rest(), (b"", "reset"))
         self.relay.wait(lambda: len(state["relayed"]) >= 32, "the sharer's proof")
         self.assertTrue(state["forwarder"].done and state["sharer"].done)   # both legs were up
+        self.sharer.wait_line(FAILED_ATTEMPT)
         self.assertEqual(self.target.received, [])
 
     def own_stream_hook(self, state):
@@ -7556,10 +7560,73 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
 
     def test_a_replayed_stream_never_reaches_the_target(self):
         state = self.replayed_stream(self.SECRET)
-        self.sharer.wait_line(FAILED_ATTEMPT)
+        self.sharer.wait_line(r"share: stream web#\d+: end-to-end check failed: the TLS handshake "
+                              r"failed \(.*\); stream reset$")
         self.relay.wait(lambda: state["ends"], "the end of the replayed stream")
         self.assertEqual(list(state["ends"].values()), ["RESET"])
         self.assert_target_got(FIRST)
+
+    # The sharer counts a failed attempt only once its stream ends, and checks the count only
+    # when a pairing starts: 12 pairings at once all get its proof, and the 12th guess opens
+    # a stream to the target.  Remove this mark when unfinished pairings count too.
+    @unittest.expectedFailure
+    def test_guesses_made_all_at_once_are_limited_too(self):
+        # A guess costs the router one pairing: SPAKE2 with the password it guessed, then the
+        # sharer's proof tells it whether the guess was right.  The sharer allows 10 failed
+        # attempts a minute; made all at once, before any has failed, 12 must not all be
+        # answered, or the router tests as many guesses as streams it may open.
+        guesses = ["guess-%d" % i for i in range(11)] + [self.SECRET]
+        client = e2e_tls_context(False, self.tmp)
+        state = {"streams": {}, "answered": set(), "learned": None}
+
+        def hook(link, direction, ftype, stream_id, payload):
+            attempt = state["streams"].get(stream_id)
+            if link.role != "share" or direction != UP or attempt is None:
+                return None
+            spake, tls, guess = attempt[:3]
+            if ftype == OPEN_OK:
+                attempt.append(spake.finish(int(json_of(payload)["e2e"]["pake"], 16)))
+            elif ftype == DATA:
+                tls.feed(payload)
+                if tls.done and len(tls.plain) >= 32 and stream_id not in state["answered"]:
+                    state["answered"].add(stream_id)
+                    binding = tls.tls.get_channel_binding("tls-unique")
+                    keys = attempt[3]
+                    if hmac.compare_digest(bytes(tls.plain[:32]), keys.proof(mindmeld.SHARER, binding)):
+                        state["learned"] = guess            # and in it goes, as the forwarder
+                        tls.write(keys.proof(mindmeld.FORWARDER, binding) + b"made up by the router\n")
+                    else:
+                        tls.write(self.fake_proof())
+                out = tls.take()
+                if out:
+                    link.send(DOWN, DATA, stream_id, out)
+            return []
+
+        def guess_all(link):
+            template = json_of(link.recorded(DOWN, OPEN)[0][3])
+            for guess in guesses:
+                stream_id = link.own_stream()
+                pair = os.urandom(16).hex()
+                spake = mindmeld.Spake2(mindmeld.SecretPassword(guess, "web"), mindmeld.FORWARDER, pair)
+                tls = TlsEnd(client, False)
+                state["streams"][stream_id] = [spake, tls, guess]
+                info = dict(template, e2e={"pair": pair, "pake": "%0512x" % spake.message},
+                            data=base64.b64encode(tls.take()).decode())
+                link.send(DOWN, OPEN, stream_id, json.dumps(info).encode())
+
+        user = self.opened(self.tunnel(hook))
+        user.conn.shutdown(socket.SHUT_WR)
+        self.assertEqual(user.rest(), (b"", "eof"))
+        share_link = self.relay.link("share")
+        self.relay.call(lambda: guess_all(share_link))
+        ended = lambda: [l for l in share_link.recorded(UP) if l[2] in state["streams"]
+                         and l[1] in (RESET, OPEN_REFUSED)]
+        self.relay.wait(lambda: len(ended()) + (state["learned"] is not None) >= len(guesses),
+                        "every guess answered", timeout=10)
+        self.assertIsNone(state["learned"], "the router learned the secret: %d streams answered"
+                          % len(state["answered"]))
+        self.assertLessEqual(len(state["answered"]), 10)
+        self.assertEqual(len(self.target.received), 1)      # the user's stream only
 
     # -- a secret on one side only, or two different ones: the lines users see ------------
     def test_a_wrong_secret(self):
