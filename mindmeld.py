@@ -2452,7 +2452,10 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         transport.set_write_buffer_limits(0, 0)
         if self.stream.transport is None:       # a forwarder's: the stream starts with it
             self.stream.connection_made(self)
-            self._shake()
+            try:
+                self._shake()                   # the ClientHello, for the OPEN
+            except EndToEndError as exc:
+                self.fail(str(exc))
         else:                                   # a sharer's target: what waited goes first
             held, self.held = self.held, []
             for data in held:
@@ -2613,7 +2616,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
                 self._flush()           # the alert, for the far end's TLS
                 raise EndToEndError("the data was altered on the way (%s)" % (exc.reason or exc))
             if not data:
-                self._close_notify()
+                self.close_notify_received = True
                 break
             if not self.confirmed:
                 data = self._take_proof(data)
@@ -2661,8 +2664,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         try:
             self.tls.write(data)
         except ssl.SSLError as exc:
-            raise_later = exc.reason or exc
-            self.fail("TLS refused to send (%s)" % raise_later)
+            self.fail("TLS refused to send (%s)" % (exc.reason or exc))
             return
         self._flush()
 
@@ -2675,10 +2677,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             pass
         self._flush()
         self.stream.eof_received()
-
-    def _close_notify(self):
-        if not self.close_notify_received:
-            self.close_notify_received = True
 
     def fail(self, why):
         """An end-to-end check failed: one line, the stream reset, the local socket reset."""
