@@ -1881,8 +1881,8 @@ class LocalStream(asyncio.Protocol):
         self._flush_pending()
 
     def reset(self, reason):
-        """Abort from this side: RESET upstream, RST locally."""
-        if not self.closed:
+        """Abort from this side: RESET upstream (once it has a stream), RST locally."""
+        if not self.closed and self.link is not None:
             self.link.send(self.end.send_reset(reason))
         self._forget()
         if self.transport is not None:
