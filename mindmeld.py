@@ -361,6 +361,7 @@ E2E_PAIR_ID_DIGITS = 32             # hex digits of a pairing's id (16 random by
 E2E_PAIRS_OFFERED = 4               # forwarder: confirmed pairings it keeps and offers in an OPEN
 E2E_SHARER_PAIRS_MAX = 1024         # sharer: confirmed pairings kept per service (least recent go)
 E2E_FAILURES_PER_MINUTE = 10        # sharer: failed attempts at a secret before new pairings wait
+E2E_PAIRINGS_PENDING = 16           # sharer: new pairings under way at once, per service
 E2E_PROOF_BYTES = 32                # each side's first plaintext: an HMAC-SHA256 of tls-unique
 E2E_READ_CHUNK = 256 * 1024         # bytes decrypted at a time
 
@@ -1208,10 +1209,11 @@ class Spake2:
 class PairKeys:
     """What a pairing leaves: one confirmation key per side.  A stream's proof is a MAC of
     its TLS channel binding, so it is worth nothing on any other stream."""
-    __slots__ = ("pair", "keys")
+    __slots__ = ("pair", "keys", "new")
 
     def __init__(self, pair, secret):
         self.pair = pair
+        self.new = True                 # made by this stream's pairing, not yet confirmed
         self.keys = {side: hmac.new(secret, b"mindmeld e2e v1 " + side.encode() + b" key",
                                     hashlib.sha256).digest() for side in (FORWARDER, SHARER)}
 
@@ -1285,18 +1287,27 @@ class GuessLimiter:
 
 class OpenerPairings:
     """A forwarder's pairings with the sharers of one service: the confirmed ones, newest
-    last, and the offer an OPEN makes (known pairs, or a new pairing)."""
+    last, and the offer an OPEN makes.  One new pairing at a time: a burst of first
+    connections waits for it (`waiting`) rather than each costing the sharer one."""
 
     def __init__(self, secret, service):
         self.password = SecretPassword(secret, service)
         self.pairs = collections.OrderedDict()      # pair id -> PairKeys, confirmed
+        self.in_flight = None                       # the Spake2 of the pairing under way
+        self.waiting = []                           # callbacks for when it ends
 
     def offer(self, fresh=False):
-        """(the OPEN's e2e field, the Spake2 of a new pairing or None)."""
+        """(the OPEN's e2e field, the Spake2 of a new pairing or None); (None, None) if
+        the caller must wait for the pairing under way (it is called back, see wait)."""
         if self.pairs and not fresh:
             return {"pairs": list(self.pairs)[-E2E_PAIRS_OFFERED:]}, None
-        spake = Spake2(self.password, FORWARDER, os.urandom(E2E_PAIR_ID_DIGITS // 2).hex())
+        if self.in_flight is not None:
+            return None, None
+        spake = self.in_flight = Spake2(self.password, FORWARDER, os.urandom(E2E_PAIR_ID_DIGITS // 2).hex())
         return {"pair": spake.pair, "pake": "%0512x" % spake.message}, spake
+
+    def wait(self, callback):
+        self.waiting.append(callback)
 
     def accepted(self, spake, e2e):
         """The keys for this stream, from the OPEN_OK's e2e field; StreamError if unusable."""
@@ -1313,10 +1324,22 @@ class OpenerPairings:
         return keys
 
     def confirmed(self, keys):
+        keys.new = False
         self.pairs[keys.pair] = keys
         self.pairs.move_to_end(keys.pair)
         while len(self.pairs) > E2E_PAIRS_OFFERED:
             self.pairs.popitem(last=False)
+        if self.in_flight is not None and self.in_flight.pair == keys.pair:
+            self.ended(self.in_flight)
+
+    def ended(self, spake):
+        """The pairing under way is over (confirmed, failed or abandoned): the streams that
+        waited for it go on (with it, or one of them pairs anew)."""
+        if spake is not None and spake is self.in_flight:
+            self.in_flight = None
+            waiting, self.waiting = self.waiting, []
+            for callback in waiting:
+                callback()
 
     def forget(self, keys):
         self.pairs.pop(keys.pair, None)
@@ -1324,13 +1347,16 @@ class OpenerPairings:
 
 class AcceptorPairings:
     """A sharer's pairings for one service: confirmed pairs (bounded, least recently used
-    go first), and the count of failed attempts at the secret."""
+    go first), and a limit on attempts at the secret.  Every pairing costs two modular
+    exponentiations, so one that does not end confirmed counts as a failed attempt, and
+    at most E2E_PAIRINGS_PENDING may be under way at once."""
 
     def __init__(self, secret, service):
         self.service = service
         self.password = SecretPassword(secret, service)
         self.pairs = collections.OrderedDict()      # pair id -> PairKeys, confirmed
         self.limiter = GuessLimiter()
+        self.pending = 0
 
     def open(self, e2e, now):
         """(PairKeys, the OPEN_OK's e2e field) for an OPEN's e2e field, or E2ERefused."""
@@ -1344,17 +1370,27 @@ class AcceptorPairings:
         if self.limiter.exhausted(now):
             raise E2ERefused("too many failed attempts at the secret of %r; try again in a minute"
                              % self.service, "busy")
+        if self.pending >= E2E_PAIRINGS_PENDING:
+            raise E2ERefused("too many pairings with %r under way; try again shortly" % self.service, "busy")
         spake = Spake2(self.password, SHARER, e2e["pair"])
         keys = spake.finish(int(e2e["pake"], 16))
+        self.pending += 1
         return keys, {"pair": spake.pair, "pake": "%0512x" % spake.message}
 
     def confirmed(self, keys):
+        if keys.new:
+            keys.new = False
+            self.pending -= 1
         self.pairs[keys.pair] = keys
         self.pairs.move_to_end(keys.pair)
         while len(self.pairs) > E2E_SHARER_PAIRS_MAX:
             self.pairs.popitem(last=False)
 
-    def failed(self, now):
+    def failed(self, keys, now):
+        """A stream with these keys ended without the opener's proof."""
+        if keys.new:
+            keys.new = False
+            self.pending -= 1
         self.limiter.failed(now)
 
 
@@ -1845,8 +1881,8 @@ class LocalStream(asyncio.Protocol):
         self._flush_pending()
 
     def reset(self, reason):
-        """Abort from this side: RESET upstream, RST locally."""
-        if not self.closed:
+        """Abort from this side: RESET upstream (once it has a stream), RST locally."""
+        if not self.closed and self.link is not None:
             self.link.send(self.end.send_reset(reason))
         self._forget()
         if self.transport is not None:
@@ -2416,7 +2452,10 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         transport.set_write_buffer_limits(0, 0)
         if self.stream.transport is None:       # a forwarder's: the stream starts with it
             self.stream.connection_made(self)
-            self._shake()
+            try:
+                self._shake()                   # the ClientHello, for the OPEN
+            except EndToEndError as exc:
+                self.fail(str(exc))
         else:                                   # a sharer's target: what waited goes first
             held, self.held = self.held, []
             for data in held:
@@ -2577,7 +2616,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
                 self._flush()           # the alert, for the far end's TLS
                 raise EndToEndError("the data was altered on the way (%s)" % (exc.reason or exc))
             if not data:
-                self._close_notify()
+                self.close_notify_received = True
                 break
             if not self.confirmed:
                 data = self._take_proof(data)
@@ -2625,8 +2664,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         try:
             self.tls.write(data)
         except ssl.SSLError as exc:
-            raise_later = exc.reason or exc
-            self.fail("TLS refused to send (%s)" % raise_later)
+            self.fail("TLS refused to send (%s)" % (exc.reason or exc))
             return
         self._flush()
 
@@ -2639,10 +2677,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             pass
         self._flush()
         self.stream.eof_received()
-
-    def _close_notify(self):
-        if not self.close_notify_received:
-            self.close_notify_received = True
 
     def fail(self, why):
         """An end-to-end check failed: one line, the stream reset, the local socket reset."""
@@ -5219,8 +5253,8 @@ class SharedStream(LocalStream):
     def _forget(self):
         LocalStream._forget(self)
         e2e = self.e2e
-        if e2e is not None and e2e.proof_sent and not e2e.confirmed:
-            self.sharer.secret_failed(self)         # it saw our proof and gave none
+        if e2e is not None and not e2e.confirmed and (e2e.proof_sent or self.keys.new):
+            self.sharer.secret_failed(self)         # a pairing, or our proof, and no proof back
         if (self.transport is None or (e2e is not None and e2e.transport is None)) and not self.dialling:
             self.sharer.stream_released(self)       # no socket was made: the slot is free
 
@@ -5390,7 +5424,7 @@ class Sharer(_Client):
         if stream.failure_counted:
             return
         stream.failure_counted = True
-        self.pairings[stream.service].failed(_get_loop().time())
+        self.pairings[stream.service].failed(stream.keys, _get_loop().time())
         self.guess_log.refused("share: %r: a stream failed to prove the secret (from %s)"
                                % (stream.service, printable(stream.opener)))
 
@@ -5519,7 +5553,13 @@ class ForwardedStream(LocalStream):
             self.e2e_failed("the sharer could not prove the secret")
             return False
         self.e2e.keys = self.keys
+        self.timer = self.link.loop.call_later(OPEN_TIMEOUT, self._unconfirmed)
         return True
+
+    def _unconfirmed(self):
+        self.timer = None
+        if not self.closed and not self.e2e.confirmed:
+            self.e2e_failed("no proof from the sharer within %.0f s" % OPEN_TIMEOUT)
 
     def e2e_failed(self, why):
         if why.endswith("could not prove the secret"):
@@ -5582,6 +5622,8 @@ class ForwardedStream(LocalStream):
     def _forget(self):
         self._cancel_timer()
         LocalStream._forget(self)
+        if self.e2e is not None:
+            self.forwarder.pairings.ended(self.spake)
 
 
 def _e2e_status(secret):
@@ -5719,14 +5761,36 @@ class Forwarder(_Client):
     def _open(self, link, stream, fresh=False):
         stream._cancel_timer()
         info = {"service": self.service}
+        if stream.e2e is not None:
+            self.pairings.ended(stream.spake)       # a pairing its refused OPEN began is over
+            info["e2e"], stream.spake = self.pairings.offer(fresh)
+            if info["e2e"] is None:     # another connection is pairing: this one goes after it
+                self.pairings.wait(lambda: self._after_pairing(stream, fresh))
+                stream.timer = link.loop.call_later(OPEN_TIMEOUT, self._expire_unopened, stream)
+                return
         early = stream.take_early()
         if early:
             info["data"] = base64.b64encode(early).decode("ascii")
-        if stream.e2e is not None:
-            info["e2e"], stream.spake = self.pairings.offer(fresh)
         link.open_stream(stream, info)
         stream.label = "%s#%d" % (self.service, stream.id)
         stream.timer = link.loop.call_later(OPEN_TIMEOUT, stream.reset, "not accepted in time")
+
+    def _after_pairing(self, stream, fresh):
+        if stream.closed or stream.link is not None:
+            return
+        link = self._link_for_new_streams()
+        if link is None:
+            stream._cancel_timer()
+            self.arrived(stream)        # waits for the router, as a new connection would
+        else:
+            self._open(link, stream, fresh)
+
+    def _expire_unopened(self, stream):
+        if not stream.closed and stream.link is None:
+            log.warning("forward: a connection to %r waited %.0f s for a pairing; closing it",
+                        self.service, OPEN_TIMEOUT)
+            stream.closed = True
+            stream.transport.close()
 
     async def link_established(self, link):
         waiting, self.waiting = self.waiting, []

@@ -718,14 +718,26 @@ class TestEndToEndExchange(unittest.TestCase):
         with self.assertRaises(mindmeld.E2ERefused) as refused:   # a sharer that restarted
             mindmeld.AcceptorPairings("s", "web").open(offer, 1.0)
         self.assertEqual(refused.exception.code, "e2e-rekey")
+        known = acceptor.pairs[mine.pair]
         for _ in range(mindmeld.E2E_FAILURES_PER_MINUTE):          # guessing: new pairings wait
-            acceptor.failed(2.0)
-        fresh, _spake = opener.offer(fresh=True)
+            acceptor.failed(known, 2.0)
+        fresh, spake = opener.offer(fresh=True)
+        self.assertEqual(opener.offer(fresh=True), (None, None))   # one new pairing at a time
+        called = []
+        opener.wait(lambda: called.append(True))
+        opener.ended(spake)
+        self.assertEqual(called, [True])
         with self.assertRaises(mindmeld.E2ERefused) as refused:
             acceptor.open(fresh, 3.0)
         self.assertEqual(refused.exception.code, "busy")
         self.assertEqual(acceptor.open(offer, 3.0)[1], {"pair": mine.pair})   # known pairs go on
         self.assertEqual(acceptor.open(fresh, 62.5)[1]["pair"], fresh["pair"])  # a minute later
+        for _ in range(mindmeld.E2E_PAIRINGS_PENDING - 1):        # pairings under way are capped
+            acceptor.open(opener.offer(fresh=True)[0], 63.0)
+            opener.ended(opener.in_flight)
+        with self.assertRaises(mindmeld.E2ERefused) as refused:
+            acceptor.open(opener.offer(fresh=True)[0], 63.0)
+        self.assertIn("under way", refused.exception.reason)
 
     def test_malformed_e2e_fields(self):
         for e2e in ("x", {"pairs": "ab"}, {"pairs": ["AB" * 16]}, {"pairs": ["ab"] * 5}, {},
@@ -4274,6 +4286,28 @@ class TestEndToEndCommandLine(SecurityCommandLine, unittest.TestCase):
         code, lines = forward.signal(signal.SIGTERM)
         self.assertEqual(code, 0)
         self.assertFalse([l for l in lines if "could not prove" in l or "refused" in l], lines)
+
+    def test_a_burst_of_first_connections_pairs_once(self):
+        """Forty connections at once to a forwarder that has not paired yet: one pairs, the
+        rest wait for it (the sharer allows E2E_PAIRINGS_PENDING pairings under way)."""
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        env = self.env_with(MINDMELD_SECRET="open sesame")
+        self.share("vault", target.port, address, env=env)
+        forward, port = self.forward("vault", address, env=env)
+        results = [None] * 40
+
+        def one(i):
+            try:
+                results[i] = exchange(port, b"%d" % i, timeout=20)
+            except OSError as exc:
+                results[i] = exc
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(results, [b"T%d" % i for i in range(len(results))])
 
     def test_guessing_is_limited_and_paired_forwarders_go_on(self):
         router, address = self.router()
