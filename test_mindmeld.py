@@ -7521,26 +7521,28 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(len(state["proved"]), count)      # the sharer proved itself each time
         self.assertEqual(len(self.target.received), 1)     # the user's honest stream only
 
-    def answered_by_the_router(self, secret):
+    def answered_by_the_router(self, secret, plainly=False):
         """The relay keeps the forwarder's OPEN from the router and answers it itself: with
         --secret as a TLS server with the public certificate, a made-up pairing message and
-        a made-up proof."""
+        a made-up proof; without, or `plainly`, with an OPEN_OK and bytes of its own."""
         server = e2e_tls_context(True, self.tmp) if secret else None
         state = {}
 
         def hook(link, direction, ftype, stream_id, payload):
-            if link.role != "forward" or direction != UP or ftype not in (OPEN, DATA):
+            if link.role != "forward" or direction != UP:
                 return None
-            if ftype == OPEN:
+            if ftype == OPEN:                   # the router never hears of this stream
+                state.setdefault("taken", set()).add(stream_id)
                 info = json_of(payload)
-                if not secret:
+                if not secret or plainly:
                     link.send(DOWN, OPEN_OK, stream_id, {})
                     link.send(DOWN, DATA, stream_id, b"made up by the router\n")
                     return []
                 tls = state["tls"] = TlsEnd(server, True)
                 tls.feed(base64.b64decode(info.get("data", "")))
                 made_up = "%0512x" % random.randrange(2, int("f" * 400, 16))
-                link.send(DOWN, OPEN_OK, stream_id, {"e2e": {"pair": info["e2e"]["pair"], "pake": made_up}})
+                link.send(DOWN, OPEN_OK, stream_id,
+                          {"e2e": {"pair": info["e2e"]["pair"], "pake": made_up}})
                 link.send(DOWN, DATA, stream_id, tls.take())
             elif ftype == DATA and "tls" in state:
                 tls = state["tls"]
@@ -7549,7 +7551,7 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
                     state["proved"] = True
                     tls.write(self.fake_proof())
                 link.send(DOWN, DATA, stream_id, tls.take())
-            return []
+            return [] if stream_id in state.get("taken", ()) else None
         port = self.tunnel(hook, secret, secret)
         user = UserConnection(self, port)
         user.send(b"GET /secret-plans HTTP/1.0\r\n\r\n")
@@ -7559,12 +7561,20 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
         _state, user = self.answered_by_the_router(None)
         self.assertEqual(recv_exactly(user.conn, 22, 5), b"made up by the router\n")
 
+    def test_the_router_cannot_answer_in_plaintext_either(self):
+        _state, user = self.answered_by_the_router(self.SECRET, plainly=True)
+        self.forwarder.wait_line(NOT_THE_SHARER)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.assertFalse([l for l in self.forwarder.lines if "router closed the link" in l])
+        self.assertEqual(self.target.received, [])
+
     def test_the_router_cannot_answer_as_the_sharer(self):
         state, user = self.answered_by_the_router(self.SECRET)
         self.forwarder.wait_line(NOT_THE_SHARER)
         self.assertEqual(user.rest(), (b"", "reset"))
         self.assertTrue(state["proved"])                    # the TLS handshake went through
         self.assertEqual(self.target.received, [])
+        self.assertFalse([l for l in self.forwarder.lines if "router closed the link" in l])
 
     def replayed_stream(self, secret):
         """A whole stream recorded on the sharer's link, replayed to it as a new stream."""
