@@ -3900,7 +3900,7 @@ class Router:
                         + (" or is silent for %.0f s" % ((KEEPALIVE_MISSES + 1) * self.keepalive)
                            if self.keepalive else ""))
             peer.send_json(REGISTERED, request_id, {
-                "ok": False, "code": "name-taken",
+                "ok": False, "code": "name-taken", "secret": bool(current.verifier),
                 "message": "the name %r is already shared by %s since %s%s"
                            % (name, current.peer.peer, since, held)})
             (log.debug if name in peer.refused_names else log.info)(
@@ -5383,7 +5383,9 @@ class Sharer(_Client):
         if not reply.get("ok"):
             message = short_reason(reply.get("message", "refused"))
             if reply.get("code") in ("name-taken", "taken-over"):
-                if name in self.registered:
+                # Ours before, or held with a secret by what may be this sharer's own last run
+                # (a host that died without closing its link): wait for it, never exit.
+                if name in self.registered or (self.secret and reply.get("secret") is True):
                     return False
                 raise PermanentError("%s; choose another name, or stop the other sharer" % message)
             raise PermanentError("the router refused to register %r: %s" % (name, message))
