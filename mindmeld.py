@@ -3658,9 +3658,12 @@ class RouterPeer(WatchedWrites, Link):
             return
         if name in self.registering or len(self.registering) >= MAX_SERVICES_PER_PEER:
             raise ProtocolError("REGISTER for %r while an earlier one is unanswered" % name)
-        # owner: a link of its owner chain (OwnerChain); verifier: marks a service with a secret
+        # owner: a link of its owner chain (OwnerChain); "secret": true, or an older sharer's
+        # random "verifier", marks a service with a secret
         owner, verifier = str(info.get("owner", ""))[:128], info.get("verifier")
         verifier = str(verifier)[:128] if verifier else None
+        if verifier is None and info.get("secret") is True:
+            verifier = "secret"
         self.registering.add(name)
         task = _spawn(self.router.register(self, request_id, name, owner, verifier), self.tasks)
         task.add_done_callback(lambda _task: self.registering.discard(name))
@@ -3878,20 +3881,28 @@ class Router:
 
     async def _take_over(self, peer, request_id, current, owner):
         """May `peer` have the name `current` holds?  If so the old holder is removed.
-        Only the holder's owner chain gets it at once: a secret proves nothing here, as the
-        router cannot check one (a static verifier would be anyone's who saw it once)."""
+        Only the holder's owner chain gets it at once.  A name without a secret also goes
+        to whoever asks while its holder fails a liveness probe.  A name with a secret does
+        not: the router cannot check a secret (nor may it, or it could test guesses), so a
+        claim of one proves nothing, and a holder frozen for a while must not come back to
+        find its name serving a stranger.  It stays until the holder's link is gone."""
         name = current.name
         same_owner = owner_link_follows(owner, current.owner)
         if same_owner:
             why = "its sharer reconnected"
-        elif not await current.peer.answers(self.liveness_probe):
+        elif not current.verifier and not await current.peer.answers(self.liveness_probe):
             why = "its previous sharer stopped answering"
         else:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
+            held = ""
+            if current.verifier:
+                held = (", a service with a secret: it stays there until that sharer's link closes"
+                        + (" or is silent for %.0f s" % ((KEEPALIVE_MISSES + 1) * self.keepalive)
+                           if self.keepalive else ""))
             peer.send_json(REGISTERED, request_id, {
-                "ok": False, "code": "name-taken",
-                "message": "the name %r is already shared by %s since %s"
-                           % (name, current.peer.peer, since)})
+                "ok": False, "code": "name-taken", "secret": bool(current.verifier),
+                "message": "the name %r is already shared by %s since %s%s"
+                           % (name, current.peer.peer, since, held)})
             (log.debug if name in peer.refused_names else log.info)(
                 "router: %s asked for %r, which %s holds; refused", peer.peer, name, current.peer.peer)
             peer.refused_names.add(name)
@@ -4654,7 +4665,8 @@ class ClientLink(Link):
             exc = PermanentError(PERMANENT_GOAWAY[code] % {"router": self.client.router,
                                                             "message": message})
         else:
-            exc = LinkLost("the router closed the link: %s" % message)
+            exc = LinkLost(RETRIED_GOAWAY.get(code, "the router closed the link: %(message)s")
+                           % {"message": message})
         self._close_reason = str(exc)
         self.failure = exc
         self._settle(exc)
@@ -4732,7 +4744,11 @@ class ClientLink(Link):
 PERMANENT_GOAWAY = {
     "auth": "the router at %(router)s refused the token: %(message)s",
     "version": "the router at %(router)s speaks another protocol version: %(message)s",
-    "taken-over": "%(message)s; this sharer stops",
+}
+# GOAWAY codes a client retries after, saying what happened and what to do.
+RETRIED_GOAWAY = {
+    "taken-over": "%(message)s: the name is held by another sharer at the router "
+                  "(stop the other sharer, or choose another name)",
 }
 
 
@@ -5299,9 +5315,11 @@ class Sharer(_Client):
             raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
         self.pairings = {name: AcceptorPairings(secret, name) for name in self.services} if secret else {}
         self.owners = OwnerChain()          # proves a reconnect is the same process
-        # marks a service with a secret; random, so that no router takes it for a proof
+        # marks a service with a secret for older routers; random, so that it proves nothing
+        # and tells nothing of the secret
         self.secret_marker = os.urandom(16).hex()
-        self._registered_once = False
+        self.registered = set()             # names the router gave this sharer at least once
+        self.held_elsewhere = set()         # of those, names another sharer holds now (logged)
         self.shards = []                    # with a {name} router: a sharer per name, a link each
         if self.sharded and len(self.services) > 1:
             for name, target in self.services.items():
@@ -5346,21 +5364,58 @@ class Sharer(_Client):
         return sum(shard.open_streams() for shard in self.shards)
 
     async def link_established(self, link):
-        for name, target in self.services.items():
-            request = {"name": name, "owner": self.owners.next_link(name)}
-            if self.secret:
-                request["verifier"] = self.secret_marker
-            reply = await link.request(REGISTER, request)
-            if not reply.get("ok"):
-                message = short_reason(reply.get("message", "refused"))
-                if reply.get("code") == "name-taken":
-                    raise PermanentError("%s; choose another name, or stop the other sharer" % message)
-                if reply.get("code") == "taken-over":
-                    raise PermanentError(PERMANENT_GOAWAY["taken-over"] % {"message": message})
-                raise PermanentError("the router refused to register %r: %s" % (name, message))
-            log.info("sharing %r -> %s through the router at %s%s", name, target,
-                     self.router, " (again)" if self._registered_once else "")
-        self._registered_once = True
+        for name in self.services:
+            if not await self._register(link, name):
+                # Its name, held by another: a sharer that had it waits (one line), never exits.
+                if name not in self.held_elsewhere:
+                    self.held_elsewhere.add(name)
+                    log.warning("%s: the name %r is held by another sharer at the router; retrying "
+                                "(stop the other sharer, or choose another name)", self.command, name)
+                _spawn(self._reclaim(link, name), self.tasks)
+
+    async def _register(self, link, name):
+        """REGISTER `name` on `link`: True once it is ours, False if another sharer holds a
+        name this sharer had before; PermanentError for any other refusal."""
+        request = {"name": name, "owner": self.owners.next_link(name)}
+        if self.secret:
+            request.update(secret=True, verifier=self.secret_marker)
+        reply = await link.request(REGISTER, request)
+        if not reply.get("ok"):
+            message = short_reason(reply.get("message", "refused"))
+            if reply.get("code") in ("name-taken", "taken-over"):
+                # Ours before, or held with a secret by what may be this sharer's own last run
+                # (a host that died without closing its link): wait for it, never exit.
+                if name in self.registered or (self.secret and reply.get("secret") is True):
+                    return False
+                raise PermanentError("%s; choose another name, or stop the other sharer" % message)
+            raise PermanentError("the router refused to register %r: %s" % (name, message))
+        self.held_elsewhere.discard(name)
+        log.info("sharing %r -> %s through the router at %s%s", name, self.services[name],
+                 self.router, " (again)" if name in self.registered else "")
+        self.registered.add(name)
+        return True
+
+    async def _reclaim(self, link, name):
+        """Ask for `name` again, with backoff, until it is ours or `link` is gone (the next
+        link asks again).  Another refusal ends the link, and this sharer, with its reason."""
+        delays = backoff_delays(*self.backoff)
+        while not (self.closing or link.closing):
+            delay = next(delays)
+            log.debug("%s: asking for %r again in %.1f s", self.command, name, delay)
+            await asyncio.sleep(delay)      # backoff, not synchronisation
+            if self.closing or link.closing:
+                return
+            try:
+                if await self._register(link, name):
+                    return
+            except PermanentError as exc:
+                link.failure = exc
+                link.abort(str(exc))
+                return
+            except asyncio.TimeoutError:
+                continue                    # a slow router, or a dead link keepalive will end
+            except LinkLost:
+                return                      # the link went: the next one asks again
 
     def stream_requested(self, link, stream_id, info):
         name = info.get("service")
