@@ -361,7 +361,6 @@ E2E_PAIR_ID_DIGITS = 32             # hex digits of a pairing's id (16 random by
 E2E_PAIRS_OFFERED = 4               # forwarder: confirmed pairings it keeps and offers in an OPEN
 E2E_SHARER_PAIRS_MAX = 1024         # sharer: confirmed pairings kept per service (least recent go)
 E2E_FAILURES_PER_MINUTE = 10        # sharer: failed attempts at a secret before new pairings wait
-E2E_PAIRINGS_PENDING = 16           # sharer: new pairings under way at once, per service
 E2E_PROOF_BYTES = 32                # each side's first plaintext: an HMAC-SHA256 of tls-unique
 E2E_READ_CHUNK = 256 * 1024         # bytes decrypted at a time
 
@@ -1209,11 +1208,12 @@ class Spake2:
 class PairKeys:
     """What a pairing leaves: one confirmation key per side.  A stream's proof is a MAC of
     its TLS channel binding, so it is worth nothing on any other stream."""
-    __slots__ = ("pair", "keys", "new")
+    __slots__ = ("pair", "keys", "new", "started")
 
     def __init__(self, pair, secret):
         self.pair = pair
         self.new = True                 # made by this stream's pairing, not yet confirmed
+        self.started = None             # when that pairing began (a sharer's GuessLimiter)
         self.keys = {side: hmac.new(secret, b"mindmeld e2e v1 " + side.encode() + b" key",
                                     hashlib.sha256).digest() for side in (FORWARDER, SHARER)}
 
@@ -1265,7 +1265,9 @@ class E2ERefused(Exception):
 
 
 class GuessLimiter:
-    """At most `limit` failed attempts at a secret per `period` seconds."""
+    """At most `limit` attempts at a secret per `period` seconds that did not succeed.  An
+    attempt counts from the moment it starts, and is forgiven once it succeeds, so that
+    attempts made all at once are limited too."""
     __slots__ = ("limit", "period", "failures")
 
     def __init__(self, limit=E2E_FAILURES_PER_MINUTE, period=60.0):
@@ -1284,25 +1286,44 @@ class GuessLimiter:
         self._expire(now)
         return len(self.failures) >= self.limit
 
+    def forgive(self, started):
+        """The attempt that started at `started` succeeded."""
+        try:
+            self.failures.remove(started)
+        except ValueError:              # it had expired already
+            pass
+
 
 class OpenerPairings:
     """A forwarder's pairings with the sharers of one service: the confirmed ones, newest
     last, and the offer an OPEN makes.  One new pairing at a time: a burst of first
     connections waits for it (`waiting`) rather than each costing the sharer one."""
 
-    def __init__(self, secret, service):
+    def __init__(self, secret, service, clock=time.monotonic):
+        self.service = service
         self.password = SecretPassword(secret, service)
         self.pairs = collections.OrderedDict()      # pair id -> PairKeys, confirmed
         self.in_flight = None                       # the Spake2 of the pairing under way
+        self.started = None                         # ... and when it began
         self.waiting = []                           # callbacks for when it ends
+        self.limiter = GuessLimiter()               # a router posing as the sharer guesses too
+        self.clock = clock
 
     def offer(self, fresh=False):
         """(the OPEN's e2e field, the Spake2 of a new pairing or None); (None, None) if
-        the caller must wait for the pairing under way (it is called back, see wait)."""
+        the caller must wait for the pairing under way (it is called back, see wait).
+        E2ERefused after too many pairings that failed."""
         if self.pairs and not fresh:
             return {"pairs": list(self.pairs)[-E2E_PAIRS_OFFERED:]}, None
         if self.in_flight is not None:
             return None, None
+        now = self.clock()
+        if self.limiter.exhausted(now):
+            raise E2ERefused("%d pairings with the sharer of %r failed in the last minute (a wrong "
+                             "secret, or a router guessing it); try again in a minute"
+                             % (self.limiter.limit, self.service))
+        self.limiter.failed(now)                    # until it succeeds
+        self.started = now
         spake = self.in_flight = Spake2(self.password, FORWARDER, os.urandom(E2E_PAIR_ID_DIGITS // 2).hex())
         return {"pair": spake.pair, "pake": "%0512x" % spake.message}, spake
 
@@ -1330,6 +1351,7 @@ class OpenerPairings:
         while len(self.pairs) > E2E_PAIRS_OFFERED:
             self.pairs.popitem(last=False)
         if self.in_flight is not None and self.in_flight.pair == keys.pair:
+            self.limiter.forgive(self.started)
             self.ended(self.in_flight)
 
     def ended(self, spake):
@@ -1347,16 +1369,15 @@ class OpenerPairings:
 
 class AcceptorPairings:
     """A sharer's pairings for one service: confirmed pairs (bounded, least recently used
-    go first), and a limit on attempts at the secret.  Every pairing costs two modular
-    exponentiations, so one that does not end confirmed counts as a failed attempt, and
-    at most E2E_PAIRINGS_PENDING may be under way at once."""
+    go first), and a limit on attempts at the secret.  A pairing counts as a failed attempt
+    from its start until the opener's proof checks out, so pairings made all at once are
+    limited too (each would let its maker test one guess)."""
 
     def __init__(self, secret, service):
         self.service = service
         self.password = SecretPassword(secret, service)
         self.pairs = collections.OrderedDict()      # pair id -> PairKeys, confirmed
         self.limiter = GuessLimiter()
-        self.pending = 0
 
     def open(self, e2e, now):
         """(PairKeys, the OPEN_OK's e2e field) for an OPEN's e2e field, or E2ERefused."""
@@ -1370,17 +1391,16 @@ class AcceptorPairings:
         if self.limiter.exhausted(now):
             raise E2ERefused("too many failed attempts at the secret of %r; try again in a minute"
                              % self.service, "busy")
-        if self.pending >= E2E_PAIRINGS_PENDING:
-            raise E2ERefused("too many pairings with %r under way; try again shortly" % self.service, "busy")
         spake = Spake2(self.password, SHARER, e2e["pair"])
         keys = spake.finish(int(e2e["pake"], 16))
-        self.pending += 1
+        keys.started = now
+        self.limiter.failed(now)                    # until the opener proves it
         return keys, {"pair": spake.pair, "pake": "%0512x" % spake.message}
 
     def confirmed(self, keys):
         if keys.new:
             keys.new = False
-            self.pending -= 1
+            self.limiter.forgive(keys.started)
         self.pairs[keys.pair] = keys
         self.pairs.move_to_end(keys.pair)
         while len(self.pairs) > E2E_SHARER_PAIRS_MAX:
@@ -1389,9 +1409,9 @@ class AcceptorPairings:
     def failed(self, keys, now):
         """A stream with these keys ended without the opener's proof."""
         if keys.new:
-            keys.new = False
-            self.pending -= 1
-        self.limiter.failed(now)
+            keys.new = False                        # counted when it began
+        else:
+            self.limiter.failed(now)
 
 
 # ###########################################################################
@@ -5246,7 +5266,7 @@ class SharedStream(LocalStream):
     dialling = counted = failure_counted = False
 
     def e2e_failed(self, why):
-        if why.endswith("could not prove the secret"):
+        if not self.e2e.confirmed:      # an attempt that failed: counted, and said as a count
             self.sharer.secret_failed(self)
             self.reset("%s: %s" % (E2E_FAILURE, why))
         else:
@@ -5467,9 +5487,12 @@ class Sharer(_Client):
             stream.dialling = True
             _spawn(self._dial(link, stream, target, layer), self.tasks)
 
-        EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
-        stream.connection_made(stream.e2e)
-        stream.accept({"e2e": reply})
+        layer = EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
+        stream.connection_made(layer)
+        client_hello, stream.early = stream.early, None
+        stream.accept({"e2e": reply})           # OPEN_OK first: the handshake may fail at once
+        if client_hello and not stream.closed:
+            layer.write(client_hello)
         link.loop.call_later(OPEN_TIMEOUT, lambda: stream.closed or stream.e2e.confirmed or
                              stream.reset("no proof of the secret within %.0f s" % OPEN_TIMEOUT))
 
@@ -5818,7 +5841,13 @@ class Forwarder(_Client):
         info = {"service": self.service}
         if stream.e2e is not None:
             self.pairings.ended(stream.spake)       # a pairing its refused OPEN began is over
-            info["e2e"], stream.spake = self.pairings.offer(fresh)
+            try:
+                info["e2e"], stream.spake = self.pairings.offer(fresh)
+            except E2ERefused as exc:
+                self.busy_log.refused("forward: connection to %r refused: %s" % (self.service, exc.reason))
+                stream.closed = True
+                _abort_with_reset(stream.transport)
+                return
             if info["e2e"] is None:     # another connection is pairing: this one goes after it
                 self.pairings.wait(lambda: self._after_pairing(stream, fresh))
                 stream.timer = link.loop.call_later(OPEN_TIMEOUT, self._expire_unopened, stream)
@@ -5945,7 +5974,13 @@ class Connector(_Client):
     def _open(self, link, stream, fresh=False):
         info = {"service": self.service}
         if stream.e2e is not None:
-            info["e2e"], stream.spake = self.pairings.offer(fresh)
+            try:
+                info["e2e"], stream.spake = self.pairings.offer(fresh)
+            except E2ERefused as exc:
+                stream.refused(exc.reason)
+                stream.closed = True
+                stream.transport.close()
+                return
         link.open_stream(stream, info)
 
     def finished(self, stream):
