@@ -2624,7 +2624,9 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         self._flush()
 
     def _read_plaintext(self):
-        tls = self.tls
+        # tls.read() gives one record (16 KiB at most) a call: the records that came
+        # together go to the local socket in one write, not a send() each.
+        tls, pieces = self.tls, []
         while not self.closing and not self.failed:
             try:
                 data = tls.read(E2E_READ_CHUNK)
@@ -2633,6 +2635,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             except ssl.SSLZeroReturnError:
                 data = b""
             except ssl.SSLError as exc:
+                self._deliver_all(pieces)       # the records before it were authentic
                 self._flush()           # the alert, for the far end's TLS
                 raise EndToEndError("the data was altered on the way (%s)" % (exc.reason or exc))
             if not data:
@@ -2641,8 +2644,13 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             if not self.confirmed:
                 data = self._take_proof(data)
             if data:
-                self._deliver(data)
+                pieces.append(data)
+        self._deliver_all(pieces)
         self._flush()
+
+    def _deliver_all(self, pieces):
+        if pieces:
+            self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _take_proof(self, data):
         """The far end's proof, the first E2E_PROOF_BYTES of its plaintext; what follows."""
