@@ -6044,6 +6044,7 @@ BENCH_SIZES = {  # (single-stream bytes, per-stream bytes x 100 streams, round t
     "smoke": (8 << 20, 64 << 10, 100, 0.2),     # hidden --smoke: the machinery, not figures
 }
 _TRAILER = struct.Struct("!QB")     # bytes received, verified ok
+BENCH_SECRET = "bench-secret"       # bench --secret's: the figures, not the secret, are the point
 
 
 def _bench_pattern():
@@ -6209,9 +6210,33 @@ def _in_threads(count, work, what):
         raise MindmeldError("bench: %d of %d %s failed: %s" % (len(errors), count, what, first))
 
 
-def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
+def _bench_new_streams(port, seconds, threads):
+    """New streams a second: `threads` threads each opening one, asking P, reading p and
+    closing it, over and over for `seconds`."""
+    counts = []
+
+    def opener():
+        n = 0
+        while time.perf_counter() < deadline:
+            s = _bench_connect(port)
+            try:
+                s.sendall(b"P")
+                if s.recv(1) != b"p":
+                    raise MindmeldError("a new stream got no answer")
+            finally:
+                s.close()
+            n += 1
+        counts.append(n)
+    began = time.perf_counter()
+    deadline = began + seconds
+    _in_threads(threads, opener, "threads opening new streams")
+    return sum(counts) / (time.perf_counter() - began)
+
+
+def _bench_measure(port, sizes, pattern, say, cpu_seconds=None, one_at_a_time=False):
     """`cpu_seconds()`: the relays' CPU so far, read around the phases that move data
-    (round trips and new streams cost CPU per stream, not per byte)."""
+    (round trips and new streams cost CPU per stream, not per byte).  one_at_a_time:
+    also new streams opened by one thread, each after the last (what a handshake costs)."""
     single, per_stream, round_trips, stream_seconds = sizes
     result = {}
     cpu_before = cpu_seconds() if cpu_seconds else None
@@ -6245,24 +6270,10 @@ def _bench_measure(port, sizes, pattern, say, cpu_seconds=None):
     result["rtt_p50_us"] = times[len(times) // 2] * 1e6
     result["rtt_p99_us"] = times[int(len(times) * 0.99)] * 1e6
     say("new streams for %.1f s" % stream_seconds)
-    counts = []
-
-    def opener():
-        n = 0
-        while time.perf_counter() < deadline:
-            s = _bench_connect(port)
-            try:
-                s.sendall(b"P")
-                if s.recv(1) != b"p":
-                    raise MindmeldError("a new stream got no answer")
-            finally:
-                s.close()
-            n += 1
-        counts.append(n)
-    began = time.perf_counter()
-    deadline = began + stream_seconds
-    _in_threads(8, opener, "threads opening new streams")
-    result["streams_per_s"] = sum(counts) / (time.perf_counter() - began)
+    result["streams_per_s"] = _bench_new_streams(port, stream_seconds, 8)
+    if one_at_a_time:
+        say("new streams one at a time for %.1f s" % stream_seconds)
+        result["streams_serial_per_s"] = _bench_new_streams(port, stream_seconds, 1)
     return result
 
 
@@ -6383,6 +6394,183 @@ class _Child:
         self.log.close()
 
 
+# -- bench --secret's comparison: the same client through an ssh -R/-L chain -------------
+# What ssh offers for the same job: the sharing side `ssh -R` to a jump host, the
+# forwarding side `ssh -L` to it, an sshd of the bench's own on loopback in between.  ssh is
+# never needed: without it the comparison is left out, in one line.
+
+class SshUnavailable(MindmeldError):
+    """Why the ssh comparison cannot run here."""
+
+
+def _free_port():
+    """A port free on 127.0.0.1 now, for programs that cannot report the one they bind."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(pid):
+    """pid's child processes, their children and so on (from /proc; [] elsewhere)."""
+    parents = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass            # it ended meanwhile
+    found, todo = [], [pid]
+    while todo and len(found) < 10000:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+class _SshChain:
+    """An sshd on 127.0.0.1 with a throwaway host key that lets in this user with a
+    throwaway key; `ssh -R` from it to the target, `ssh -L` at .port into it."""
+
+    def __init__(self, target_port, say, timeout=15.0):
+        import subprocess
+        import getpass
+        tools = {}
+        for tool in ("ssh", "sshd", "ssh-keygen"):
+            tools[tool] = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/local/sbin:/sbin")
+            if tools[tool] is None:
+                raise SshUnavailable("%s not found (install openssh-server and openssh-client for it)" % tool)
+        self.processes, self.folder = [], tempfile.mkdtemp(prefix="mindmeld-bench-ssh-")
+        self.port = None
+        try:
+            self._start(tools, target_port, getpass.getuser(), subprocess, timeout)
+        except BaseException:
+            self.close()
+            raise
+        say("ssh chain started: sshd on 127.0.0.1:%d, ssh -R and ssh -L (%s)" % (
+            self.sshd_port, subprocess.run([tools["ssh"], "-V"], stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT).stdout.decode().split(",")[0].strip()))
+
+    def _start(self, tools, target_port, user, subprocess, timeout):
+        def keygen(name):
+            path = os.path.join(self.folder, name)
+            subprocess.run([tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-f", path],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            return path
+        host_key, user_key = keygen("host_key"), keygen("user_key")
+        authorized = os.path.join(self.folder, "authorized_keys")
+        shutil.copy(user_key + ".pub", authorized)
+        self.sshd_port, remote_port, self.port = _free_port(), _free_port(), _free_port()
+        config = os.path.join(self.folder, "sshd_config")
+        with open(config, "w") as f:
+            f.write("ListenAddress 127.0.0.1:%d\nHostKey %s\nAuthorizedKeysFile %s\nPidFile none\n"
+                    "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                    "AllowTcpForwarding yes\nMaxStartups 100\nLogLevel ERROR\n"
+                    % (self.sshd_port, host_key, authorized))
+        self.sshd = self._spawn(subprocess, [tools["sshd"], "-D", "-e", "-f", config], "sshd")
+        self.ssh = [tools["ssh"], "-F", "/dev/null", "-i", user_key, "-p", str(self.sshd_port),
+                    "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                    "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                    "-o", "ExitOnForwardFailure=yes"]
+        self.remote_port, self.destination = remote_port, "%s@127.0.0.1" % user
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: self._answers(self.sshd_port, None), deadline, "sshd")
+        self._spawn(subprocess, self.ssh + ["-N", "-R", "127.0.0.1:%d:127.0.0.1:%d" % (remote_port, target_port),
+                                            self.destination], "ssh -R")
+        self._spawn(subprocess, self.ssh + ["-N", "-L", "127.0.0.1:%d:127.0.0.1:%d" % (self.port, remote_port),
+                                            self.destination], "ssh -L")
+        self._wait(lambda: self._answers(self.port, b"P"), deadline, "the ssh chain")
+
+    def _spawn(self, subprocess, argv, what):
+        log_file = open(os.path.join(self.folder, "%d.log" % len(self.processes)), "w+b")
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+        self.processes.append((process, what, log_file))
+        return process
+
+    @staticmethod
+    def _answers(port, probe):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                if probe is None:
+                    return sock.recv(4).startswith(b"SSH-")
+                sock.sendall(probe)
+                return sock.recv(1) == b"p"
+        except OSError:
+            return False
+
+    def _wait(self, ready, deadline, what):
+        while time.monotonic() < deadline:
+            for process, name, log_file in self.processes:
+                if process.poll() is not None:
+                    log_file.seek(0)
+                    said = log_file.read().decode("utf-8", "replace").strip().splitlines()
+                    raise SshUnavailable("%s exited%s" % (name, ": " + said[-1] if said else ""))
+            if ready():
+                return
+            time.sleep(0.05)    # polling programs that do not report readiness
+        raise SshUnavailable("%s was not ready in time" % what)
+
+    def cpu_seconds(self):
+        """CPU so far of sshd (with its session processes) and the two ssh clients."""
+        pids = [p.pid for p, _, _ in self.processes] + _descendants(self.sshd.pid)
+        seconds = [_proc_cpu_seconds(pid) for pid in pids]
+        return sum(s for s in seconds if s is not None) if seconds[0] is not None else None
+
+    def connections_per_s(self, seconds):
+        """A new ssh connection for every stream (`ssh -W`, as a ProxyCommand would):
+        connect, ask P, read p, end; one after another for `seconds` (3 at least)."""
+        import subprocess
+        argv = self.ssh + ["-W", "127.0.0.1:%d" % self.remote_port, self.destination]
+        count, began = 0, time.perf_counter()
+        while count < 3 or time.perf_counter() < began + seconds:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL)
+            try:
+                answer, _ = process.communicate(b"P", timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                answer = b""
+            if answer != b"p":
+                raise MindmeldError("bench: a new ssh connection got no answer")
+            count += 1
+        return count / (time.perf_counter() - began)
+
+    def close(self):
+        for process, _, log_file in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except Exception:
+                    process.kill()
+                    process.wait()
+            log_file.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _bench_ssh(target_port, sizes, pattern, say):
+    """The ssh chain's figures, or None (said in one line) when there is no ssh here."""
+    try:
+        chain = _SshChain(target_port, say)
+    except SshUnavailable as exc:
+        say("no ssh comparison: %s" % exc)
+        return None
+    try:
+        result = _bench_measure(chain.port, sizes, pattern, lambda t: say("  ssh: " + t),
+                                chain.cpu_seconds, one_at_a_time=True)
+        say("  ssh: a new ssh connection per stream for %.1f s" % sizes[3])
+        result["connections_per_s"] = chain.connections_per_s(sizes[3])
+        return result
+    finally:
+        chain.close()
+
+
 def serve_bench_target(lifetime=900.0):
     """`bench --serve-target`: the bench's target, in a process of its own."""
     import threading
@@ -6399,19 +6587,19 @@ def serve_bench_target(lifetime=900.0):
 class _InProcessRoles:
     """The three roles in one background event loop: how bench runs when piped in."""
 
-    def __init__(self, target_port, tls):
+    def __init__(self, target_port, tls, secret=None):
         import threading
         import queue
         self.ready = queue.Queue()
         self.loop = None
-        self.thread = threading.Thread(target=self._main, args=(target_port, tls), daemon=True)
+        self.thread = threading.Thread(target=self._main, args=(target_port, tls, secret), daemon=True)
         self.thread.start()
         outcome = self.ready.get(timeout=60)
         if isinstance(outcome, BaseException):
             raise outcome
         self.port = outcome
 
-    def _main(self, target_port, tls):
+    def _main(self, target_port, tls, secret):
         log.setLevel(logging.WARNING)       # the roles' lines would interleave with the bench's
 
         async def main():
@@ -6423,8 +6611,9 @@ class _InProcessRoles:
                 client_tls = TlsOptions(fingerprint=fingerprint)
             router = await Router("127.0.0.1", 0, ssl_context=context).start()
             where = "127.0.0.1:%d" % router.port
-            sharer = Sharer({"bench": ("127.0.0.1", target_port)}, router=where, tls=client_tls)
-            forwarder = Forwarder("bench", "127.0.0.1", 0, router=where, tls=client_tls)
+            sharer = Sharer({"bench": ("127.0.0.1", target_port)}, router=where, tls=client_tls,
+                            secret=secret)
+            forwarder = Forwarder("bench", "127.0.0.1", 0, router=where, tls=client_tls, secret=secret)
             for role in (sharer, forwarder):
                 await role.start()
                 await role.wait_ready(30)
@@ -6443,9 +6632,11 @@ class _InProcessRoles:
             self.thread.join(10)
 
 
-def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdout):
+def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False, out=sys.stdout):
     """`mindmeld.py bench`: router, sharer and forwarder as separate processes, a target,
-    and the same measurements through the tunnel and straight to the target."""
+    and the same measurements through the tunnel and straight to the target.  secret:
+    streams encrypted end to end (--secret on share and forward), and beside them an ssh
+    -R/-L chain where ssh is installed (not with the hidden --smoke)."""
     import threading
     import tempfile
     sizes = BENCH_SIZES["smoke" if quick == "smoke" else "quick" if quick else "default"]
@@ -6475,7 +6666,7 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             say("this script was piped in (python3 -), so it cannot start itself as separate "
                 "processes: the router, sharer and forwarder run in this process, beside the "
                 "client, and share its CPU (save it as mindmeld.py for fair numbers)")
-            in_process = _InProcessRoles(target_port, tls)
+            in_process = _InProcessRoles(target_port, tls, BENCH_SECRET if secret else None)
             port, pids, router_pid = in_process.port, [], None
         else:
             state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
@@ -6486,12 +6677,18 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             options = ["--router", "127.0.0.1:%d" % router.port] + ready
             if tls:     # the certificate the router made there: pin it
                 options += ["--tls-fingerprint", router_tls_context(None, None, state_dir)[1]]
+            if secret:
+                secret_file = os.path.join(state_dir, "secret")
+                with open(secret_file, "w") as f:
+                    f.write(BENCH_SECRET)
+                options += ["--secret-file", secret_file]
             children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port] + options,
                                    "sharer"))
             forwarder = _Child([script, "forward", "bench", "127.0.0.1:0"] + options, "forwarder")
             children.append(forwarder)
-            say("router%s, sharer and forwarder started (pids %s)" % (
-                " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:])))
+            say("router%s, sharer and forwarder started (pids %s)%s" % (
+                " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:]),
+                "; --secret: streams encrypted end to end" if secret else ""))
             port, pids, router_pid = forwarder.port, [c.process.pid for c in children[1:]], router.process.pid
         if scale and pids:      # first, while the router is fresh: its idle footprint
             results["scale"] = _run(_bench_scale(port, pids, say))
@@ -6500,9 +6697,13 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
             seconds = [_proc_cpu_seconds(p) for p in pids]
             return sum(seconds) if pids and None not in seconds else None
         results["mindmeld"] = result = _bench_measure(
-            port, sizes, pattern, lambda t: say("  mindmeld: " + t), relays_cpu)
+            port, sizes, pattern, lambda t: say("  mindmeld: " + t), relays_cpu, one_at_a_time=secret)
         result.setdefault("cpu_s_per_GB", None)
         result["router_peak_rss_MB"] = _proc_memory_mb(router_pid, "VmHWM") if router_pid else None
+        if secret and quick == "smoke":
+            say("no ssh comparison with --smoke")
+        elif secret:
+            results["ssh"] = _bench_ssh(target_port, sizes, pattern, say)
         if scale and pids:      # last: a router of their own, killed on the way
             results["scale"].update(_bench_links_and_storm(script, quick, descriptors, say))
     finally:
@@ -6515,7 +6716,8 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, out=sys.stdou
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"mindmeld": results["mindmeld"], "direct": results["direct"],
-                       "scale": results.get("scale"), "tls": tls, "in_process": script is None,
+                       "ssh": results.get("ssh"), "scale": results.get("scale"), "tls": tls,
+                       "secret": secret, "in_process": script is None,
                        "python": sys.version.split()[0], "quick": quick}, f, indent=2)
         say("wrote %s" % json_path)
     storm = (results.get("scale") or {}).get("restart_storm")
@@ -6781,20 +6983,36 @@ def _bench_links_and_storm(script, quick, descriptors, say):
     return result
 
 
+# bench --secret's targets against the ssh chain: (what, row, ssh's row, at least)
+SSH_TARGETS = (("upload", "upload_MBps", "upload_MBps", 1.5),
+               ("download", "download_MBps", "download_MBps", 1.5),
+               ("new streams one at a time against new ssh connections", "streams_serial_per_s",
+                "connections_per_s", 5.0))
+
+
 def _bench_report(results, out):
     rows = [("upload_MBps", "single stream upload, MB/s"), ("download_MBps", "single stream download, MB/s"),
             ("concurrent_MBps", "100 streams both ways, MB/s"), ("rtt_p50_us", "round trip p50, us"),
             ("rtt_p99_us", "round trip p99, us"), ("streams_per_s", "new streams per second"),
-            ("cpu_s_per_GB", "CPU s per GB (3 processes)"), ("router_peak_rss_MB", "router peak RSS, MB")]
-    mine, direct = results["mindmeld"], results["direct"]
+            ("streams_serial_per_s", "  one at a time"),
+            ("connections_per_s", "  a new ssh connection each"),
+            ("cpu_s_per_GB", "CPU s per GB (the relays)"), ("router_peak_rss_MB", "router peak RSS, MB")]
+    mine, direct, ssh = results["mindmeld"], results["direct"], results.get("ssh")
+    columns = [("mindmeld", mine), ("direct", direct)] + ([("ssh -R/-L", ssh)] if ssh else [])
 
     def cell(value):
         if isinstance(value, list):
             return "/".join("%.1f" % v for v in value)
         return "-" if value is None else "%.0f" % value if value >= 100 else "%.2f" % value
-    out.write("%-30s %10s %10s\n" % ("", "mindmeld", "direct"))
+    out.write("%-30s" % "" + "".join(" %10s" % name for name, _ in columns) + "\n")
     for key, label in rows:
-        out.write("%-30s %10s %10s\n" % (label, cell(mine.get(key)), cell(direct.get(key))))
+        if any(key in figures for _, figures in columns):      # the optional rows: when measured
+            out.write("%-30s" % label + "".join(" %10s" % cell(figures.get(key)) for _, figures in columns)
+                      + "\n")
+    if ssh:
+        out.write("against the ssh chain: " + ", ".join(
+            "%s %.1fx (target %.1fx)" % (what, mine[mine_key] / ssh[ssh_key], target)
+            for what, mine_key, ssh_key, target in SSH_TARGETS if ssh.get(ssh_key)) + "\n")
     scale = results.get("scale")
     if scale:
         out.write("\nscale (router/sharer/forwarder where three numbers are given)\n")
@@ -7317,6 +7535,9 @@ def build_parser():
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)     # the tests' run
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--tls", action="store_true", help="TLS on the router's links")
+    p.add_argument("--secret", action="store_true", dest="end_to_end", help="streams encrypted end to end (--secret "
+                   "on share and forward), and the same through an ssh -R/-L chain beside them "
+                   "when sshd and ssh are installed")
     p.add_argument("--scale", action="store_true", help="also measure memory with 1,000 idle and "
                    "100 stalled streams, 5,000 concurrent streams, the router's memory per idle link "
                    "(5,000 links) and how long 5,000 peers take to come back after the router is "
@@ -7500,11 +7721,11 @@ def _run_bench(args):
     if args.wan:
         if args.rtt < 0 or args.rate < 0:
             raise UsageError("--rtt and --rate must not be negative")
-        if args.tls or args.scale:
-            raise UsageError("--wan measures plain links only: leave out --tls and --scale")
+        if args.tls or args.scale or args.end_to_end:
+            raise UsageError("--wan measures plain links only: leave out --tls, --scale and --secret")
         return run_bench_wan(quick=args.quick, rtt_ms=args.rtt, rate_mbit=args.rate, json_path=args.json)
     return run_bench(quick="smoke" if args.smoke else args.quick, json_path=args.json, tls=args.tls,
-                     scale=args.scale)
+                     scale=args.scale, secret=args.end_to_end)
 
 
 def _run_connect(args):

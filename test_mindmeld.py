@@ -2296,6 +2296,23 @@ class TestCommandLine(CommandLineMixin, unittest.TestCase):
         self.assertLessEqual(report["mindmeld"]["rtt_p50_us"], report["mindmeld"]["rtt_p99_us"])
         self.assertFalse(report["in_process"])
 
+    def test_bench_secret_encrypts_end_to_end_and_measures_streams_one_at_a_time(self):
+        """--smoke leaves out the ssh chain, in one line: ssh is never needed."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bench.json")
+            done = run_cli("bench", "--secret", "--smoke", "--json", path, timeout=120)
+            self.assertEqual(done.code, 0, done.err)
+            with open(path) as f:
+                report = json.load(f)
+        self.assertIn("streams encrypted end to end", done.err)
+        self.assertIn("bench: no ssh comparison with --smoke", done.err.splitlines())
+        self.assertTrue(report["secret"])
+        self.assertIsNone(report["ssh"])
+        self.assertIn("  one at a time", done.out.decode())
+        for key in ("upload_MBps", "download_MBps", "streams_per_s", "streams_serial_per_s"):
+            with self.subTest(key=key):
+                self.assertGreater(report["mindmeld"][key], 0)
+
     def test_script_piped_on_stdin(self):
         target = ThreadedServer(self, blocking_echo)
         router, address = self.start_router()
