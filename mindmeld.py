@@ -1308,6 +1308,7 @@ class OpenerPairings:
         self.waiting = []                           # callbacks for when it ends
         self.limiter = GuessLimiter()               # a router posing as the sharer guesses too
         self.clock = clock
+        self.tls_session = None                     # of the last stream a sharer proved
 
     def offer(self, fresh=False):
         """(the OPEN's e2e field, the Spake2 of a new pairing or None); (None, None) if
@@ -1344,8 +1345,10 @@ class OpenerPairings:
             raise StreamError("the sharer chose a pairing this forwarder does not hold")
         return keys
 
-    def confirmed(self, keys):
+    def confirmed(self, keys, tls_session=None):
         keys.new = False
+        if tls_session is not None:
+            self.tls_session = tls_session
         self.pairs[keys.pair] = keys
         self.pairs.move_to_end(keys.pair)
         while len(self.pairs) > E2E_PAIRS_OFFERED:
@@ -1365,6 +1368,7 @@ class OpenerPairings:
 
     def forget(self, keys):
         self.pairs.pop(keys.pair, None)
+        self.tls_session = None
 
 
 class AcceptorPairings:
@@ -2410,7 +2414,6 @@ def e2e_context(server_side):
         context.maximum_version = ssl.TLSVersion.TLSv1_2
     else:  # 3.6
         context.options |= ssl.OP_NO_TLSv1_3
-    context.options |= getattr(ssl, "OP_NO_TICKET", 0)
     context.set_ciphers(E2E_CIPHERS)
     if server_side:
         folder = tempfile.mkdtemp(prefix="mindmeld-e2e-")
@@ -2445,18 +2448,22 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
     forwarder's proof checks out.  Half-close: a local EOF is a TLS close_notify, then the
     stream's EOF; a stream EOF that no close_notify announced is a truncation."""
 
-    def __init__(self, stream, server_side, keys=None, on_confirmed=None):
+    def __init__(self, stream, server_side, keys=None, on_confirmed=None, session=None):
         self.stream = stream
         stream.e2e = self
         self.server_side = server_side
         self.side, self.peer_side = (SHARER, FORWARDER) if server_side else (FORWARDER, SHARER)
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        # session: a forwarder's TLS session from a stream the sharer proved (resumption)
+        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing,
+                                                     server_side=server_side, session=session)
         self.keys = keys
         self.on_confirmed = on_confirmed
         self.transport = None           # the local socket (a sharer's comes once confirmed)
         self.closing = False
-        self.handshaken = self.proof_sent = self.confirmed = False
+        self.handshaken = self.proof_sent = False
+        self.confirmed = False          # the far end's proof checked out
+        self.sending = False            # the local side's bytes may go
         self.proof_buffer = b""
         self.held = []                  # plaintext that may not pass yet
         self.local_eof = False          # the local side ended: close_notify sent, or to send
@@ -2489,7 +2496,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
     def data_received(self, data):
         if self.closing:
             return
-        if not self.confirmed:
+        if not self.sending:
             self.held.append(bytes(data))       # until the sharer has proved the secret
             self.holding = True
             self._update_reading()
@@ -2498,7 +2505,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
 
     def eof_received(self):
         self.local_eof = True
-        if self.confirmed and not self.closing:
+        if self.sending and not self.closing:
             self._send_close_notify()
         return True                             # the other direction goes on: half-close
 
@@ -2616,6 +2623,12 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             raise EndToEndError("the TLS handshake ended before the pairing")
         if self.server_side:
             self._send_proof()
+        elif self.tls.session_reused:
+            # Only the sharer process that the session was made with (on a stream it proved)
+            # can resume it: the forwarder need not wait for its proof (it still checks it).
+            log.debug("stream %s: TLS session resumed", self.stream.label)
+            self._send_proof()
+            self._start_sending()
 
     def _send_proof(self):
         binding = self.tls.get_channel_binding("tls-unique")
@@ -2661,15 +2674,19 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         binding = self.tls.get_channel_binding("tls-unique")
         if not hmac.compare_digest(self.proof_buffer, self.keys.proof(self.peer_side, binding)):
             raise EndToEndError("the %s could not prove the secret" % self.peer_side)
-        if not self.server_side:
+        if not self.proof_sent:
             self._send_proof()
         self.confirmed = True
         if self.on_confirmed is not None:
             self.on_confirmed(self)
-        self._release_held()
+        self._start_sending()
         return data[need:]
 
-    def _release_held(self):
+    def _start_sending(self):
+        """The local side's bytes may go from now on (a forwarder's that waited go first)."""
+        if self.sending:
+            return
+        self.sending = True
         if self.transport is None or self.server_side:
             return
         held, self.held = self.held, []
@@ -5722,8 +5739,8 @@ def _with_e2e(stream, pairings):
     or with a secret an EndToEndLayer in front of it, which confirms its pairing."""
     if pairings is None:
         return stream
-    return EndToEndLayer(stream, server_side=False,
-                         on_confirmed=lambda layer: pairings.confirmed(stream.keys))
+    return EndToEndLayer(stream, server_side=False, session=pairings.tls_session,
+                         on_confirmed=lambda layer: pairings.confirmed(stream.keys, layer.tls.session))
 
 
 class Forwarder(_Client):
