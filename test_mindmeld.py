@@ -4307,16 +4307,19 @@ class TestEndToEndCommandLine(SecurityCommandLine, unittest.TestCase):
         target = ThreadedServer(self, tag_handler(b"T"))
         env = self.env_with(MINDMELD_SECRET="open sesame")
         first = self.share("vault", target.port, address, env=env)
-        forward, port = self.forward("vault", address, env=env)
+        forward, port = self.forward("vault", address, "-v", env=env)
         self.assertIn("streams are encrypted end to end", forward.lines[-1])
         payload = os.urandom(256 * 1024)
         self.assertEqual(exchange(port, payload), b"T" + payload)
+        self.assertEqual(exchange(port, b"resumed"), b"Tresumed")  # the TLS session of the first
+        forward.wait_line(r"TLS session resumed")
         self.assertEqual(first.signal(signal.SIGTERM)[0], 0)
-        self.share("vault", target.port, address, env=env)     # knows none of the old pairings
-        self.assertEqual(exchange(port, payload), b"T" + payload)
+        self.share("vault", target.port, address, env=env)     # knows none of the old pairings,
+        self.assertEqual(exchange(port, payload), b"T" + payload)   # nor the old session
         self.assertEqual(exchange(port, b"again"), b"Tagain")
         code, lines = forward.signal(signal.SIGTERM)
         self.assertEqual(code, 0)
+        self.assertEqual(len([l for l in lines if "TLS session resumed" in l]), 2, lines)
         self.assertFalse([l for l in lines if "could not prove" in l or "refused" in l], lines)
 
     def test_a_burst_of_first_connections_pairs_once(self):
