@@ -7768,15 +7768,17 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(len(state["proved"]), count)      # the sharer proved itself each time
         self.assertEqual(len(self.target.received), 1)     # the user's honest stream only
 
-    def answered_by_the_router(self, secret, plainly=False):
+    def answered_by_the_router(self, secret, plainly=False, after_honest=False):
         """The relay keeps the forwarder's OPEN from the router and answers it itself: with
         --secret as a TLS server with the public certificate, a made-up pairing message and
-        a made-up proof; without, or `plainly`, with an OPEN_OK and bytes of its own."""
+        a made-up proof; without, or `plainly`, with an OPEN_OK and bytes of its own.
+        after_honest: first one stream goes through untouched (the forwarder pairs, and keeps
+        the TLS session), and the relay takes the next."""
         server = e2e_tls_context(True, self.tmp) if secret else None
-        state = {}
+        state = {"armed": not after_honest}
 
         def hook(link, direction, ftype, stream_id, payload):
-            if link.role != "forward" or direction != UP:
+            if link.role != "forward" or direction != UP or not state["armed"]:
                 return None
             if ftype == OPEN:                   # the router never hears of this stream
                 state.setdefault("taken", set()).add(stream_id)
@@ -7788,8 +7790,9 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
                 tls = state["tls"] = TlsEnd(server, True)
                 tls.feed(base64.b64decode(info.get("data", "")))
                 made_up = "%0512x" % random.randrange(2, int("f" * 400, 16))
-                link.send(DOWN, OPEN_OK, stream_id,
-                          {"e2e": {"pair": info["e2e"]["pair"], "pake": made_up}})
+                offer = info["e2e"]
+                link.send(DOWN, OPEN_OK, stream_id, {"e2e": {"pair": offer["pair"], "pake": made_up}
+                                                     if "pake" in offer else {"pair": offer["pairs"][-1]}})
                 link.send(DOWN, DATA, stream_id, tls.take())
             elif ftype == DATA and "tls" in state:
                 tls = state["tls"]
@@ -7800,6 +7803,11 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
                 link.send(DOWN, DATA, stream_id, tls.take())
             return [] if stream_id in state.get("taken", ()) else None
         port = self.tunnel(hook, secret, secret)
+        if after_honest:
+            honest = self.opened(port)
+            honest.conn.shutdown(socket.SHUT_WR)
+            self.assertEqual(honest.rest(), (b"", "eof"))
+            self.relay.call(lambda: state.update(armed=True))
         user = UserConnection(self, port)
         user.send(b"GET /secret-plans HTTP/1.0\r\n\r\n")
         return state, user
@@ -7822,6 +7830,16 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
         self.assertTrue(state["proved"])                    # the TLS handshake went through
         self.assertEqual(self.target.received, [])
         self.assertFalse([l for l in self.forwarder.lines if "router closed the link" in l])
+
+    def test_the_router_cannot_answer_a_forwarder_that_holds_a_tls_session(self):
+        # The forwarder sends at once on a resumed session; the relay cannot resume it (the
+        # ticket is the sharer's), so it is a full handshake, and the forwarder waits.
+        state, user = self.answered_by_the_router(self.SECRET, after_honest=True)
+        self.forwarder.wait_line(NOT_THE_SHARER)
+        self.assertEqual(user.rest(), (b"", "reset"))
+        self.assertTrue(state["proved"])
+        self.assertEqual(bytes(state["tls"].plain), b"")    # not even the forwarder's proof
+        self.assert_target_got(FIRST)
 
     def replayed_stream(self, secret):
         """A whole stream recorded on the sharer's link, replayed to it as a new stream."""
