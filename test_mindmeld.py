@@ -7999,43 +7999,67 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 def run_in_two_processes():
-    """The suite split by test class over two processes at once (most tests wait on
-    sockets and subprocesses, so two run in about 60 % of the time of one), each with its
-    own HOME so that state directories never meet.  Prints each half's output, then one
-    summary in unittest's words ("Ran N tests", "OK" or "FAILED (...)"), and exits 1 if
-    either half failed.  `python3 -m unittest -v test_mindmeld` runs it in one process."""
+    """The suite over two processes at once, one test class at a time: each worker takes the
+    next class as soon as it is free, so neither waits while the other still has a queue
+    (most tests wait on sockets and subprocesses, so two run in about 60 % of the time of
+    one).  Each has its own HOME, so that state directories never meet.  Prints each
+    worker's output, then one summary in unittest's words ("Ran N tests", "OK" or
+    "FAILED (...)"), and exits 1 if anything failed.  `python3 -m unittest -v test_mindmeld`
+    runs the suite in one process."""
     loader = unittest.defaultTestLoader
     cases = [(loader.loadTestsFromTestCase(case).countTestCases(), name)
              for name, case in sorted(globals().items())
              if isinstance(case, type) and issubclass(case, unittest.TestCase)
              and loader.getTestCaseNames(case)]
-    halves = ([], [])
-    weight = [0, 0]
-    for count, name in sorted(cases, reverse=True):     # the larger classes first, to balance
-        lighter = weight.index(min(weight))
-        halves[lighter].append("test_mindmeld." + name)
-        weight[lighter] += count
-    began, procs = time.monotonic(), []
-    for half in halves:
+    queue = [name for _count, name in sorted(cases, reverse=True)]    # the larger classes first
+    began, workers = time.monotonic(), []
+    for _ in range(2):
         home = tempfile.mkdtemp(prefix="mindmeld-tests-")
         env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"))
         env.pop("MINDMELD_STATE_DIR", None)
-        procs.append((home, subprocess.Popen(
-            [sys.executable, "-m", "unittest", "-v"] + half, cwd=HERE, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
-    totals, failed = collections.Counter(), False
-    for home, proc in procs:
-        out = proc.communicate()[0].decode("utf-8", "replace")
+        report = tempfile.TemporaryFile()
+        proc = subprocess.Popen([sys.executable, "-c", "import test_mindmeld; test_mindmeld.work()"],
+                                cwd=HERE, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=report)
+        workers.append((home, report, proc))
+    busy = {}
+    for _home, _report, proc in workers:
+        if queue:
+            _give(proc, queue.pop(0))
+            busy[proc.stdout.fileno()] = proc
+        else:
+            proc.stdin.close()
+    for _ in range(10 * len(cases) + 10):       # a class done per round, at the least
+        if not busy:
+            break
+        ready, _, _ = select.select(list(busy), [], [], 600)
+        if not ready:
+            break                               # a worker hung: the summary says FAILED
+        for fd in ready:
+            proc = busy[fd]
+            if proc.stdout.readline() and queue:
+                _give(proc, queue.pop(0))
+            else:
+                proc.stdin.close()
+                del busy[fd]
+    totals, failed = collections.Counter(), bool(busy)
+    for home, report, proc in workers:
+        if proc.poll() is None and busy:
+            proc.kill()
+        proc.wait()
         shutil.rmtree(home, ignore_errors=True)
+        report.seek(0)
+        out = report.read().decode("utf-8", "replace")
         sys.stdout.write(out)
         ran = re.findall(r"^Ran (\d+) tests? in ", out, re.MULTILINE)
-        verdict = re.findall(r"^(OK|FAILED)(?: \((.*)\))?\s*$", out, re.MULTILINE)
-        if proc.returncode != 0 or not ran or not verdict:
+        verdicts = re.findall(r"^(OK|FAILED)(?: \((.*)\))?\s*$", out, re.MULTILINE)
+        if proc.returncode != 0 or len(verdicts) != len(ran):
             failed = True
-        totals["tests"] += int(ran[-1]) if ran else 0
-        for part in (verdict[-1][1].split(", ") if verdict and verdict[-1][1] else []):
-            key, _, value = part.partition("=")
-            totals[key] += int(value)
+        totals["tests"] += sum(int(n) for n in ran)
+        for _verdict, details in verdicts:
+            for part in (details.split(", ") if details else []):
+                key, _, value = part.partition("=")
+                totals[key] += int(value)
     print("\nRan %d tests in %.3fs (two processes)\n" % (totals["tests"], time.monotonic() - began))
     details = ", ".join("%s=%d" % (key, totals[key]) for key in
                         ("failures", "errors", "skipped", "expected failures", "unexpected successes")
@@ -8043,6 +8067,22 @@ def run_in_two_processes():
     failed = failed or totals["failures"] or totals["errors"] or totals["unexpected successes"]
     print(("FAILED" if failed else "OK") + (" (%s)" % details if details else ""))
     return 1 if failed else 0
+
+
+def _give(proc, name):
+    proc.stdin.write(name.encode() + b"\n")
+    proc.stdin.flush()
+
+
+def work():
+    """A worker of run_in_two_processes: runs each class named on stdin, its report on
+    stderr, and says "done" on stdout after each."""
+    runner = unittest.TextTestRunner(stream=sys.stderr, verbosity=2)
+    for line in iter(sys.stdin.readline, ""):
+        runner.run(unittest.defaultTestLoader.loadTestsFromTestCase(globals()[line.strip()]))
+        sys.stderr.flush()
+        sys.stdout.write("done\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
