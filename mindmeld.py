@@ -5359,6 +5359,8 @@ class Sharer(_Client):
         if not self.services:
             raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
         self.pairings = {name: AcceptorPairings(secret, name) for name in self.services} if secret else {}
+        if secret:
+            e2e_context(server_side=True)   # now: a host that cannot make it says so at start
         self.owners = OwnerChain()          # proves a reconnect is the same process
         # marks a service with a secret for older routers; random, so that it proves nothing
         # and tells nothing of the secret
