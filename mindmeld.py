@@ -2060,8 +2060,9 @@ class _StdioTransport(asyncio.Transport):
 # ### 4d. Layers under a link: WebSocket and TLS
 
 class _Layer:
-    """What a layer (WebSocket, TLS) passes straight to the transport under it; it is
-    the protocol of that transport and the transport of the Link above."""
+    """What a layer (WebSocket, TLS, end-to-end TLS) passes straight to the transport under
+    it; it is the protocol of that transport and the transport of the Link (or stream)
+    above.  An end-to-end layer may have no transport under it yet."""
 
     def write_parts(self, header, payload):
         """What _write_parts() asks of a layer: it encodes (copies) at once."""
@@ -2073,10 +2074,10 @@ class _Layer:
             self.transport.abort()
 
     def is_closing(self):
-        return self.closing or self.transport.is_closing()
+        return self.closing or (self.transport is not None and self.transport.is_closing())
 
     def get_write_buffer_size(self):
-        return self.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def set_write_buffer_limits(self, high=None, low=None):
         self.transport.set_write_buffer_limits(high, low)
@@ -2088,6 +2089,8 @@ class _Layer:
         self.transport.resume_reading()
 
     def get_extra_info(self, name, default=None):
+        if self.transport is None:
+            return default
         return self.transport.get_extra_info(name, default)
 
 
@@ -2566,17 +2569,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def abort(self):
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def is_closing(self):
-        return self.closing or (self.transport is not None and self.transport.is_closing())
-
-    def get_write_buffer_size(self):
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
-
     def set_write_buffer_limits(self, high=None, low=None):
         pass                                    # the local socket's are 0: see connection_made
 
@@ -2587,11 +2579,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
     def resume_reading(self):
         self.stream_paused = False
         self._update_reading()
-
-    def get_extra_info(self, name, default=None):
-        if self.transport is None:
-            return default
-        return self.transport.get_extra_info(name, default)
 
     def _update_reading(self):
         transport = self.transport
@@ -5292,7 +5279,7 @@ class SharedStream(LocalStream):
 
     def e2e_failed(self, why):
         if not self.e2e.confirmed:      # an attempt that failed: counted, and said as a count
-            self.sharer.secret_failed(self)
+            self.sharer.e2e.failed(self)
             self.reset("%s: %s" % (E2E_FAILURE, why))
         else:
             LocalStream.e2e_failed(self, why)
@@ -5315,13 +5302,63 @@ class SharedStream(LocalStream):
         LocalStream._forget(self)
         e2e = self.e2e
         if e2e is not None and not e2e.confirmed and (e2e.proof_sent or self.keys.new):
-            self.sharer.secret_failed(self)         # a pairing, or our proof, and no proof back
+            self.sharer.e2e.failed(self)         # a pairing, or our proof, and no proof back
         if (self.transport is None or (e2e is not None and e2e.transport is None)) and not self.dialling:
             self.sharer.stream_released(self)       # no socket was made: the slot is free
 
     def connection_lost(self, exc):
         LocalStream.connection_lost(self, exc)
         self.sharer.stream_released(self)           # its socket is closed: the slot is free
+
+
+class EndToEndAcceptor:
+    """A sharer's side of end-to-end streams (--secret): its pairings per service, the log
+    of failed attempts, and the start of each stream (EndToEndLayer does the rest)."""
+
+    def __init__(self, secret, services, busy_log):
+        self.pairings = {name: AcceptorPairings(secret, name) for name in services}
+        self.busy_log = busy_log
+        self.guess_log = RefusalLog("share: streams that failed to prove the secret")
+        e2e_context(server_side=True)       # now: a host that cannot make it says so at start
+
+    def open(self, link, stream, info, dial):
+        """Pair (or find the pairing), accept, and start TLS; dial(layer) once the opener
+        has proved the secret."""
+        name = stream.service
+        try:
+            e2e = checked_e2e(OPEN, info)
+            if e2e is None:
+                raise E2ERefused("service %r requires a secret: pass --secret or --secret-file" % name)
+            keys, reply = self.pairings[name].open(e2e, link.loop.time())
+        except (E2ERefused, StreamError) as exc:
+            if isinstance(exc, E2ERefused) and exc.code == "busy":
+                self.busy_log.refused("share: refused a stream to %r: %s" % (name, exc.reason))
+            stream.refuse(getattr(exc, "reason", str(exc)), getattr(exc, "code", None))
+            return
+        stream.keys = keys
+
+        def confirmed(layer):
+            self.pairings[name].confirmed(keys)
+            dial(layer)
+
+        layer = EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
+        stream.connection_made(layer)
+        client_hello, stream.early = stream.early, None
+        stream.accept({"e2e": reply})           # OPEN_OK first: the handshake may fail at once
+        if client_hello and not stream.closed:
+            layer.write(client_hello)
+        link.loop.call_later(OPEN_TIMEOUT, lambda: stream.closed or layer.confirmed or
+                             stream.reset("no proof of the secret within %.0f s" % OPEN_TIMEOUT))
+
+    def failed(self, stream):
+        """A stream that did not prove the secret: counted against new pairings, and said
+        once, then as a count (a guessing attack does not flood the log)."""
+        if stream.failure_counted:
+            return
+        stream.failure_counted = True
+        self.pairings[stream.service].failed(stream.keys, _get_loop().time())
+        self.guess_log.refused("share: %r: a stream failed to prove the secret (from %s)"
+                               % (stream.service, printable(stream.opener)))
 
 
 class Sharer(_Client):
@@ -5349,7 +5386,6 @@ class Sharer(_Client):
         self.streams_by_service = collections.Counter()
         self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
         self.busy_log = RefusalLog("share: streams refused, over a limit")
-        self.guess_log = RefusalLog("share: streams that failed to prove the secret")
         self.services = {}
         for name, target in services.items():
             check_name(name)
@@ -5358,9 +5394,7 @@ class Sharer(_Client):
             self.services[name] = Target(target[0] or "localhost", target[1])
         if not self.services:
             raise MindmeldError("nothing to share: give NAME [HOST:]PORT")
-        self.pairings = {name: AcceptorPairings(secret, name) for name in self.services} if secret else {}
-        if secret:
-            e2e_context(server_side=True)   # now: a host that cannot make it says so at start
+        self.e2e = EndToEndAcceptor(secret, self.services, self.busy_log) if secret else None
         self.owners = OwnerChain()          # proves a reconnect is the same process
         # marks a service with a secret for older routers; random, so that it proves nothing
         # and tells nothing of the secret
@@ -5484,54 +5518,21 @@ class Sharer(_Client):
             stream.refuse(busy, "busy")
         else:
             self._take_slot(stream)
-            if self.secret or "e2e" in info:
+            if self.e2e is not None or "e2e" in info:
                 self._open_end_to_end(link, stream, info, target)
             else:
                 stream.dialling = True          # from now until _dial() ends
                 _spawn(self._dial(link, stream, target), self.tasks)
 
     def _open_end_to_end(self, link, stream, info, target):
-        """Pair (or find the pairing), accept, and start TLS; the target is dialled once the
-        opener has proved the secret (EndToEndLayer calls back)."""
-        name = stream.service
-        try:
-            e2e = checked_e2e(OPEN, info)
-            if not self.secret:
-                raise E2ERefused("service %r has no secret, so its streams cannot be encrypted end to "
-                                 "end: drop --secret, or share it with --secret" % name)
-            if e2e is None:
-                raise E2ERefused("service %r requires a secret: pass --secret or --secret-file" % name)
-            keys, reply = self.pairings[name].open(e2e, link.loop.time())
-        except (E2ERefused, StreamError) as exc:
-            if isinstance(exc, E2ERefused) and exc.code == "busy":
-                self.busy_log.refused("share: refused a stream to %r: %s" % (name, exc.reason))
-            stream.refuse(getattr(exc, "reason", str(exc)), getattr(exc, "code", None))
-            return
-        stream.keys = keys
-
-        def confirmed(layer):
-            self.pairings[name].confirmed(keys)
+        def dial(layer):
             stream.dialling = True
             _spawn(self._dial(link, stream, target, layer), self.tasks)
-
-        layer = EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
-        stream.connection_made(layer)
-        client_hello, stream.early = stream.early, None
-        stream.accept({"e2e": reply})           # OPEN_OK first: the handshake may fail at once
-        if client_hello and not stream.closed:
-            layer.write(client_hello)
-        link.loop.call_later(OPEN_TIMEOUT, lambda: stream.closed or stream.e2e.confirmed or
-                             stream.reset("no proof of the secret within %.0f s" % OPEN_TIMEOUT))
-
-    def secret_failed(self, stream):
-        """A stream that did not prove the secret: counted against new pairings, and said
-        once, then as a count (a guessing attack does not flood the log)."""
-        if stream.failure_counted:
-            return
-        stream.failure_counted = True
-        self.pairings[stream.service].failed(stream.keys, _get_loop().time())
-        self.guess_log.refused("share: %r: a stream failed to prove the secret (from %s)"
-                               % (stream.service, printable(stream.opener)))
+        if self.e2e is None:
+            stream.refuse("service %r has no secret, so its streams cannot be encrypted end to end: "
+                          "drop --secret, or share it with --secret" % stream.service)
+        else:
+            self.e2e.open(link, stream, info, dial)
 
     # -- stream slots: what keeps a flood of OPENs from using up the descriptors ---------
     def _over_limit(self, name, opener):
@@ -5567,7 +5568,8 @@ class Sharer(_Client):
 
     async def stop_accepting(self):
         self.busy_log.close()
-        self.guess_log.close()
+        if self.e2e is not None:
+            self.e2e.guess_log.close()
 
     async def _dial(self, link, stream, target, layer=None):
         host, port = target.host, target.port
