@@ -320,9 +320,14 @@ MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the grant
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
 LONG_LINK_RTT = 0.02                # seconds: a client link this long gets the smaller write buffer
-LONG_LINK_WATER = (128 * 1024, 32 * 1024)   # ... these limits: the pipe is full without it
+LONG_LINK_WATER = (32 * 1024, 8 * 1024)     # ... these limits: the pipe is full without it
+LONG_LINK_NOTSENT_LOWAT = 16 * 1024  # ... and its kernel holds this much unsent (first come,
+                                    # first served: 2.6 ms at 100 Mbit/s)
 LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
                                     # waits in the local sockets, where streams take turns
+ROUTER_LONG_LINK_WATER = (32 * 1024, 8 * 1024)  # router, toward a peer on a long link: the rest
+                                    # waits per stream in the router (WatchedWrites), in turns
+SCHEDULER_QUANTUM = 16 * 1024       # bytes of DATA a stream sends per turn while others wait
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
 PEER_INITIAL_BUDGET = 24 * 1024 * 1024  # router: full initial windows toward one peer, in all ...
 MIN_STREAM_WINDOW = 512             # ... beyond it a new stream starts with this window (it grows)
@@ -1455,6 +1460,8 @@ class Link(BufferedProtocol):
 
     role = "link"
     notsent_lowat = None    # TCP_NOTSENT_LOWAT for the socket, where local streams take turns
+    frame_max = MAX_DATA    # largest DATA frame it writes; on a long link a quantum, so that
+                            # one frame never fills the short write buffer by itself
 
     def __init__(self, keepalive=KEEPALIVE_INTERVAL):
         self.loop = _get_loop()
@@ -1623,6 +1630,9 @@ class Link(BufferedProtocol):
         self.rtt = rtt
         if self.notsent_lowat and not self.closing:
             long_link = rtt >= LONG_LINK_RTT
+            _set_notsent_lowat(self.transport, LONG_LINK_NOTSENT_LOWAT if long_link else
+                               self.notsent_lowat)
+            self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
             self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
                                                    (LINK_HIGH_WATER, LINK_LOW_WATER))
 
@@ -1769,13 +1779,13 @@ class LocalStream(asyncio.Protocol):
     def send_upstream(self, data):
         link, end = self.link, self.end
         n = len(data)
-        if n <= end.credit and n <= MAX_DATA and not link.write_paused:
+        if n <= end.credit and n <= link.frame_max and not link.write_paused:
             end.send_data(n)                # the common case: one read, one frame
             link.send_data(self.id, data)
             return
         view = memoryview(data)
         while view and end.credit and not link.write_paused:
-            n = min(len(view), end.credit, MAX_DATA)
+            n = min(len(view), end.credit, link.frame_max)
             end.send_data(n)
             link.send_data(self.id, view[:n])
             view = view[n:]
@@ -3360,7 +3370,7 @@ class RelayedStream:
     def eof(self, leg, _payload):
         leg.end.receive(EOF)
         other = leg.other
-        other.peer.send(other.end.send(EOF))
+        other.peer.send_after_data(other.end.id, other.end.send(EOF))
         if leg.end.state == CLOSED:
             self.end()
 
@@ -3391,6 +3401,7 @@ class RelayedStream:
     def abort(self, gone, reason):
         """`gone`'s side ended the stream (RESET, or its link or name went): RESET the other."""
         other = gone.other
+        other.peer.discard_queued(other.end.id)
         other.peer.send(other.end.send_reset(reason))
         self.end()
 
@@ -3400,8 +3411,8 @@ class RelayedStream:
         if opener.peer.legs.pop(opener.end.id, None) is None:
             return                              # already ended
         acceptor.peer.legs.pop(acceptor.end.id, None)
-        opener.peer.windows.closed(opener, opener.peer.write_paused)
-        acceptor.peer.windows.closed(acceptor, acceptor.peer.write_paused)
+        for leg in (opener, acceptor):
+            leg.peer.windows.closed(leg, leg.peer.write_paused or leg.end.id in leg.peer.outbox)
         self.router.monitor.relay_ended(self)
         self.registration.streams -= 1
         self.router.relayed -= 1
@@ -3482,24 +3493,136 @@ RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, 
                   (OPEN_REFUSED, "open_refused"))
 
 
+def scheduling_order(queues, sizes):
+    """Whose turn it is, in order: streams with at most a quantum queued (short answers)
+    first, then the others in the queues' own order (each turn sends one to the back)."""
+    short = [stream_id for stream_id in queues if sizes[stream_id] <= SCHEDULER_QUANTUM]
+    if not short:
+        return list(queues)
+    return short + [stream_id for stream_id in queues if sizes[stream_id] > SCHEDULER_QUANTUM]
+
+
 class WatchedWrites:
     """The router's side of writing to one peer: what it may make us queue (its streams'
     windows, PeerWindows, and some control frames) and whether it reads at all.  A mixin
     of RouterPeer, so the data path stays one method call."""
 
+    rtt_probed = False              # pinged once writes first queued up, for the round trip
+
+    # While the transport is paused, DATA waits here, one queue per stream (`outbox`), and
+    # leaves in turns when it resumes: streams with least queued first, then the rest
+    # SCHEDULER_QUANTUM at a time (deficit round-robin with frames cut to the quantum).
+    # So a short answer waits behind at most one quantum of each bulk stream, not behind
+    # the whole backlog.  Control frames skip the queues; a stream's EOF or RESET follows
+    # its own data.
+
+    def empty_outbox(self):
+        self.outbox = collections.OrderedDict()     # stream id -> deque of (is DATA, bytes)
+        self.outbox_sizes = {}          # stream id -> DATA bytes in its queue
+        self.outbox_bytes = 0
+
     def relay_data(self, stream_id, payload):
         if self.closing:
+            return
+        if self.write_paused or self.outbox or len(payload) > self.frame_max:
+            self._enqueue(stream_id, (True, bytes(payload)), len(payload))
+            if self.write_paused:
+                self._check_backlog()
+            else:
+                self.pump()
             return
         _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
         self.written += HEADER_SIZE + len(payload)
         if self.write_paused:
             self._check_backlog()
 
+    def send_after_data(self, stream_id, frame):
+        """A stream's frame that must not pass its queued DATA (EOF)."""
+        if frame and stream_id in self.outbox and not self.closing:
+            self._enqueue(stream_id, (False, frame), 0)
+        else:
+            self.send(frame)
+
+    def discard_queued(self, stream_id):
+        """The stream was reset: what it still had queued here is not worth sending."""
+        queue = self.outbox.pop(stream_id, None)
+        if queue is not None:
+            self.outbox_bytes -= self.outbox_sizes.pop(stream_id)
+
+    def _enqueue(self, stream_id, item, n):
+        queue = self.outbox.get(stream_id)
+        if queue is None:
+            queue = self.outbox[stream_id] = collections.deque()
+            self.outbox_sizes[stream_id] = 0
+        queue.append(item)
+        self.outbox_sizes[stream_id] += n
+        self.outbox_bytes += n
+
+    def pump(self):
+        """Write queued frames in turns until the transport pauses or the queues are empty."""
+        outbox = self.outbox
+        while outbox and not self.write_paused and not self.closing:
+            alone = len(outbox) == 1
+            for stream_id in scheduling_order(outbox, self.outbox_sizes):
+                self._turn(stream_id, self.frame_max if alone else SCHEDULER_QUANTUM)
+                if self.write_paused or self.closing:
+                    break
+
+    def _turn(self, stream_id, quantum):
+        """One stream's turn: up to `quantum` bytes of DATA, and the frames that follow them."""
+        queue = self.outbox[stream_id]
+        sent = 0
+        while queue and sent < quantum:
+            is_data, buf = queue[0]
+            if not is_data:
+                queue.popleft()
+                self.send(buf)
+                continue
+            n = min(len(buf), quantum - sent)
+            if n == len(buf):
+                queue.popleft()
+            else:
+                queue[0] = (True, buf[n:])
+            piece = memoryview(buf)[:n]
+            _write_parts(self.transport, self.sock, HEADER.pack(n, DATA, 0, stream_id), piece)
+            self.written += HEADER_SIZE + n
+            self.outbox_sizes[stream_id] -= n
+            self.outbox_bytes -= n
+            sent += n
+        del self.outbox[stream_id]              # gone, or to the back of the line
+        if queue:
+            self.outbox[stream_id] = queue
+        else:
+            del self.outbox_sizes[stream_id]
+
     def send(self, frame):
         Link.send(self, frame)
         self.written += len(frame)
         if self.write_paused and not self.closing:
             self._check_backlog()
+
+    def close(self, code=None, message=None):
+        """Whatever is queued goes to the transport first, to be flushed with the rest."""
+        if not self.closing:
+            for stream_id in list(self.outbox):
+                self._turn(stream_id, MAX_CREDIT)   # all of it: a queue is at most a window
+        Link.close(self, code, message)
+
+    def rtt_measured(self, rtt):
+        Link.rtt_measured(self, rtt)
+        if rtt >= LONG_LINK_RTT and not self.closing:
+            self.set_long_link(True)
+
+    def set_long_link(self, long_link):
+        """Toward a peer far away, a short queue in the transport and the kernel: the rest
+        waits in the outbox, where streams take turns."""
+        if self.transport is None or self.closing:
+            return
+        self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
+        if long_link:
+            _set_notsent_lowat(self.transport, LONG_LINK_NOTSENT_LOWAT)
+        self.transport.set_write_buffer_limits(*ROUTER_LONG_LINK_WATER if long_link else
+                                               (LINK_HIGH_WATER, LINK_LOW_WATER))
 
     def backlog_limit(self):
         """What a peer may make us queue: the windows toward it (PeerWindows) and some
@@ -3509,7 +3632,7 @@ class WatchedWrites:
     def _check_backlog(self):
         """More than backlog_limit() means it asked for more than it reads (a LIST or PING
         flood, say): drop it."""
-        queued = self.transport.get_write_buffer_size()
+        queued = self.transport.get_write_buffer_size() + self.outbox_bytes
         if queued > self.backlog_limit():
             self.drop_not_reading("%d bytes queued, over its limit of %d" % (queued, self.backlog_limit()))
 
@@ -3520,6 +3643,9 @@ class WatchedWrites:
 
     def pause_writing(self):
         Link.pause_writing(self)
+        if not self.rtt_probed and self.phase == "ready" and not self.closing:
+            self.rtt_probed = True      # a queue forms: is the peer far away?  (rtt_measured)
+            self.ping()
         if self.transport is not None:
             self.stalled_since = (self.loop.time(), self.transport.get_write_buffer_size(), self.written)
             self.router.paused.add(self)
@@ -3527,8 +3653,10 @@ class WatchedWrites:
     def resume_writing(self):
         self.stalled_since = None
         self.router.paused.discard(self)
-        self.windows.ended = 0          # what ended streams left queued has drained
         Link.resume_writing(self)
+        self.pump()
+        if not self.outbox:
+            self.windows.ended = 0      # what ended streams left queued has drained
 
     def check_reading(self, now, timeout):
         """The router's periodic check while writing is paused: has it read anything lately?"""
@@ -3556,6 +3684,7 @@ class RouterPeer(WatchedWrites, Link):
         self.legs = {}                  # stream id on this link -> Leg
         self.windows = PeerWindows(router.windows)     # what its streams may make us hold for it
         self.written = 0                # bytes handed to its transport, for the not-reading check
+        self.empty_outbox()
         self.stalled_since = None       # (time, queued then, written then) while writing is paused
         self.ids = StreamIds(odd=False)  # the router opens even ids here
         self.registrations = []
@@ -3751,6 +3880,7 @@ class RouterPeer(WatchedWrites, Link):
             log.debug("router: %s left during the handshake: %s", self.peer, reason)
         self._handshake_done()
         self.router.peer_lost(self, reason)
+        self.empty_outbox()             # nothing more can be written to it
         for task in list(self.tasks):
             task.cancel()
 
@@ -4277,7 +4407,7 @@ class RouterMonitor:
         for peer in self.connected_peers():
             held[0] += len(peer.frames.data)
             if peer.transport is not None:
-                held[1] += peer.transport.get_write_buffer_size()
+                held[1] += peer.transport.get_write_buffer_size() + peer.outbox_bytes
             budget += peer.frames.maximum + peer.backlog_limit()
         return held, budget
 

@@ -1408,6 +1408,7 @@ class RecordingLink:
     def __init__(self):
         self.budget, self.streams, self.blocked = WindowBudget(), {}, []
         self.write_paused, self.closing, self.rtt = False, False, 0.001
+        self.frame_max = MAX_DATA
         self.upstream, self.arrived, self.frames = b"", asyncio.Event(), []
 
     def send_data(self, _stream_id, payload):
@@ -6874,6 +6875,130 @@ class TestShardedRouters(LoopTestCase):
                 mindmeld._Client(bad, name="web")
 
 
+class OutboxPeer(mindmeld.WatchedWrites):
+    """The router's write path toward one peer, over a transport that only records: it
+    pauses above `high` bytes and drains when the test says (no sockets, no loop)."""
+
+    closing = False
+    sock = None
+    frame_max = MAX_DATA
+
+    def __init__(self, high):
+        self.transport = self
+        self.high, self.written, self.write_paused = high, 0, False
+        self.wire = FrameDecoder()
+        self.frames = []
+        self.buffered = 0
+        self.empty_outbox()
+
+    def backlog_limit(self):
+        return 1 << 40
+
+    # the transport's side
+    def write(self, data):
+        self.frames.extend(self.wire.feed(bytes(data)))
+        self.buffered += len(data)
+        if self.buffered > self.high:
+            self.write_paused = True
+
+    def get_write_buffer_size(self):
+        return self.buffered
+
+    def is_closing(self):
+        return False
+
+    def drain(self):
+        """The kernel took everything: resume, as asyncio does at the low-water mark."""
+        self.buffered = 0
+        self.write_paused = False
+        self.pump()
+
+    def data_frames(self):
+        return [(i, len(p)) for t, _f, i, p in self.frames if t == DATA]
+
+
+class TestScheduler(unittest.TestCase):
+    """The router's per-link scheduler on synthetic queues: who goes first, how big the
+    frames are while others wait, and that a stream's bytes and its EOF stay in order."""
+
+    def test_short_queues_first_then_the_rest_in_turn(self):
+        quantum = mindmeld.SCHEDULER_QUANTUM
+        sizes = collections.OrderedDict([(1, 300000), (3, 100), (5, 200000), (7, quantum), (9, 0)])
+        self.assertEqual(mindmeld.scheduling_order(sizes, sizes), [3, 7, 9, 1, 5])
+        bulk = collections.OrderedDict([(5, 10 * quantum), (1, 20 * quantum)])
+        self.assertEqual(mindmeld.scheduling_order(bulk, bulk), [5, 1])   # their order, not size
+
+    def test_a_short_answer_overtakes_queued_bulk_and_bulk_takes_turns(self):
+        peer = OutboxPeer(high=32 * 1024)
+        first = os.urandom(MAX_DATA)
+        peer.relay_data(1, first)                   # straight out: nothing waits
+        self.assertTrue(peer.write_paused)
+        peer.relay_data(1, os.urandom(MAX_DATA))
+        peer.relay_data(3, os.urandom(MAX_DATA))
+        peer.relay_data(5, b"keystroke")
+        peer.send_after_data(1, encode_frame(EOF, 1))
+        self.assertEqual(peer.outbox_bytes, 2 * MAX_DATA + 9)
+        peer.frames = []
+        peer.drain()
+        self.assertEqual(peer.data_frames()[0], (5, 9))     # the answer first
+        for _ in range(100):
+            if not peer.outbox:
+                break
+            peer.drain()
+        frames = peer.data_frames()
+        self.assertTrue(all(n <= mindmeld.SCHEDULER_QUANTUM for _i, n in frames), frames)
+        streams = [i for i, _n in frames[1:]]
+        self.assertEqual(streams[:6], [1, 3, 1, 3, 1, 3])   # turns, one quantum each
+        self.assertEqual(sum(n for i, n in frames if i == 1), MAX_DATA)
+        self.assertEqual(sum(n for i, n in frames if i == 3), MAX_DATA)
+        kinds = [(t, i) for t, _f, i, _p in peer.frames if i == 1]
+        self.assertEqual(kinds[-1], (EOF, 1))               # after all of its data
+        self.assertEqual(peer.outbox_bytes, 0)
+
+    def test_bytes_arrive_whole_and_in_order(self):
+        peer = OutboxPeer(high=16 * 1024)
+        sent = {1: [], 3: []}
+        peer.write_paused = True
+        for k in range(20):
+            for stream_id in (1, 3):
+                chunk = os.urandom(1000 + 7919 * k % 50000)
+                sent[stream_id].append(chunk)
+                peer.relay_data(stream_id, chunk)
+        for _ in range(1000):
+            peer.drain()
+            if not peer.outbox:
+                break
+        for stream_id in (1, 3):
+            got = b"".join(bytes(p) for t, _f, i, p in peer.frames if t == DATA and i == stream_id)
+            self.assertEqual(got, b"".join(sent[stream_id]))
+
+    def test_one_stream_alone_sends_whole_frames_unless_the_link_is_long(self):
+        peer = OutboxPeer(high=32 * 1024)
+        peer.write_paused = True
+        peer.relay_data(1, os.urandom(MAX_DATA))
+        peer.drain()
+        self.assertEqual(peer.data_frames(), [(1, MAX_DATA)])
+        peer = OutboxPeer(high=32 * 1024)
+        peer.frame_max = mindmeld.SCHEDULER_QUANTUM   # what a long link sets
+        peer.relay_data(1, os.urandom(MAX_DATA))      # cut even with nothing queued before
+        for _ in range(100):
+            if not peer.outbox:
+                break
+            peer.drain()
+        self.assertEqual(peer.data_frames(),
+                         [(1, mindmeld.SCHEDULER_QUANTUM)] * (MAX_DATA // mindmeld.SCHEDULER_QUANTUM))
+
+    def test_a_reset_stream_drops_what_it_had_queued(self):
+        peer = OutboxPeer(high=1024)
+        peer.write_paused = True
+        peer.relay_data(1, os.urandom(5000))
+        peer.relay_data(3, os.urandom(7000))
+        peer.discard_queued(1)
+        self.assertEqual(peer.outbox_bytes, 7000)
+        peer.drain()
+        self.assertEqual(peer.data_frames(), [(3, 7000)])
+
+
 class TestRealLinks(LoopTestCase):
     """Fast where users are: a client's link socket keeps little unsent, so the queue stays
     where streams take turns, and bench --wan's emulated link delays and paces as asked.
@@ -6898,10 +7023,10 @@ class TestRealLinks(LoopTestCase):
             link.rtt_measured(mindmeld.LONG_LINK_RTT / 10)
             self.assertEqual(link.transport.get_write_buffer_limits()[::-1],
                              (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
-            for peer in self.router.peers:          # the router's links are left as they were
+            for peer in self.router.peers:          # the router's queue is its streams' outbox
                 peer.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
                 self.assertEqual(peer.transport.get_write_buffer_limits()[::-1],
-                                 (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
+                                 mindmeld.ROUTER_LONG_LINK_WATER)
         self.run_async(main())
 
     def test_emulated_link_delays_and_paces(self):
