@@ -322,7 +322,9 @@ LINK_LOW_WATER = 128 * 1024
 LONG_LINK_RTT = 0.02                # seconds: a client link this long gets the smaller write buffer
 LONG_LINK_WATER = (32 * 1024, 8 * 1024)     # ... these limits: the pipe is full without it
 LONG_LINK_NOTSENT_LOWAT = 16 * 1024  # ... and its kernel holds this much unsent (first come,
-                                    # first served: 2.6 ms at 100 Mbit/s)
+                                    # first served: 1.3 ms at 100 Mbit/s) while streams share it;
+                                    # LINK_NOTSENT_LOWAT while one has it to itself (TCP under loss
+                                    # keeps its window open only with data waiting)
 LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
                                     # waits in the local sockets, where streams take turns
 ROUTER_LONG_LINK_WATER = (32 * 1024, 8 * 1024)  # router, toward a peer on a long link: the rest
@@ -380,6 +382,8 @@ RTT_MIN = 0.0001                    # a measured round trip is at least this (lo
 RTT_MAX = 60.0                      # a PONG claiming a longer round trip is nonsense, ignored
 WINDOW_GROWTH_FLOOR = 0.002         # windows grow when updated within max(4 RTT, this): loopback
                                     # RTTs are microseconds, shorter than one busy loop turn
+WINDOW_RATE_MEMORY = 0.75           # the best delivery rate seen is kept, times this per update:
+                                    # one slow update (a retransmission) does not stop growth
 
 HTTP_HEAD_MAX = 16 * 1024           # bytes: the most of an HTTP head read (a request to the router,
                                     # the answer to an upgrade or a CONNECT); longer is not our HTTP
@@ -805,9 +809,21 @@ class ReceiveWindow:
 
     `size` is what the sender may have in flight.  Credit goes back only for
     bytes the application really took (`delivered`), in batches of half a
-    window; when whole windows are consumed faster than about two round trips,
-    the window doubles (up to MAX_WINDOW, within the link's budget)."""
-    __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget")
+    window.  The window grows (up to MAX_WINDOW, within the link's budget) when
+    the window is what limits the sender:
+
+    - rate: half a window at the best recent delivery rate takes at most 4 round
+      trips.  So it grows toward a few times the bandwidth-delay product it
+      measures and stops there.  The best rate decays slowly, so one slow batch
+      (a retransmission) does not stop growth.
+    - starving: the sender stopped exactly at a limit we had granted, with
+      everything before it handed on, and sent nothing for a quarter round trip.
+      Under loss, credit takes many round trips to come back, and this is the
+      sign that the window is what holds the sender back.
+
+    A reader that does not keep up never grows it: its credit goes back late."""
+    __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget",
+                 "best_rate", "taken", "returned", "limits", "last_arrival", "starved")
 
     def __init__(self, budget=None, size=INITIAL_WINDOW):
         self.size = self.initial = size
@@ -815,12 +831,24 @@ class ReceiveWindow:
         self.unreturned = 0        # delivered but not yet credited back
         self.last_update = 0.0
         self.budget = budget
+        self.best_rate = 0.0       # bytes/s: the best batch lately, decaying
+        self.taken = 0             # bytes received in all
+        self.returned = 0          # bytes delivered and credited back, in all
+        self.limits = (size,)      # the last limits (taken + available) we granted
+        self.last_arrival = 0.0
+        self.starved = False       # the sender waited on credit since the last batch
 
-    def received(self, n):
+    def received(self, n, now=None, rtt=0.0):
         if n > self.available:
             raise ProtocolError("peer sent %d bytes with only %d bytes of window left"
                                 % (n, self.available), "flow-control")
         self.available -= n
+        if now is not None:
+            if self.taken in self.limits and now - self.last_arrival >= rtt / 4 \
+                    and self.taken == self.returned + self.unreturned:
+                self.starved = True
+            self.last_arrival = now
+        self.taken += n
 
     def delivered(self, n, now, rtt):
         """n more bytes were handed on; returns the credit to send back (0: none yet)."""
@@ -828,15 +856,33 @@ class ReceiveWindow:
         if self.unreturned < self.size // 2:
             return 0
         increment = self.unreturned
-        if (self.size < MAX_WINDOW and self.budget is not None
-                and now - self.last_update < max(4 * rtt, WINDOW_GROWTH_FLOOR)
-                and self.budget.take(self.size)):
-            increment += self.size
-            self.size *= 2
+        self.returned += increment
+        if self.budget is not None:
+            size = self.wanted_size(now, rtt)
+            while size > self.size and not self.budget.take(size - self.size):
+                size //= 2                  # what the link's budget still allows
+            if size > self.size:
+                increment += size - self.size
+                self.size = size
         self.last_update = now
         self.unreturned = 0
         self.available += increment
+        self.limits = self.limits[-3:] + (self.taken + self.available,)
         return increment
+
+    def wanted_size(self, now, rtt):
+        """Half a window was just delivered: the size it should have now, up to 8 times
+        this one (and MAX_WINDOW)."""
+        rate = self.unreturned / max(now - self.last_update, 1e-9)
+        self.best_rate = max(rate, self.best_rate * WINDOW_RATE_MEMORY)
+        reach = self.best_rate * max(4 * rtt, WINDOW_GROWTH_FLOOR)   # bytes per 4 round trips
+        size = self.size * 2 if self.starved else self.size
+        self.starved = False
+        for _ in range(3):
+            if size >= MAX_WINDOW or reach <= size // 2:
+                break
+            size *= 2
+        return min(size, MAX_WINDOW)
 
     def release(self):
         """The stream is gone: give its growth back to the link's budget."""
@@ -896,10 +942,10 @@ class StreamEnd:
         """A control frame arrived (OPEN_OK, OPEN_REFUSED, EOF); the new state."""
         return self._fire(RECV, ftype)
 
-    def recv_data(self, n):
+    def recv_data(self, n, now=None, rtt=0.0):
         if self.state not in CAN_RECV_DATA:
             raise ProtocolError("DATA on stream %d in state %s" % (self.id, self.state))
-        self.window.received(n)
+        self.window.received(n, now, rtt)
 
     def recv_window(self, payload):
         """A WINDOW frame: the credit it adds (checked: 4 bytes, non-zero, no overflow)."""
@@ -1462,6 +1508,8 @@ class Link(BufferedProtocol):
     notsent_lowat = None    # TCP_NOTSENT_LOWAT for the socket, where local streams take turns
     frame_max = MAX_DATA    # largest DATA frame it writes; on a long link a quantum, so that
                             # one frame never fills the short write buffer by itself
+    long_link = False       # round trip of LONG_LINK_RTT or more: short queues (rtt_measured)
+    lowat = None            # the TCP_NOTSENT_LOWAT set now on a long link
 
     def __init__(self, keepalive=KEEPALIVE_INTERVAL):
         self.loop = _get_loop()
@@ -1629,12 +1677,27 @@ class Link(BufferedProtocol):
         beyond that only delays other streams' data, so the write buffer is smaller."""
         self.rtt = rtt
         if self.notsent_lowat and not self.closing:
-            long_link = rtt >= LONG_LINK_RTT
-            _set_notsent_lowat(self.transport, LONG_LINK_NOTSENT_LOWAT if long_link else
-                               self.notsent_lowat)
+            long_link = self.long_link = rtt >= LONG_LINK_RTT
+            self.lowat = None
+            if long_link:
+                self.sharing_changed()
+            else:
+                _set_notsent_lowat(self.transport, self.notsent_lowat)
             self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
             self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
                                                    (LINK_HIGH_WATER, LINK_LOW_WATER))
+
+    def stream_count(self):
+        return len(self.streams)
+
+    def sharing_changed(self):
+        """A stream came or went.  On a long link the kernel holds little unsent while
+        streams share it, so that they take turns here; more while one has it to itself."""
+        if self.long_link and not self.closing and self.transport is not None:
+            limit = LONG_LINK_NOTSENT_LOWAT if self.stream_count() > 1 else LINK_NOTSENT_LOWAT
+            if limit != self.lowat:
+                self.lowat = limit
+                _set_notsent_lowat(self.transport, limit)
 
     # -- closing ------------------------------------------------------------
     def close(self, code=None, message=None):
@@ -1701,6 +1764,7 @@ class LocalStream(asyncio.Protocol):
         self.link, self.id = link, stream_id
         self.end = StreamEnd(stream_id, state, ReceiveWindow(link.budget))
         link.streams[stream_id] = self
+        link.sharing_changed()
 
     def detach(self):
         """Back to unattached, for another OPEN later (never after data flowed)."""
@@ -1818,7 +1882,8 @@ class LocalStream(asyncio.Protocol):
     # -- link -> local (called by ClientLink) -------------------------------
     def on_data(self, payload):
         n = len(payload)
-        self.end.recv_data(n)
+        link = self.link
+        self.end.recv_data(n, link.loop.time(), link.rtt)
         _write_parts(self.transport, self.sock, b"", payload)
         if self.write_paused:
             self.undelivered += n
@@ -3240,6 +3305,7 @@ class Leg:
         self.unacked = 0                # bytes sent to the peer that no WINDOW has returned yet
         peer.legs[end.id] = self
         peer.windows.opened(self)
+        peer.sharing_changed()
 
 
 class WindowLedger:
@@ -3417,6 +3483,7 @@ class RelayedStream:
         self.registration.streams -= 1
         self.router.relayed -= 1
         for peer in (opener.peer, acceptor.peer):
+            peer.sharing_changed()
             if peer.draining and not peer.legs:
                 peer.close()
         self.router.stream_ended()
@@ -3509,12 +3576,13 @@ class WatchedWrites:
 
     rtt_probed = False              # pinged once writes first queued up, for the round trip
 
-    # While the transport is paused, DATA waits here, one queue per stream (`outbox`), and
-    # leaves in turns when it resumes: streams with least queued first, then the rest
-    # SCHEDULER_QUANTUM at a time (deficit round-robin with frames cut to the quantum).
-    # So a short answer waits behind at most one quantum of each bulk stream, not behind
-    # the whole backlog.  Control frames skip the queues; a stream's EOF or RESET follows
-    # its own data.
+    # Toward a peer on a long link (short links write at once, as the queue there is short):
+    # while the transport is paused, DATA waits here, one queue per stream (`outbox`), and
+    # leaves in turns when it resumes: streams with little queued first, then the rest one
+    # frame_max at a time (deficit round-robin with frames cut to the quantum: 16 KiB on a
+    # long link).  So a short answer waits behind at most one quantum of each bulk stream,
+    # not behind the whole backlog.  Control frames skip the queues; a stream's EOF
+    # follows its own data, and a RESET drops what its stream had queued.
 
     def empty_outbox(self):
         self.outbox = collections.OrderedDict()     # stream id -> deque of (is DATA, bytes)
@@ -3524,7 +3592,7 @@ class WatchedWrites:
     def relay_data(self, stream_id, payload):
         if self.closing:
             return
-        if self.write_paused or self.outbox or len(payload) > self.frame_max:
+        if self.long_link and (self.write_paused or self.outbox or len(payload) > self.frame_max):
             self._enqueue(stream_id, (True, bytes(payload)), len(payload))
             if self.write_paused:
                 self._check_backlog()
@@ -3562,9 +3630,8 @@ class WatchedWrites:
         """Write queued frames in turns until the transport pauses or the queues are empty."""
         outbox = self.outbox
         while outbox and not self.write_paused and not self.closing:
-            alone = len(outbox) == 1
             for stream_id in scheduling_order(outbox, self.outbox_sizes):
-                self._turn(stream_id, self.frame_max if alone else SCHEDULER_QUANTUM)
+                self._turn(stream_id, self.frame_max)
                 if self.write_paused or self.closing:
                     break
 
@@ -3613,14 +3680,17 @@ class WatchedWrites:
         if rtt >= LONG_LINK_RTT and not self.closing:
             self.set_long_link(True)
 
+    def stream_count(self):
+        return len(self.legs)
+
     def set_long_link(self, long_link):
         """Toward a peer far away, a short queue in the transport and the kernel: the rest
         waits in the outbox, where streams take turns."""
         if self.transport is None or self.closing:
             return
         self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
-        if long_link:
-            _set_notsent_lowat(self.transport, LONG_LINK_NOTSENT_LOWAT)
+        self.long_link = long_link
+        self.sharing_changed()
         self.transport.set_write_buffer_limits(*ROUTER_LONG_LINK_WATER if long_link else
                                                (LINK_HIGH_WATER, LINK_LOW_WATER))
 
@@ -4849,6 +4919,7 @@ class ClientLink(Link):
             del self.streams[stream.id]
         self.client.stream_ended(stream)
         self.client.streams_changed()
+        self.sharing_changed()
 
     def on_lost(self, reason):
         if not self.ready.done() and self.client.tls is None and "closed" in reason:

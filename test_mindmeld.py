@@ -28,6 +28,7 @@ import collections
 import datetime
 import gc
 import hashlib
+import heapq
 import hmac
 import itertools
 import json
@@ -930,7 +931,7 @@ class TestCore(unittest.TestCase):
             sizes.append(window.size)
             now += 0.001                             # far faster than 4 round trips
         self.assertEqual(sizes[0], INITIAL_WINDOW)   # the first update has no predecessor
-        self.assertEqual(sizes[1], 2 * INITIAL_WINDOW)
+        self.assertEqual(sizes[1], 8 * INITIAL_WINDOW)   # up to three doublings at once
         self.assertEqual(sizes[-1], MAX_WINDOW)
         self.assertEqual(max(sizes), MAX_WINDOW)
         self.assertEqual(budget.available, 10 * MAX_WINDOW - (MAX_WINDOW - INITIAL_WINDOW))
@@ -971,6 +972,71 @@ class TestCore(unittest.TestCase):
             second.delivered(half, now, 0.01)
             now += 0.001
         self.assertGreater(second.size, INITIAL_WINDOW)
+
+    def credit_loop(self, window, seconds, spread, credit_delay, reader_rate=None,
+                    link_rtt=0.05, frame=16384):
+        """A sender that sends all the credit it has, the frames arriving over `spread` s
+        (the path, retransmissions included), and then waits for more; credit comes back
+        `credit_delay` s after it was granted.  The receiver hands frames on at once, or
+        at `reader_rate` bytes/s.  Events in time order; returns the window's sizes."""
+        events, seq, sizes = [], itertools.count(), []
+        heapq.heappush(events, (100.0, next(seq), "credit", window.available))
+        reader_free = 0.0
+        for _ in range(200000):
+            if not events or events[0][0] > 100.0 + seconds:
+                break
+            now, _, kind, n = heapq.heappop(events)
+            if kind == "credit":
+                frames = -(-n // frame)
+                for i in range(frames):
+                    size = min(frame, n - i * frame)
+                    heapq.heappush(events, (now + link_rtt + spread * i / frames, next(seq), "data", size))
+            elif kind == "data":
+                window.received(n, now, link_rtt)
+                if reader_rate is None:
+                    heapq.heappush(events, (now, next(seq), "taken", n))
+                else:
+                    reader_free = max(now, reader_free) + n / reader_rate
+                    heapq.heappush(events, (reader_free, next(seq), "taken", n))
+            else:
+                credit = window.delivered(n, now, link_rtt)
+                if credit:
+                    sizes.append(window.size)
+                    heapq.heappush(events, (now + credit_delay, next(seq), "credit", credit))
+        return sizes
+
+    def test_window_grows_under_loss_when_the_sender_waits_on_credit(self):
+        """1 % loss on a 100 ms path: retransmissions spread each window's frames over
+        450 ms and hold credit back 500 ms, so no batch of credit looks fast next to 4 link
+        round trips (200 ms).  The sender stopping exactly at the limit it was given, with
+        nothing held back here, shows the window is what holds it: it grows to MAX_WINDOW."""
+        budget = WindowBudget()
+        window = ReceiveWindow(budget)
+        sizes = self.credit_loop(window, 20.0, spread=0.45, credit_delay=0.5)
+        self.assertEqual(sizes[0], INITIAL_WINDOW)
+        self.assertEqual(sizes[-1], MAX_WINDOW)
+        self.assertEqual(budget.available, mindmeld.PEER_WINDOW_BUDGET - (MAX_WINDOW - INITIAL_WINDOW))
+
+    def test_a_reader_that_does_not_keep_up_never_grows_the_window(self):
+        """The same sender and path, and a reader that takes 200 KB/s: it always holds
+        data when more comes, so the window is not what holds the sender back."""
+        window = ReceiveWindow(WindowBudget())
+        sizes = self.credit_loop(window, 20.0, spread=0.45, credit_delay=0.5, reader_rate=200000)
+        self.assertGreater(len(sizes), 10)
+        self.assertEqual(set(sizes), {INITIAL_WINDOW})
+
+    def test_window_grows_toward_the_rate_it_measures_and_no_further(self):
+        """A sender that the network holds to 1 MB/s on a 100 ms path (two 50 ms links),
+        never waiting on credit: the window settles at a few times the 100 KB the path
+        holds, and stays there."""
+        window = ReceiveWindow(WindowBudget())
+        now, link_rtt = 100.0, 0.05
+        for _ in range(4000):                       # 4 s at 1 MB/s, in 1000-byte frames
+            now += 0.001
+            window.received(1000, now, link_rtt)
+            window.delivered(1000, now, link_rtt)
+        self.assertEqual(window.size, 2 * INITIAL_WINDOW)   # 1 MB/s x 4 round trips > 256 KiB
+        self.assertFalse(window.starved)
 
     def test_window_without_budget_never_grows(self):
         window = ReceiveWindow(None)
@@ -1422,6 +1488,9 @@ class RecordingLink:
         self.frames.append(encode_json(ftype, stream_id, obj))
 
     def stream_closed(self, _stream):
+        pass
+
+    def sharing_changed(self):
         pass
 
 
@@ -6882,6 +6951,7 @@ class OutboxPeer(mindmeld.WatchedWrites):
     closing = False
     sock = None
     frame_max = MAX_DATA
+    long_link = True
 
     def __init__(self, high):
         self.transport = self
@@ -6930,9 +7000,8 @@ class TestScheduler(unittest.TestCase):
 
     def test_a_short_answer_overtakes_queued_bulk_and_bulk_takes_turns(self):
         peer = OutboxPeer(high=32 * 1024)
-        first = os.urandom(MAX_DATA)
-        peer.relay_data(1, first)                   # straight out: nothing waits
-        self.assertTrue(peer.write_paused)
+        peer.frame_max = mindmeld.SCHEDULER_QUANTUM   # a long link
+        peer.write_paused = True                    # the link is busy
         peer.relay_data(1, os.urandom(MAX_DATA))
         peer.relay_data(3, os.urandom(MAX_DATA))
         peer.relay_data(5, b"keystroke")
@@ -7027,6 +7096,25 @@ class TestRealLinks(LoopTestCase):
                 peer.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
                 self.assertEqual(peer.transport.get_write_buffer_limits()[::-1],
                                  mindmeld.ROUTER_LONG_LINK_WATER)
+        self.run_async(main())
+
+    @unittest.skipIf(mindmeld.TCP_NOTSENT_LOWAT is None, "no TCP_NOTSENT_LOWAT on this platform")
+    def test_a_long_link_holds_little_unsent_only_while_streams_share_it(self):
+        async def main():
+            await self.tunnel(echo_handler)
+            link = self.forwarder.link
+            sock = link.transport.get_extra_info("socket")
+
+            def unsent():
+                return sock.getsockopt(socket.IPPROTO_TCP, mindmeld.TCP_NOTSENT_LOWAT)
+            link.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
+            self.assertEqual(unsent(), mindmeld.LINK_NOTSENT_LOWAT)        # no stream yet
+            link.streams.update({1001: None, 1003: None})                  # two share it
+            link.sharing_changed()
+            self.assertEqual(unsent(), mindmeld.LONG_LINK_NOTSENT_LOWAT)
+            del link.streams[1001], link.streams[1003]
+            link.sharing_changed()
+            self.assertEqual(unsent(), mindmeld.LINK_NOTSENT_LOWAT)
         self.run_async(main())
 
     def test_emulated_link_delays_and_paces(self):
