@@ -320,9 +320,16 @@ MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the grant
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
 LONG_LINK_RTT = 0.02                # seconds: a client link this long gets the smaller write buffer
-LONG_LINK_WATER = (128 * 1024, 32 * 1024)   # ... these limits: the pipe is full without it
+LONG_LINK_WATER = (32 * 1024, 8 * 1024)     # ... these limits: the pipe is full without it
+LONG_LINK_NOTSENT_LOWAT = 16 * 1024  # ... and its kernel holds this much unsent (first come,
+                                    # first served: 1.3 ms at 100 Mbit/s) while streams share it;
+                                    # LINK_NOTSENT_LOWAT while one has it to itself (TCP under loss
+                                    # keeps its window open only with data waiting)
 LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
                                     # waits in the local sockets, where streams take turns
+ROUTER_LONG_LINK_WATER = (32 * 1024, 8 * 1024)  # router, toward a peer on a long link: the rest
+                                    # waits per stream in the router (WatchedWrites), in turns
+SCHEDULER_QUANTUM = 16 * 1024       # bytes of DATA a stream sends per turn while others wait
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
 PEER_INITIAL_BUDGET = 24 * 1024 * 1024  # router: full initial windows toward one peer, in all ...
 MIN_STREAM_WINDOW = 512             # ... beyond it a new stream starts with this window (it grows)
@@ -374,6 +381,8 @@ RTT_MIN = 0.0001                    # a measured round trip is at least this (lo
 RTT_MAX = 60.0                      # a PONG claiming a longer round trip is nonsense, ignored
 WINDOW_GROWTH_FLOOR = 0.002         # windows grow when updated within max(4 RTT, this): loopback
                                     # RTTs are microseconds, shorter than one busy loop turn
+WINDOW_RATE_MEMORY = 0.75           # the best delivery rate seen is kept, times this per update:
+                                    # one slow update (a retransmission) does not stop growth
 
 HTTP_HEAD_MAX = 16 * 1024           # bytes: the most of an HTTP head read (a request to the router,
                                     # the answer to an upgrade or a CONNECT); longer is not our HTTP
@@ -799,9 +808,21 @@ class ReceiveWindow:
 
     `size` is what the sender may have in flight.  Credit goes back only for
     bytes the application really took (`delivered`), in batches of half a
-    window; when whole windows are consumed faster than about two round trips,
-    the window doubles (up to MAX_WINDOW, within the link's budget)."""
-    __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget")
+    window.  The window grows (up to MAX_WINDOW, within the link's budget) when
+    the window is what limits the sender:
+
+    - rate: half a window at the best recent delivery rate takes at most 4 round
+      trips.  So it grows toward a few times the bandwidth-delay product it
+      measures and stops there.  The best rate decays slowly, so one slow batch
+      (a retransmission) does not stop growth.
+    - starving: the sender stopped exactly at a limit we had granted, with
+      everything before it handed on, and sent nothing for a quarter round trip.
+      Under loss, credit takes many round trips to come back, and this is the
+      sign that the window is what holds the sender back.
+
+    A reader that does not keep up never grows it: its credit goes back late."""
+    __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget",
+                 "best_rate", "taken", "returned", "limits", "last_arrival", "starved")
 
     def __init__(self, budget=None, size=INITIAL_WINDOW):
         self.size = self.initial = size
@@ -809,12 +830,24 @@ class ReceiveWindow:
         self.unreturned = 0        # delivered but not yet credited back
         self.last_update = 0.0
         self.budget = budget
+        self.best_rate = 0.0       # bytes/s: the best batch lately, decaying
+        self.taken = 0             # bytes received in all
+        self.returned = 0          # bytes delivered and credited back, in all
+        self.limits = (size,)      # the last limits (taken + available) we granted
+        self.last_arrival = 0.0
+        self.starved = False       # the sender waited on credit since the last batch
 
-    def received(self, n):
+    def received(self, n, now=None, rtt=0.0):
         if n > self.available:
             raise ProtocolError("peer sent %d bytes with only %d bytes of window left"
                                 % (n, self.available), "flow-control")
         self.available -= n
+        if now is not None:
+            if self.taken in self.limits and now - self.last_arrival >= rtt / 4 \
+                    and self.taken == self.returned + self.unreturned:
+                self.starved = True
+            self.last_arrival = now
+        self.taken += n
 
     def delivered(self, n, now, rtt):
         """n more bytes were handed on; returns the credit to send back (0: none yet)."""
@@ -822,15 +855,33 @@ class ReceiveWindow:
         if self.unreturned < self.size // 2:
             return 0
         increment = self.unreturned
-        if (self.size < MAX_WINDOW and self.budget is not None
-                and now - self.last_update < max(4 * rtt, WINDOW_GROWTH_FLOOR)
-                and self.budget.take(self.size)):
-            increment += self.size
-            self.size *= 2
+        self.returned += increment
+        if self.budget is not None:
+            size = self.wanted_size(now, rtt)
+            while size > self.size and not self.budget.take(size - self.size):
+                size //= 2                  # what the link's budget still allows
+            if size > self.size:
+                increment += size - self.size
+                self.size = size
         self.last_update = now
         self.unreturned = 0
         self.available += increment
+        self.limits = self.limits[-3:] + (self.taken + self.available,)
         return increment
+
+    def wanted_size(self, now, rtt):
+        """Half a window was just delivered: the size it should have now, up to 8 times
+        this one (and MAX_WINDOW)."""
+        rate = self.unreturned / max(now - self.last_update, 1e-9)
+        self.best_rate = max(rate, self.best_rate * WINDOW_RATE_MEMORY)
+        reach = self.best_rate * max(4 * rtt, WINDOW_GROWTH_FLOOR)   # bytes per 4 round trips
+        size = self.size * 2 if self.starved else self.size
+        self.starved = False
+        for _ in range(3):
+            if size >= MAX_WINDOW or reach <= size // 2:
+                break
+            size *= 2
+        return min(size, MAX_WINDOW)
 
     def release(self):
         """The stream is gone: give its growth back to the link's budget."""
@@ -890,10 +941,10 @@ class StreamEnd:
         """A control frame arrived (OPEN_OK, OPEN_REFUSED, EOF); the new state."""
         return self._fire(RECV, ftype)
 
-    def recv_data(self, n):
+    def recv_data(self, n, now=None, rtt=0.0):
         if self.state not in CAN_RECV_DATA:
             raise ProtocolError("DATA on stream %d in state %s" % (self.id, self.state))
-        self.window.received(n)
+        self.window.received(n, now, rtt)
 
     def recv_window(self, payload):
         """A WINDOW frame: the credit it adds (checked: 4 bytes, non-zero, no overflow)."""
@@ -1479,6 +1530,10 @@ class Link(BufferedProtocol):
 
     role = "link"
     notsent_lowat = None    # TCP_NOTSENT_LOWAT for the socket, where local streams take turns
+    frame_max = MAX_DATA    # largest DATA frame it writes; on a long link a quantum, so that
+                            # one frame never fills the short write buffer by itself
+    long_link = False       # round trip of LONG_LINK_RTT or more: short queues (rtt_measured)
+    lowat = None            # the TCP_NOTSENT_LOWAT set now on a long link
 
     def __init__(self, keepalive=KEEPALIVE_INTERVAL):
         self.loop = _get_loop()
@@ -1646,9 +1701,27 @@ class Link(BufferedProtocol):
         beyond that only delays other streams' data, so the write buffer is smaller."""
         self.rtt = rtt
         if self.notsent_lowat and not self.closing:
-            long_link = rtt >= LONG_LINK_RTT
+            long_link = self.long_link = rtt >= LONG_LINK_RTT
+            self.lowat = None
+            if long_link:
+                self.sharing_changed()
+            else:
+                _set_notsent_lowat(self.transport, self.notsent_lowat)
+            self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
             self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
                                                    (LINK_HIGH_WATER, LINK_LOW_WATER))
+
+    def stream_count(self):
+        return len(self.streams)
+
+    def sharing_changed(self):
+        """A stream came or went.  On a long link the kernel holds little unsent while
+        streams share it, so that they take turns here; more while one has it to itself."""
+        if self.long_link and not self.closing and self.transport is not None:
+            limit = LONG_LINK_NOTSENT_LOWAT if self.stream_count() > 1 else LINK_NOTSENT_LOWAT
+            if limit != self.lowat:
+                self.lowat = limit
+                _set_notsent_lowat(self.transport, limit)
 
     # -- closing ------------------------------------------------------------
     def close(self, code=None, message=None):
@@ -1715,6 +1788,7 @@ class LocalStream(asyncio.Protocol):
         self.link, self.id = link, stream_id
         self.end = StreamEnd(stream_id, state, ReceiveWindow(link.budget))
         link.streams[stream_id] = self
+        link.sharing_changed()
 
     def detach(self):
         """Back to unattached, for another OPEN later (never after data flowed)."""
@@ -1793,13 +1867,13 @@ class LocalStream(asyncio.Protocol):
     def send_upstream(self, data):
         link, end = self.link, self.end
         n = len(data)
-        if n <= end.credit and n <= MAX_DATA and not link.write_paused:
+        if n <= end.credit and n <= link.frame_max and not link.write_paused:
             end.send_data(n)                # the common case: one read, one frame
             link.send_data(self.id, data)
             return
         view = memoryview(data)
         while view and end.credit and not link.write_paused:
-            n = min(len(view), end.credit, MAX_DATA)
+            n = min(len(view), end.credit, link.frame_max)
             end.send_data(n)
             link.send_data(self.id, view[:n])
             view = view[n:]
@@ -1832,7 +1906,8 @@ class LocalStream(asyncio.Protocol):
     # -- link -> local (called by ClientLink) -------------------------------
     def on_data(self, payload):
         n = len(payload)
-        self.end.recv_data(n)
+        link = self.link
+        self.end.recv_data(n, link.loop.time(), link.rtt)
         _write_parts(self.transport, self.sock, b"", payload)
         if self.write_paused:
             self.undelivered += n
@@ -3260,6 +3335,7 @@ class Leg:
         self.unacked = 0                # bytes sent to the peer that no WINDOW has returned yet
         peer.legs[end.id] = self
         peer.windows.opened(self)
+        peer.sharing_changed()
 
 
 class WindowLedger:
@@ -3390,7 +3466,7 @@ class RelayedStream:
     def eof(self, leg, _payload):
         leg.end.receive(EOF)
         other = leg.other
-        other.peer.send(other.end.send(EOF))
+        other.peer.send_after_data(other.end.id, other.end.send(EOF))
         if leg.end.state == CLOSED:
             self.end()
 
@@ -3421,6 +3497,7 @@ class RelayedStream:
     def abort(self, gone, reason):
         """`gone`'s side ended the stream (RESET, or its link or name went): RESET the other."""
         other = gone.other
+        other.peer.discard_queued(other.end.id)
         other.peer.send(other.end.send_reset(reason))
         self.end()
 
@@ -3430,12 +3507,13 @@ class RelayedStream:
         if opener.peer.legs.pop(opener.end.id, None) is None:
             return                              # already ended
         acceptor.peer.legs.pop(acceptor.end.id, None)
-        opener.peer.windows.closed(opener, opener.peer.write_paused)
-        acceptor.peer.windows.closed(acceptor, acceptor.peer.write_paused)
+        for leg in (opener, acceptor):
+            leg.peer.windows.closed(leg, leg.peer.write_paused or leg.end.id in leg.peer.outbox)
         self.router.monitor.relay_ended(self)
         self.registration.streams -= 1
         self.router.relayed -= 1
         for peer in (opener.peer, acceptor.peer):
+            peer.sharing_changed()
             if peer.draining and not peer.legs:
                 peer.close()
         self.router.stream_ended()
@@ -3512,24 +3590,139 @@ RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, 
                   (OPEN_REFUSED, "open_refused"))
 
 
+def scheduling_order(queues, sizes):
+    """Whose turn it is, in order: streams with at most a quantum queued (short answers)
+    first, then the others in the queues' own order (each turn sends one to the back)."""
+    short = [stream_id for stream_id in queues if sizes[stream_id] <= SCHEDULER_QUANTUM]
+    if not short:
+        return list(queues)
+    return short + [stream_id for stream_id in queues if sizes[stream_id] > SCHEDULER_QUANTUM]
+
+
 class WatchedWrites:
     """The router's side of writing to one peer: what it may make us queue (its streams'
     windows, PeerWindows, and some control frames) and whether it reads at all.  A mixin
     of RouterPeer, so the data path stays one method call."""
 
+    rtt_probed = False              # pinged once writes first queued up, for the round trip
+
+    # Toward a peer on a long link (short links write at once, as the queue there is short):
+    # while the transport is paused, DATA waits here, one queue per stream (`outbox`), and
+    # leaves in turns when it resumes: streams with little queued first, then the rest one
+    # frame_max at a time (deficit round-robin with frames cut to the quantum: 16 KiB on a
+    # long link).  So a short answer waits behind at most one quantum of each bulk stream,
+    # not behind the whole backlog.  Control frames skip the queues; a stream's EOF
+    # follows its own data, and a RESET drops what its stream had queued.
+
+    def empty_outbox(self):
+        self.outbox = collections.OrderedDict()     # stream id -> deque of (is DATA, bytes)
+        self.outbox_sizes = {}          # stream id -> DATA bytes in its queue
+        self.outbox_bytes = 0
+
     def relay_data(self, stream_id, payload):
         if self.closing:
+            return
+        if self.long_link and (self.write_paused or self.outbox or len(payload) > self.frame_max):
+            self._enqueue(stream_id, (True, bytes(payload)), len(payload))
+            if self.write_paused:
+                self._check_backlog()
+            else:
+                self.pump()
             return
         _write_parts(self.transport, self.sock, HEADER.pack(len(payload), DATA, 0, stream_id), payload)
         self.written += HEADER_SIZE + len(payload)
         if self.write_paused:
             self._check_backlog()
 
+    def send_after_data(self, stream_id, frame):
+        """A stream's frame that must not pass its queued DATA (EOF)."""
+        if frame and stream_id in self.outbox and not self.closing:
+            self._enqueue(stream_id, (False, frame), 0)
+        else:
+            self.send(frame)
+
+    def discard_queued(self, stream_id):
+        """The stream was reset: what it still had queued here is not worth sending."""
+        queue = self.outbox.pop(stream_id, None)
+        if queue is not None:
+            self.outbox_bytes -= self.outbox_sizes.pop(stream_id)
+
+    def _enqueue(self, stream_id, item, n):
+        queue = self.outbox.get(stream_id)
+        if queue is None:
+            queue = self.outbox[stream_id] = collections.deque()
+            self.outbox_sizes[stream_id] = 0
+        queue.append(item)
+        self.outbox_sizes[stream_id] += n
+        self.outbox_bytes += n
+
+    def pump(self):
+        """Write queued frames in turns until the transport pauses or the queues are empty."""
+        outbox = self.outbox
+        while outbox and not self.write_paused and not self.closing:
+            for stream_id in scheduling_order(outbox, self.outbox_sizes):
+                self._turn(stream_id, self.frame_max)
+                if self.write_paused or self.closing:
+                    break
+
+    def _turn(self, stream_id, quantum):
+        """One stream's turn: up to `quantum` bytes of DATA, and the frames that follow them."""
+        queue = self.outbox[stream_id]
+        sent = 0
+        while queue and sent < quantum:
+            is_data, buf = queue[0]
+            if not is_data:
+                queue.popleft()
+                self.send(buf)
+                continue
+            n = min(len(buf), quantum - sent)
+            if n == len(buf):
+                queue.popleft()
+            else:
+                queue[0] = (True, buf[n:])
+            piece = memoryview(buf)[:n]
+            _write_parts(self.transport, self.sock, HEADER.pack(n, DATA, 0, stream_id), piece)
+            self.written += HEADER_SIZE + n
+            self.outbox_sizes[stream_id] -= n
+            self.outbox_bytes -= n
+            sent += n
+        del self.outbox[stream_id]              # gone, or to the back of the line
+        if queue:
+            self.outbox[stream_id] = queue
+        else:
+            del self.outbox_sizes[stream_id]
+
     def send(self, frame):
         Link.send(self, frame)
         self.written += len(frame)
         if self.write_paused and not self.closing:
             self._check_backlog()
+
+    def close(self, code=None, message=None):
+        """Whatever is queued goes to the transport first, to be flushed with the rest."""
+        if not self.closing:
+            for stream_id in list(self.outbox):
+                self._turn(stream_id, MAX_CREDIT)   # all of it: a queue is at most a window
+        Link.close(self, code, message)
+
+    def rtt_measured(self, rtt):
+        Link.rtt_measured(self, rtt)
+        if rtt >= LONG_LINK_RTT and not self.closing:
+            self.set_long_link(True)
+
+    def stream_count(self):
+        return len(self.legs)
+
+    def set_long_link(self, long_link):
+        """Toward a peer far away, a short queue in the transport and the kernel: the rest
+        waits in the outbox, where streams take turns."""
+        if self.transport is None or self.closing:
+            return
+        self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
+        self.long_link = long_link
+        self.sharing_changed()
+        self.transport.set_write_buffer_limits(*ROUTER_LONG_LINK_WATER if long_link else
+                                               (LINK_HIGH_WATER, LINK_LOW_WATER))
 
     def backlog_limit(self):
         """What a peer may make us queue: the windows toward it (PeerWindows) and some
@@ -3539,7 +3732,7 @@ class WatchedWrites:
     def _check_backlog(self):
         """More than backlog_limit() means it asked for more than it reads (a LIST or PING
         flood, say): drop it."""
-        queued = self.transport.get_write_buffer_size()
+        queued = self.transport.get_write_buffer_size() + self.outbox_bytes
         if queued > self.backlog_limit():
             self.drop_not_reading("%d bytes queued, over its limit of %d" % (queued, self.backlog_limit()))
 
@@ -3550,6 +3743,9 @@ class WatchedWrites:
 
     def pause_writing(self):
         Link.pause_writing(self)
+        if not self.rtt_probed and self.phase == "ready" and not self.closing:
+            self.rtt_probed = True      # a queue forms: is the peer far away?  (rtt_measured)
+            self.ping()
         if self.transport is not None:
             self.stalled_since = (self.loop.time(), self.transport.get_write_buffer_size(), self.written)
             self.router.paused.add(self)
@@ -3557,8 +3753,10 @@ class WatchedWrites:
     def resume_writing(self):
         self.stalled_since = None
         self.router.paused.discard(self)
-        self.windows.ended = 0          # what ended streams left queued has drained
         Link.resume_writing(self)
+        self.pump()
+        if not self.outbox:
+            self.windows.ended = 0      # what ended streams left queued has drained
 
     def check_reading(self, now, timeout):
         """The router's periodic check while writing is paused: has it read anything lately?"""
@@ -3586,6 +3784,7 @@ class RouterPeer(WatchedWrites, Link):
         self.legs = {}                  # stream id on this link -> Leg
         self.windows = PeerWindows(router.windows)     # what its streams may make us hold for it
         self.written = 0                # bytes handed to its transport, for the not-reading check
+        self.empty_outbox()
         self.stalled_since = None       # (time, queued then, written then) while writing is paused
         self.ids = StreamIds(odd=False)  # the router opens even ids here
         self.registrations = []
@@ -3784,6 +3983,7 @@ class RouterPeer(WatchedWrites, Link):
             log.debug("router: %s left during the handshake: %s", self.peer, reason)
         self._handshake_done()
         self.router.peer_lost(self, reason)
+        self.empty_outbox()             # nothing more can be written to it
         for task in list(self.tasks):
             task.cancel()
 
@@ -4318,7 +4518,7 @@ class RouterMonitor:
         for peer in self.connected_peers():
             held[0] += len(peer.frames.data)
             if peer.transport is not None:
-                held[1] += peer.transport.get_write_buffer_size()
+                held[1] += peer.transport.get_write_buffer_size() + peer.outbox_bytes
             budget += peer.frames.maximum + peer.backlog_limit()
         return held, budget
 
@@ -4761,6 +4961,7 @@ class ClientLink(Link):
             del self.streams[stream.id]
         self.client.stream_ended(stream)
         self.client.streams_changed()
+        self.sharing_changed()
 
     def on_lost(self, reason):
         if not self.ready.done() and self.client.tls is None and "closed" in reason:

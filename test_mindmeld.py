@@ -28,6 +28,7 @@ import collections
 import datetime
 import gc
 import hashlib
+import heapq
 import hmac
 import itertools
 import json
@@ -945,7 +946,7 @@ class TestCore(unittest.TestCase):
             sizes.append(window.size)
             now += 0.001                             # far faster than 4 round trips
         self.assertEqual(sizes[0], INITIAL_WINDOW)   # the first update has no predecessor
-        self.assertEqual(sizes[1], 2 * INITIAL_WINDOW)
+        self.assertEqual(sizes[1], 8 * INITIAL_WINDOW)   # up to three doublings at once
         self.assertEqual(sizes[-1], MAX_WINDOW)
         self.assertEqual(max(sizes), MAX_WINDOW)
         self.assertEqual(budget.available, 10 * MAX_WINDOW - (MAX_WINDOW - INITIAL_WINDOW))
@@ -986,6 +987,71 @@ class TestCore(unittest.TestCase):
             second.delivered(half, now, 0.01)
             now += 0.001
         self.assertGreater(second.size, INITIAL_WINDOW)
+
+    def credit_loop(self, window, seconds, spread, credit_delay, reader_rate=None,
+                    link_rtt=0.05, frame=16384):
+        """A sender that sends all the credit it has, the frames arriving over `spread` s
+        (the path, retransmissions included), and then waits for more; credit comes back
+        `credit_delay` s after it was granted.  The receiver hands frames on at once, or
+        at `reader_rate` bytes/s.  Events in time order; returns the window's sizes."""
+        events, seq, sizes = [], itertools.count(), []
+        heapq.heappush(events, (100.0, next(seq), "credit", window.available))
+        reader_free = 0.0
+        for _ in range(200000):
+            if not events or events[0][0] > 100.0 + seconds:
+                break
+            now, _, kind, n = heapq.heappop(events)
+            if kind == "credit":
+                frames = -(-n // frame)
+                for i in range(frames):
+                    size = min(frame, n - i * frame)
+                    heapq.heappush(events, (now + link_rtt + spread * i / frames, next(seq), "data", size))
+            elif kind == "data":
+                window.received(n, now, link_rtt)
+                if reader_rate is None:
+                    heapq.heappush(events, (now, next(seq), "taken", n))
+                else:
+                    reader_free = max(now, reader_free) + n / reader_rate
+                    heapq.heappush(events, (reader_free, next(seq), "taken", n))
+            else:
+                credit = window.delivered(n, now, link_rtt)
+                if credit:
+                    sizes.append(window.size)
+                    heapq.heappush(events, (now + credit_delay, next(seq), "credit", credit))
+        return sizes
+
+    def test_window_grows_under_loss_when_the_sender_waits_on_credit(self):
+        """1 % loss on a 100 ms path: retransmissions spread each window's frames over
+        450 ms and hold credit back 500 ms, so no batch of credit looks fast next to 4 link
+        round trips (200 ms).  The sender stopping exactly at the limit it was given, with
+        nothing held back here, shows the window is what holds it: it grows to MAX_WINDOW."""
+        budget = WindowBudget()
+        window = ReceiveWindow(budget)
+        sizes = self.credit_loop(window, 20.0, spread=0.45, credit_delay=0.5)
+        self.assertEqual(sizes[0], INITIAL_WINDOW)
+        self.assertEqual(sizes[-1], MAX_WINDOW)
+        self.assertEqual(budget.available, mindmeld.PEER_WINDOW_BUDGET - (MAX_WINDOW - INITIAL_WINDOW))
+
+    def test_a_reader_that_does_not_keep_up_never_grows_the_window(self):
+        """The same sender and path, and a reader that takes 200 KB/s: it always holds
+        data when more comes, so the window is not what holds the sender back."""
+        window = ReceiveWindow(WindowBudget())
+        sizes = self.credit_loop(window, 20.0, spread=0.45, credit_delay=0.5, reader_rate=200000)
+        self.assertGreater(len(sizes), 10)
+        self.assertEqual(set(sizes), {INITIAL_WINDOW})
+
+    def test_window_grows_toward_the_rate_it_measures_and_no_further(self):
+        """A sender that the network holds to 1 MB/s on a 100 ms path (two 50 ms links),
+        never waiting on credit: the window settles at a few times the 100 KB the path
+        holds, and stays there."""
+        window = ReceiveWindow(WindowBudget())
+        now, link_rtt = 100.0, 0.05
+        for _ in range(4000):                       # 4 s at 1 MB/s, in 1000-byte frames
+            now += 0.001
+            window.received(1000, now, link_rtt)
+            window.delivered(1000, now, link_rtt)
+        self.assertEqual(window.size, 2 * INITIAL_WINDOW)   # 1 MB/s x 4 round trips > 256 KiB
+        self.assertFalse(window.starved)
 
     def test_window_without_budget_never_grows(self):
         window = ReceiveWindow(None)
@@ -1423,6 +1489,7 @@ class RecordingLink:
     def __init__(self):
         self.budget, self.streams, self.blocked = WindowBudget(), {}, []
         self.write_paused, self.closing, self.rtt = False, False, 0.001
+        self.frame_max = MAX_DATA
         self.upstream, self.arrived, self.frames = b"", asyncio.Event(), []
 
     def send_data(self, _stream_id, payload):
@@ -1436,6 +1503,9 @@ class RecordingLink:
         self.frames.append(encode_json(ftype, stream_id, obj))
 
     def stream_closed(self, _stream):
+        pass
+
+    def sharing_changed(self):
         pass
 
 
@@ -6909,6 +6979,130 @@ class TestShardedRouters(LoopTestCase):
                 mindmeld._Client(bad, name="web")
 
 
+class OutboxPeer(mindmeld.WatchedWrites):
+    """The router's write path toward one peer, over a transport that only records: it
+    pauses above `high` bytes and drains when the test says (no sockets, no loop)."""
+
+    closing = False
+    sock = None
+    frame_max = MAX_DATA
+    long_link = True
+
+    def __init__(self, high):
+        self.transport = self
+        self.high, self.written, self.write_paused = high, 0, False
+        self.wire = FrameDecoder()
+        self.frames = []
+        self.buffered = 0
+        self.empty_outbox()
+
+    def backlog_limit(self):
+        return 1 << 40
+
+    # the transport's side
+    def write(self, data):
+        self.frames.extend(self.wire.feed(bytes(data)))
+        self.buffered += len(data)
+        if self.buffered > self.high:
+            self.write_paused = True
+
+    def get_write_buffer_size(self):
+        return self.buffered
+
+    def is_closing(self):
+        return False
+
+    def drain(self):
+        """The kernel took everything: resume, as asyncio does at the low-water mark."""
+        self.buffered = 0
+        self.write_paused = False
+        self.pump()
+
+    def data_frames(self):
+        return [(i, len(p)) for t, _f, i, p in self.frames if t == DATA]
+
+
+class TestScheduler(unittest.TestCase):
+    """The router's per-link scheduler on synthetic queues: who goes first, how big the
+    frames are while others wait, and that a stream's bytes and its EOF stay in order."""
+
+    def test_short_queues_first_then_the_rest_in_turn(self):
+        quantum = mindmeld.SCHEDULER_QUANTUM
+        sizes = collections.OrderedDict([(1, 300000), (3, 100), (5, 200000), (7, quantum), (9, 0)])
+        self.assertEqual(mindmeld.scheduling_order(sizes, sizes), [3, 7, 9, 1, 5])
+        bulk = collections.OrderedDict([(5, 10 * quantum), (1, 20 * quantum)])
+        self.assertEqual(mindmeld.scheduling_order(bulk, bulk), [5, 1])   # their order, not size
+
+    def test_a_short_answer_overtakes_queued_bulk_and_bulk_takes_turns(self):
+        peer = OutboxPeer(high=32 * 1024)
+        peer.frame_max = mindmeld.SCHEDULER_QUANTUM   # a long link
+        peer.write_paused = True                    # the link is busy
+        peer.relay_data(1, os.urandom(MAX_DATA))
+        peer.relay_data(3, os.urandom(MAX_DATA))
+        peer.relay_data(5, b"keystroke")
+        peer.send_after_data(1, encode_frame(EOF, 1))
+        self.assertEqual(peer.outbox_bytes, 2 * MAX_DATA + 9)
+        peer.frames = []
+        peer.drain()
+        self.assertEqual(peer.data_frames()[0], (5, 9))     # the answer first
+        for _ in range(100):
+            if not peer.outbox:
+                break
+            peer.drain()
+        frames = peer.data_frames()
+        self.assertTrue(all(n <= mindmeld.SCHEDULER_QUANTUM for _i, n in frames), frames)
+        streams = [i for i, _n in frames[1:]]
+        self.assertEqual(streams[:6], [1, 3, 1, 3, 1, 3])   # turns, one quantum each
+        self.assertEqual(sum(n for i, n in frames if i == 1), MAX_DATA)
+        self.assertEqual(sum(n for i, n in frames if i == 3), MAX_DATA)
+        kinds = [(t, i) for t, _f, i, _p in peer.frames if i == 1]
+        self.assertEqual(kinds[-1], (EOF, 1))               # after all of its data
+        self.assertEqual(peer.outbox_bytes, 0)
+
+    def test_bytes_arrive_whole_and_in_order(self):
+        peer = OutboxPeer(high=16 * 1024)
+        sent = {1: [], 3: []}
+        peer.write_paused = True
+        for k in range(20):
+            for stream_id in (1, 3):
+                chunk = os.urandom(1000 + 7919 * k % 50000)
+                sent[stream_id].append(chunk)
+                peer.relay_data(stream_id, chunk)
+        for _ in range(1000):
+            peer.drain()
+            if not peer.outbox:
+                break
+        for stream_id in (1, 3):
+            got = b"".join(bytes(p) for t, _f, i, p in peer.frames if t == DATA and i == stream_id)
+            self.assertEqual(got, b"".join(sent[stream_id]))
+
+    def test_one_stream_alone_sends_whole_frames_unless_the_link_is_long(self):
+        peer = OutboxPeer(high=32 * 1024)
+        peer.write_paused = True
+        peer.relay_data(1, os.urandom(MAX_DATA))
+        peer.drain()
+        self.assertEqual(peer.data_frames(), [(1, MAX_DATA)])
+        peer = OutboxPeer(high=32 * 1024)
+        peer.frame_max = mindmeld.SCHEDULER_QUANTUM   # what a long link sets
+        peer.relay_data(1, os.urandom(MAX_DATA))      # cut even with nothing queued before
+        for _ in range(100):
+            if not peer.outbox:
+                break
+            peer.drain()
+        self.assertEqual(peer.data_frames(),
+                         [(1, mindmeld.SCHEDULER_QUANTUM)] * (MAX_DATA // mindmeld.SCHEDULER_QUANTUM))
+
+    def test_a_reset_stream_drops_what_it_had_queued(self):
+        peer = OutboxPeer(high=1024)
+        peer.write_paused = True
+        peer.relay_data(1, os.urandom(5000))
+        peer.relay_data(3, os.urandom(7000))
+        peer.discard_queued(1)
+        self.assertEqual(peer.outbox_bytes, 7000)
+        peer.drain()
+        self.assertEqual(peer.data_frames(), [(3, 7000)])
+
+
 class TestRealLinks(LoopTestCase):
     """Fast where users are: a client's link socket keeps little unsent, so the queue stays
     where streams take turns, and bench --wan's emulated link delays and paces as asked.
@@ -6933,10 +7127,29 @@ class TestRealLinks(LoopTestCase):
             link.rtt_measured(mindmeld.LONG_LINK_RTT / 10)
             self.assertEqual(link.transport.get_write_buffer_limits()[::-1],
                              (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
-            for peer in self.router.peers:          # the router's links are left as they were
+            for peer in self.router.peers:          # the router's queue is its streams' outbox
                 peer.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
                 self.assertEqual(peer.transport.get_write_buffer_limits()[::-1],
-                                 (mindmeld.LINK_HIGH_WATER, mindmeld.LINK_LOW_WATER))
+                                 mindmeld.ROUTER_LONG_LINK_WATER)
+        self.run_async(main())
+
+    @unittest.skipIf(mindmeld.TCP_NOTSENT_LOWAT is None, "no TCP_NOTSENT_LOWAT on this platform")
+    def test_a_long_link_holds_little_unsent_only_while_streams_share_it(self):
+        async def main():
+            await self.tunnel(echo_handler)
+            link = self.forwarder.link
+            sock = link.transport.get_extra_info("socket")
+
+            def unsent():
+                return sock.getsockopt(socket.IPPROTO_TCP, mindmeld.TCP_NOTSENT_LOWAT)
+            link.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
+            self.assertEqual(unsent(), mindmeld.LINK_NOTSENT_LOWAT)        # no stream yet
+            link.streams.update({1001: None, 1003: None})                  # two share it
+            link.sharing_changed()
+            self.assertEqual(unsent(), mindmeld.LONG_LINK_NOTSENT_LOWAT)
+            del link.streams[1001], link.streams[1003]
+            link.sharing_changed()
+            self.assertEqual(unsent(), mindmeld.LINK_NOTSENT_LOWAT)
         self.run_async(main())
 
     def test_emulated_link_delays_and_paces(self):
