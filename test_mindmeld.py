@@ -4450,6 +4450,32 @@ class TestEndToEndCommandLine(SecurityCommandLine, unittest.TestCase):
         self.assertEqual(exchange(self.forward("plain", address)[1], b"plain"), b"plain")  # the control
         self.assertEqual(received, [b"plain"])                     # and only the control got in
 
+    def test_a_squatter_after_a_router_restart(self):
+        """A router restarted while its sharer was away: a stranger with a guessed secret
+        registers the name first.  Forwarders say the sharer could not prove the secret; the
+        rightful sharer says once that its name is held, and gets it back when it is free."""
+        router, address = self.router()
+        target = ThreadedServer(self, tag_handler(b"T"))
+        squatted = ThreadedServer(self, tag_handler(b"S"))
+        env = self.env_with(MINDMELD_SECRET="open sesame")
+        rightful = self.share("vault", target.port, address, env=env)
+        rightful.p.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: rightful.running() and rightful.p.send_signal(signal.SIGCONT))
+        router.p.kill()
+        router.finish()
+        router, _ = self.router(listen=address)             # the same port, an empty registry
+        squatter = self.share("vault", squatted.port, address, env=self.env_with(MINDMELD_SECRET="guess"))
+        rightful.p.send_signal(signal.SIGCONT)
+        rightful.wait_line(r"share: the name 'vault' is held by another sharer at the router; retrying")
+        forward, port = self.forward("vault", address, env=env)
+        self.assertIn(first_byte_or_close(port), ("eof", "reset"))
+        forward.wait_line(r"forward: the sharer of 'vault' could not prove the secret \(a different "
+                          r"secret, or not the real sharer\)$")
+        self.assertEqual(squatted.errors + [c for c in squatted._conns], [])   # it never dialled
+        self.assertEqual(squatter.signal(signal.SIGTERM)[0], 0)
+        rightful.wait_line(r"sharing 'vault' -> ")
+        self.assertEqual(exchange(port, b"mine"), b"Tmine")
+
     def test_forward_says_whether_streams_are_encrypted(self):
         router, address = self.router()
         plain, _port = self.forward("x", address)
