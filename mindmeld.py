@@ -1551,6 +1551,7 @@ class Link(BufferedProtocol):
         self._rx_count = self._rx_seen = self._silent = 0
         self._rx_waiter = None          # a future for "anything arrived" (liveness probes)
         self._keepalive_timer = None
+        self._resume_pending = False
         self._close_reason = None
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -1640,7 +1641,21 @@ class Link(BufferedProtocol):
         self.write_paused = True
 
     def resume_writing(self):
+        # What waited is written a loop turn later, not from inside the transport's call:
+        # a write that fails there makes 3.12 and 3.13 call connection_lost twice, the
+        # second time into a torn-down transport (CPython gh-156512).
         self.write_paused = False
+        if not self._resume_pending:
+            self._resume_pending = True
+            self.loop.call_soon(self._resumed)
+
+    def _resumed(self):
+        self._resume_pending = False
+        if not self.write_paused and not self.closing:
+            self.writable()
+
+    def writable(self):
+        """Writing may go on: the streams that waited for it, shortest queue first."""
         blocked, self.blocked = self.blocked, []
         blocked.sort(key=_pending_size)     # a short answer goes before the next bulk read
         for stream in blocked:
@@ -3754,6 +3769,9 @@ class WatchedWrites:
         self.stalled_since = None
         self.router.paused.discard(self)
         Link.resume_writing(self)
+
+    def writable(self):
+        Link.writable(self)
         self.pump()
         if not self.outbox:
             self.windows.ended = 0      # what ended streams left queued has drained
