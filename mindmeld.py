@@ -7701,8 +7701,8 @@ def build_parser():
         role, router_address, tokens("the router's token", "the router's token"), client_tls,
         state_dir("known_routers")])
     secret = options()
-    secret.add_argument("--secret", help="the service secret, proved end to end; the router never "
-                        "learns it (or $MINDMELD_SECRET)")
+    secret.add_argument("--secret", help="the service secret (or $MINDMELD_SECRET): streams are encrypted "
+                        "and authenticated end to end, and the router cannot read them or guess it")
     secret.add_argument("--secret-file", metavar="FILE", help="read the service secret from FILE")
     retrying = options()
     retrying.add_argument("--max-retries", type=_nonnegative_int, metavar="N",
