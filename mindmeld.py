@@ -875,9 +875,9 @@ class ReceiveWindow:
         rate = self.unreturned / max(now - self.last_update, 1e-9)
         self.best_rate = max(rate, self.best_rate * WINDOW_RATE_MEMORY)
         reach = self.best_rate * max(4 * rtt, WINDOW_GROWTH_FLOOR)   # bytes per 4 round trips
-        size = self.size * 2 if self.starved else self.size
-        self.starved = False
-        for _ in range(3):
+        starved, self.starved = self.starved, False
+        size = self.size * 2 if starved else self.size
+        for _ in range(2 if starved else 3):           # 8 times at most, either way
             if size >= MAX_WINDOW or reach <= size // 2:
                 break
             size *= 2
@@ -1323,7 +1323,8 @@ class GuessLimiter:
 
     def __init__(self, limit=E2E_FAILURES_PER_MINUTE, period=60.0):
         self.limit, self.period = limit, period
-        self.failures = collections.deque()
+        # the newest `limit` are all it takes to know: a flood of failures holds no more
+        self.failures = collections.deque(maxlen=limit)
 
     def _expire(self, now):
         while self.failures and self.failures[0] <= now - self.period:
@@ -2562,7 +2563,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         self.local_eof = False          # the local side ended: close_notify sent, or to send
         self.close_notify_received = False
         self.delivered_any = False
-        self.stream_paused = self.holding = False
+        self.stream_paused = False      # the stream asked: pause_reading()
         self.failed = None
 
     # -- the local socket ---------------------------------------------------------------
@@ -2591,7 +2592,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             return
         if not self.sending:
             self.held.append(bytes(data))       # until the sharer has proved the secret
-            self.holding = True
             self._update_reading()
             return
         self._send(data)
@@ -2674,7 +2674,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self.stream_paused or self.holding:
+        if self.stream_paused or (self.held and not self.sending):
             transport.pause_reading()
         else:
             transport.resume_reading()
@@ -2767,7 +2767,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         if self.transport is None or self.server_side:
             return
         held, self.held = self.held, []
-        self.holding = False
         for data in held:
             self._send(data)
         if self.local_eof:
@@ -2793,9 +2792,7 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
     def _send_close_notify(self):
         try:
             self.tls.unwrap()
-        except ssl.SSLWantReadError:
-            pass                                # the far end's close_notify comes later, or never
-        except ssl.SSLError:
+        except ssl.SSLError:                    # WantRead: the far end's close_notify comes later
             pass
         self._flush()
         self.stream.eof_received()
@@ -3486,7 +3483,7 @@ class RelayedStream:
             self.end()
 
     def reset(self, leg, payload):
-        self.abort(leg, leg.end.recv_reset(payload))
+        self.abort(leg, leg.end.recv_reset(payload), reset=True)
 
     def open_ok(self, leg, payload):
         leg.end.receive(OPEN_OK)
@@ -3509,11 +3506,15 @@ class RelayedStream:
         self.end()
 
     # -- ending ---------------------------------------------------------------------
-    def abort(self, gone, reason):
-        """`gone`'s side ended the stream (RESET, or its link or name went): RESET the other."""
+    def abort(self, gone, reason, reset=False):
+        """`gone`'s side ended the stream (`reset`: it sent RESET; else its link or name
+        went): RESET the other.  After a RESET nothing queued either way is worth sending;
+        else what `gone` sent before it went (DATA, EOF) is still delivered, then the RESET."""
         other = gone.other
-        other.peer.discard_queued(other.end.id)
-        other.peer.send(other.end.send_reset(reason))
+        if reset:
+            gone.peer.discard_queued(gone.end.id)
+            other.peer.discard_queued(other.end.id)
+        other.peer.send_after_data(other.end.id, other.end.send_reset(reason))
         self.end()
 
     def end(self):
@@ -3635,10 +3636,10 @@ class WatchedWrites:
         self.outbox_bytes = 0
 
     def relay_data(self, stream_id, payload):
-        if self.closing:
+        if self.closing or not payload:     # an empty DATA says nothing, and must not cost
             return
-        if self.long_link and (self.write_paused or self.outbox or len(payload) > self.frame_max):
-            self._enqueue(stream_id, (True, bytes(payload)), len(payload))
+        if self.outbox or (self.long_link and (self.write_paused or len(payload) > self.frame_max)):
+            self._enqueue_data(stream_id, payload)
             if self.write_paused:
                 self._check_backlog()
             else:
@@ -3671,6 +3672,17 @@ class WatchedWrites:
         self.outbox_sizes[stream_id] += n
         self.outbox_bytes += n
 
+    def _enqueue_data(self, stream_id, payload):
+        """DATA joins the stream's last queued DATA, so that many small frames hold what
+        their bytes take, not a queue entry each."""
+        queue = self.outbox.get(stream_id)
+        if queue and queue[-1][0]:
+            queue[-1][1].extend(payload)
+            self.outbox_sizes[stream_id] += len(payload)
+            self.outbox_bytes += len(payload)
+        else:
+            self._enqueue(stream_id, (True, bytearray(payload)), len(payload))
+
     def pump(self):
         """Write queued frames in turns until the transport pauses or the queues are empty."""
         outbox = self.outbox
@@ -3693,9 +3705,10 @@ class WatchedWrites:
             n = min(len(buf), quantum - sent)
             if n == len(buf):
                 queue.popleft()
-            else:
-                queue[0] = (True, buf[n:])
-            piece = memoryview(buf)[:n]
+                piece = buf
+            else:                               # a turn's worth off the front, no more copied
+                piece = bytes(buf[:n])
+                del buf[:n]
             _write_parts(self.transport, self.sock, HEADER.pack(n, DATA, 0, stream_id), piece)
             self.written += HEADER_SIZE + n
             self.outbox_sizes[stream_id] -= n
@@ -3773,8 +3786,9 @@ class WatchedWrites:
     def writable(self):
         Link.writable(self)
         self.pump()
-        if not self.outbox:
-            self.windows.ended = 0      # what ended streams left queued has drained
+        # what ended streams left queued is at most what is still queued
+        self.windows.ended = min(self.windows.ended,
+                                 self.outbox_bytes + self.transport.get_write_buffer_size())
 
     def check_reading(self, now, timeout):
         """The router's periodic check while writing is paused: has it read anything lately?"""
@@ -5493,8 +5507,13 @@ class SharedStream(LocalStream):
     has proved the secret."""
 
     role = "share"
-    sharer = service = opener = keys = None
+    sharer = service = opener = keys = deadline = None
     dialling = counted = failure_counted = False
+
+    def cancel_deadline(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
     def e2e_failed(self, why):
         if not self.e2e.confirmed:      # an attempt that failed: counted, and said as a count
@@ -5519,6 +5538,7 @@ class SharedStream(LocalStream):
 
     def _forget(self):
         LocalStream._forget(self)
+        self.cancel_deadline()
         e2e = self.e2e
         if e2e is not None and not e2e.confirmed and (e2e.proof_sent or self.keys.new):
             self.sharer.e2e.failed(self)         # a pairing, or our proof, and no proof back
@@ -5557,6 +5577,7 @@ class EndToEndAcceptor:
         stream.keys = keys
 
         def confirmed(layer):
+            stream.cancel_deadline()
             self.pairings[name].confirmed(keys)
             dial(layer)
 
@@ -5566,8 +5587,8 @@ class EndToEndAcceptor:
         stream.accept({"e2e": reply})           # OPEN_OK first: the handshake may fail at once
         if client_hello and not stream.closed:
             layer.write(client_hello)
-        link.loop.call_later(OPEN_TIMEOUT, lambda: stream.closed or layer.confirmed or
-                             stream.reset("no proof of the secret within %.0f s" % OPEN_TIMEOUT))
+        stream.deadline = link.loop.call_later(       # cancelled once it proves, or ends
+            OPEN_TIMEOUT, stream.reset, "no proof of the secret within %.0f s" % OPEN_TIMEOUT)
 
     def failed(self, stream):
         """A stream that did not prove the secret: counted against new pairings, and said

@@ -3359,12 +3359,19 @@ class SilentRelay:
             writer.close()
             return
         self._writers.append(up_writer)
+        self._join(reader, writer, up_reader, up_writer)
+
+    def _join(self, reader, writer, up_reader, up_writer):
+        """Pass bytes both ways between a client's connection and its upstream one."""
         pair = {"frozen": False}
         self._pairs.append(pair)
         for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(self._pump(source, sink, pair))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(self._pump(source, sink, pair))
+
+    def _start(self, coro):
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _pump(self, reader, writer, pair):
         for _ in range(10 ** 6):
@@ -7118,6 +7125,20 @@ class TestScheduler(unittest.TestCase):
         self.assertEqual(peer.data_frames(),
                          [(1, mindmeld.SCHEDULER_QUANTUM)] * (MAX_DATA // mindmeld.SCHEDULER_QUANTUM))
 
+    def test_empty_and_tiny_frames_hold_no_more_than_their_bytes(self):
+        # A peer's empty DATA frames were each a queue entry of about 100 bytes that the
+        # backlog limit never counted; a flood of them grew the router without bound.
+        peer = OutboxPeer(high=32 * 1024)
+        peer.frame_max = mindmeld.SCHEDULER_QUANTUM
+        peer.write_paused = True
+        for _ in range(1000):
+            peer.relay_data(1, b"")
+            peer.relay_data(3, b"x")
+        self.assertEqual(list(peer.outbox), [3])
+        self.assertEqual((len(peer.outbox[3]), peer.outbox_bytes), (1, 1000))
+        peer.drain()
+        self.assertEqual(peer.data_frames(), [(3, 1000)])
+
     def test_a_reset_stream_drops_what_it_had_queued(self):
         peer = OutboxPeer(high=1024)
         peer.write_paused = True
@@ -7504,21 +7525,12 @@ class HostileRelay(SilentRelay):
         self.server = await asyncio.start_server(self._serve, LOCALHOST, 0)
         return self.server.sockets[0].getsockname()[1]
 
-    async def _serve(self, reader, writer):
-        self._writers.append(writer)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(LOCALHOST, self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self._writers.append(up_writer)
+    def _join(self, reader, writer, up_reader, up_writer):
         link = HostileLink(self, {UP: up_writer, DOWN: writer})
         with self.changed:
             self.links.append(link)
         for direction, source in ((UP, reader), (DOWN, up_reader)):
-            task = asyncio.ensure_future(self._relay(link, direction, source))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(self._relay(link, direction, source))
 
     async def _relay(self, link, direction, reader):
         decoder, sink = FrameDecoder(), link.writers[direction]
