@@ -1470,6 +1470,41 @@ class AcceptorPairings:
             self.limiter.failed(now)
 
 
+class EndToEndError(Exception):
+    """An end-to-end check failed on one stream: it is reset, and both ends say why."""
+
+
+class StreamProofs:
+    """The two proofs of one end-to-end stream: ours, sent once its TLS handshake is done,
+    and the far end's, the first E2E_PROOF_BYTES of its plaintext, which must match the
+    MAC of our channel binding under its key before anything else passes."""
+    __slots__ = ("keys", "side", "peer_side", "received", "sent", "confirmed")
+
+    def __init__(self, server_side, keys=None):
+        self.keys = keys                # PairKeys; a forwarder's come with the OPEN_OK
+        self.side, self.peer_side = (SHARER, FORWARDER) if server_side else (FORWARDER, SHARER)
+        self.received = b""
+        self.sent = False
+        self.confirmed = False          # the far end's proof checked out
+
+    def ours(self, channel_binding):
+        """Our proof, to send once."""
+        self.sent = True
+        return self.keys.proof(self.side, channel_binding)
+
+    def take(self, data, channel_binding):
+        """Plaintext that came before the far end was confirmed: what follows its proof (b""
+        while the proof is incomplete).  EndToEndError if the proof does not match."""
+        need = E2E_PROOF_BYTES - len(self.received)
+        self.received += data[:need]
+        if len(self.received) < E2E_PROOF_BYTES:
+            return b""
+        if not hmac.compare_digest(self.received, self.keys.proof(self.peer_side, channel_binding)):
+            raise EndToEndError("the %s could not prove the secret" % self.peer_side)
+        self.confirmed = True
+        return data[need:]
+
+
 # ###########################################################################
 # ### 4. Asyncio plumbing: the link, local streams, stdio, WebSocket and TLS layers
 # ###########################################################################
@@ -2528,8 +2563,74 @@ def e2e_context(server_side):
     return context
 
 
-class EndToEndError(Exception):
-    """An end-to-end check failed on one stream: it is reset, and both ends say why."""
+class MemoryTls:
+    """One TLS connection held in memory (ssl's SSLObject): records in with feed(), records
+    out with records(), and ssl's failures as EndToEndError."""
+
+    def __init__(self, server_side, session=None):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing,
+                                                     server_side=server_side, session=session)
+        self.handshaken = False
+
+    @property
+    def session(self):
+        return self.tls.session
+
+    @property
+    def session_reused(self):
+        return self.tls.session_reused
+
+    def channel_binding(self):
+        return self.tls.get_channel_binding("tls-unique")
+
+    def feed(self, records):
+        self.incoming.write(records)
+
+    def records(self):
+        return self.outgoing.read()
+
+    def shake(self):
+        """Go on with the handshake: True once it is done."""
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as exc:
+            raise EndToEndError("the TLS handshake failed (%s)" % (exc.reason or exc))
+        self.handshaken = True
+        return True
+
+    def read(self):
+        """(the plaintext of the records fed so far, one piece a record; whether the far
+        end's close_notify came; an EndToEndError if a record was altered, or None).  The
+        pieces before an altered record are authentic."""
+        pieces = []
+        while True:
+            try:
+                data = self.tls.read(E2E_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return pieces, False, None
+            except ssl.SSLZeroReturnError:
+                return pieces, True, None
+            except ssl.SSLError as exc:
+                return pieces, False, EndToEndError("the data was altered on the way (%s)"
+                                                    % (exc.reason or exc))
+            if not data:
+                return pieces, True, None
+            pieces.append(data)
+
+    def send(self, data):
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            raise EndToEndError("TLS refused to send (%s)" % (exc.reason or exc))
+
+    def close_notify(self):
+        try:
+            self.tls.unwrap()
+        except ssl.SSLError:                    # WantRead: the far end's close_notify comes later
+            pass
 
 
 class EndToEndLayer(_Layer, asyncio.Protocol):
@@ -2540,25 +2641,19 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
     first plaintext and the forwarder checks it before it sends its own and then the
     user's bytes; the sharer lets nothing through, and dials nothing, until the
     forwarder's proof checks out.  Half-close: a local EOF is a TLS close_notify, then the
-    stream's EOF; a stream EOF that no close_notify announced is a truncation."""
+    stream's EOF; a stream EOF that no close_notify announced is a truncation.  What
+    differs by role is in ForwarderEndToEnd and SharerEndToEnd."""
 
     def __init__(self, stream, server_side, keys=None, on_confirmed=None, session=None):
         self.stream = stream
         stream.e2e = self
-        self.server_side = server_side
-        self.side, self.peer_side = (SHARER, FORWARDER) if server_side else (FORWARDER, SHARER)
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         # session: a forwarder's TLS session from a stream the sharer proved (resumption)
-        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing,
-                                                     server_side=server_side, session=session)
-        self.keys = keys
+        self.tls = MemoryTls(server_side, session)
+        self.proofs = StreamProofs(server_side, keys)
         self.on_confirmed = on_confirmed
         self.transport = None           # the local socket (a sharer's comes once confirmed)
         self.closing = False
-        self.handshaken = self.proof_sent = False
-        self.confirmed = False          # the far end's proof checked out
         self.sending = False            # the local side's bytes may go
-        self.proof_buffer = b""
         self.held = []                  # plaintext that may not pass yet
         self.local_eof = False          # the local side ended: close_notify sent, or to send
         self.close_notify_received = False
@@ -2571,21 +2666,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         self.transport = transport
         _set_nodelay(transport)
         transport.set_write_buffer_limits(0, 0)
-        if self.stream.transport is None:       # a forwarder's: the stream starts with it
-            self.stream.connection_made(self)
-            try:
-                self._shake()                   # the ClientHello, for the OPEN
-            except EndToEndError as exc:
-                self.fail(str(exc))
-        else:                                   # a sharer's target: what waited goes first
-            held, self.held = self.held, []
-            for data in held:
-                transport.write(data)
-            if self.close_notify_received:
-                self._write_local_eof()
-            self._update_reading()
-            if not transport.get_write_buffer_size():
-                self.stream.resume_writing()
 
     def data_received(self, data):
         if self.closing:
@@ -2617,11 +2697,11 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         """TLS records from the far end."""
         if self.closing or self.failed:
             return
-        self.incoming.write(data)
+        self.tls.feed(data)
         try:
-            if not self.handshaken:
+            if not self.tls.handshaken:
                 self._shake()
-            if self.handshaken:
+            if self.tls.handshaken:
                 self._read_plaintext()
         except EndToEndError as exc:
             self.fail(str(exc))
@@ -2681,97 +2761,59 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
 
     # -- TLS --------------------------------------------------------------------------
     def _flush(self):
-        data = self.outgoing.read()
+        data = self.tls.records()
         if data and not self.stream.closed:
             self.stream.data_received(data)
 
     def _shake(self):
         try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
+            done = self.tls.shake()
+        finally:
             self._flush()
+        if not done:
             return
-        except ssl.SSLError as exc:
-            self._flush()
-            raise EndToEndError("the TLS handshake failed (%s)" % (exc.reason or exc))
-        self._flush()
-        self.handshaken = True
-        if self.keys is None:
+        if self.proofs.keys is None:
             raise EndToEndError("the TLS handshake ended before the pairing")
-        if self.server_side:
-            self._send_proof()
-        elif self.tls.session_reused:
-            # Only the sharer process that the session was made with (on a stream it proved)
-            # can resume it: the forwarder need not wait for its proof (it still checks it).
-            log.debug("stream %s: TLS session resumed", self.stream.label)
-            self._send_proof()
-            self._start_sending()
+        self._handshaken()
 
     def _send_proof(self):
-        binding = self.tls.get_channel_binding("tls-unique")
-        self.tls.write(self.keys.proof(self.side, binding))
-        self.proof_sent = True
+        self.tls.send(self.proofs.ours(self.tls.channel_binding()))
         self._flush()
 
     def _read_plaintext(self):
-        # tls.read() gives one record (16 KiB at most) a call: the records that came
-        # together go to the local socket in one write, not a send() each.
-        tls, pieces = self.tls, []
-        while not self.closing and not self.failed:
-            try:
-                data = tls.read(E2E_READ_CHUNK)
-            except ssl.SSLWantReadError:
+        # The records that came together go to the local socket in one write, not a send()
+        # each; those before an altered one were authentic, and its alert goes back.
+        records, ended, error = self.tls.read()
+        if ended:
+            self.close_notify_received = True
+        pieces = []
+        for data in records:
+            if self.closing or self.failed:
                 break
-            except ssl.SSLZeroReturnError:
-                data = b""
-            except ssl.SSLError as exc:
-                self._deliver_all(pieces)       # the records before it were authentic
-                self._flush()           # the alert, for the far end's TLS
-                raise EndToEndError("the data was altered on the way (%s)" % (exc.reason or exc))
-            if not data:
-                self.close_notify_received = True
-                break
-            if not self.confirmed:
+            if not self.proofs.confirmed:
                 data = self._take_proof(data)
             if data:
                 pieces.append(data)
-        self._deliver_all(pieces)
-        self._flush()
-
-    def _deliver_all(self, pieces):
         if pieces:
             self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        self._flush()
+        if error is not None:
+            raise error
 
     def _take_proof(self, data):
-        """The far end's proof, the first E2E_PROOF_BYTES of its plaintext; what follows."""
-        need = E2E_PROOF_BYTES - len(self.proof_buffer)
-        self.proof_buffer += data[:need]
-        if len(self.proof_buffer) < E2E_PROOF_BYTES:
-            return b""
-        binding = self.tls.get_channel_binding("tls-unique")
-        if not hmac.compare_digest(self.proof_buffer, self.keys.proof(self.peer_side, binding)):
-            raise EndToEndError("the %s could not prove the secret" % self.peer_side)
-        if not self.proof_sent:
-            self._send_proof()
-        self.confirmed = True
-        if self.on_confirmed is not None:
-            self.on_confirmed(self)
-        self._start_sending()
-        return data[need:]
+        """The far end's proof, the first bytes of its plaintext; what follows."""
+        data = self.proofs.take(data, self.tls.channel_binding())
+        if self.proofs.confirmed:
+            if not self.proofs.sent:
+                self._send_proof()
+            if self.on_confirmed is not None:
+                self.on_confirmed(self)
+            self._start_sending()
+        return data
 
     def _start_sending(self):
-        """The local side's bytes may go from now on (a forwarder's that waited go first)."""
-        if self.sending:
-            return
+        """The local side's bytes may go from now on."""
         self.sending = True
-        if self.transport is None or self.server_side:
-            return
-        held, self.held = self.held, []
-        for data in held:
-            self._send(data)
-        if self.local_eof:
-            self._send_close_notify()
-        self._update_reading()
 
     def _deliver(self, data):
         self.delivered_any = True
@@ -2783,17 +2825,14 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
 
     def _send(self, data):
         try:
-            self.tls.write(data)
-        except ssl.SSLError as exc:
-            self.fail("TLS refused to send (%s)" % (exc.reason or exc))
+            self.tls.send(data)
+        except EndToEndError as exc:
+            self.fail(str(exc))
             return
         self._flush()
 
     def _send_close_notify(self):
-        try:
-            self.tls.unwrap()
-        except ssl.SSLError:                    # WantRead: the far end's close_notify comes later
-            pass
+        self.tls.close_notify()
         self._flush()
         self.stream.eof_received()
 
@@ -2803,6 +2842,67 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             return
         self.failed = why
         self.stream.e2e_failed(why)
+
+
+class ForwarderEndToEnd(EndToEndLayer):
+    """A forwarder's end, the TLS client: its local connection starts the stream (the
+    ClientHello rides the OPEN), and the user's bytes wait for the sharer's proof."""
+
+    def __init__(self, stream, session=None, on_confirmed=None):
+        EndToEndLayer.__init__(self, stream, False, on_confirmed=on_confirmed, session=session)
+
+    def connection_made(self, transport):
+        EndToEndLayer.connection_made(self, transport)
+        self.stream.connection_made(self)
+        try:
+            self._shake()                       # the ClientHello, for the OPEN
+        except EndToEndError as exc:
+            self.fail(str(exc))
+
+    def _handshaken(self):
+        if self.tls.session_reused:
+            # Only the sharer process that the session was made with (on a stream it proved)
+            # can resume it: the forwarder need not wait for its proof (it still checks it).
+            log.debug("stream %s: TLS session resumed", self.stream.label)
+            self._send_proof()
+            self._start_sending()
+
+    def _start_sending(self):
+        """What waited goes first."""
+        if self.sending:
+            return
+        self.sending = True
+        if self.transport is None:
+            return
+        held, self.held = self.held, []
+        for data in held:
+            self._send(data)
+        if self.local_eof:
+            self._send_close_notify()
+        self._update_reading()
+
+
+class SharerEndToEnd(EndToEndLayer):
+    """A sharer's end, the TLS server: it proves itself first, and its target is dialled
+    once the forwarder has; plaintext that comes before the target answers waits."""
+
+    def __init__(self, stream, keys, on_confirmed):
+        EndToEndLayer.__init__(self, stream, True, keys=keys, on_confirmed=on_confirmed)
+
+    def connection_made(self, transport):
+        """The target answered: what waited goes first."""
+        EndToEndLayer.connection_made(self, transport)
+        held, self.held = self.held, []
+        for data in held:
+            transport.write(data)
+        if self.close_notify_received:
+            self._write_local_eof()
+        self._update_reading()
+        if not transport.get_write_buffer_size():
+            self.stream.resume_writing()
+
+    def _handshaken(self):
+        self._send_proof()
 
 # ###########################################################################
 # ### 5. TLS trust: a self-signed certificate, pins, known routers
@@ -5516,7 +5616,7 @@ class SharedStream(LocalStream):
             self.deadline = None
 
     def e2e_failed(self, why):
-        if not self.e2e.confirmed:      # an attempt that failed: counted, and said as a count
+        if not self.e2e.proofs.confirmed:      # an attempt that failed: counted, and said as a count
             self.sharer.e2e.failed(self)
             self.reset("%s: %s" % (E2E_FAILURE, why))
         else:
@@ -5540,7 +5640,7 @@ class SharedStream(LocalStream):
         LocalStream._forget(self)
         self.cancel_deadline()
         e2e = self.e2e
-        if e2e is not None and not e2e.confirmed and (e2e.proof_sent or self.keys.new):
+        if e2e is not None and not e2e.proofs.confirmed and (e2e.proofs.sent or self.keys.new):
             self.sharer.e2e.failed(self)         # a pairing, or our proof, and no proof back
         if (self.transport is None or (e2e is not None and e2e.transport is None)) and not self.dialling:
             self.sharer.stream_released(self)       # no socket was made: the slot is free
@@ -5581,7 +5681,7 @@ class EndToEndAcceptor:
             self.pairings[name].confirmed(keys)
             dial(layer)
 
-        layer = EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
+        layer = SharerEndToEnd(stream, keys, confirmed)
         stream.connection_made(layer)
         client_hello, stream.early = stream.early, None
         stream.accept({"e2e": reply})           # OPEN_OK first: the handshake may fail at once
@@ -5899,13 +5999,13 @@ class ForwardedStream(LocalStream):
             log.debug("forward: %s: %s", self.label, exc)
             self.e2e_failed("the sharer could not prove the secret")
             return False
-        self.e2e.keys = self.keys
+        self.e2e.proofs.keys = self.keys
         self.timer = self.link.loop.call_later(OPEN_TIMEOUT, self._unconfirmed)
         return True
 
     def _unconfirmed(self):
         self.timer = None
-        if not self.closed and not self.e2e.confirmed:
+        if not self.closed and not self.e2e.proofs.confirmed:
             self.e2e_failed("no proof from the sharer within %.0f s" % OPEN_TIMEOUT)
 
     def e2e_failed(self, why):
@@ -5983,8 +6083,8 @@ def _with_e2e(stream, pairings):
     or with a secret an EndToEndLayer in front of it, which confirms its pairing."""
     if pairings is None:
         return stream
-    return EndToEndLayer(stream, server_side=False, session=pairings.tls_session,
-                         on_confirmed=lambda layer: pairings.confirmed(stream.keys, layer.tls.session))
+    return ForwarderEndToEnd(stream, session=pairings.tls_session,
+                             on_confirmed=lambda layer: pairings.confirmed(stream.keys, layer.tls.session))
 
 
 class Forwarder(_Client):
