@@ -5643,11 +5643,11 @@ class SharedStream(LocalStream):
         if e2e is not None and not e2e.proofs.confirmed and (e2e.proofs.sent or self.keys.new):
             self.sharer.e2e.failed(self)         # a pairing, or our proof, and no proof back
         if (self.transport is None or (e2e is not None and e2e.transport is None)) and not self.dialling:
-            self.sharer.stream_released(self)       # no socket was made: the slot is free
+            self.sharer.slots.release(self)       # no socket was made: the slot is free
 
     def connection_lost(self, exc):
         LocalStream.connection_lost(self, exc)
-        self.sharer.stream_released(self)           # its socket is closed: the slot is free
+        self.sharer.slots.release(self)           # its socket is closed: the slot is free
 
 
 class EndToEndAcceptor:
@@ -5701,6 +5701,54 @@ class EndToEndAcceptor:
                                % (stream.service, printable(stream.opener)))
 
 
+class StreamSlots:
+    """A sharer's stream slots: what keeps a flood of OPENs from using up its descriptors.
+    Each stream holds a socket to its target; together they keep within a share of the
+    descriptor limit, so that the sharer can always still relink, log and refuse."""
+
+    def __init__(self, max_streams_per_service, max_streams_per_opener):
+        descriptors = _descriptor_limit()
+        self.max_streams = max(1, int(descriptors * SHARER_FD_SHARE)) if descriptors else None
+        self.max_streams_per_service = min(max_streams_per_service,
+                                           self.max_streams or max_streams_per_service)
+        # Half a service at most: while one forwarder holds its share, others get in.
+        self.max_streams_per_opener = min(max_streams_per_opener, max(1, self.max_streams_per_service // 2))
+        self.stream_count = 0
+        self.streams_by_service = collections.Counter()
+        self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
+
+    def over_limit(self, name, opener):
+        """Why a new stream to `name` from `opener` would be one too many, or None."""
+        if self.max_streams is not None and self.stream_count >= self.max_streams:
+            return ("the sharer has %d streams open, its limit (%d%% of its file descriptor limit); "
+                    "try again later" % (self.stream_count, SHARER_FD_SHARE * 100))
+        if self.streams_by_service[name] >= self.max_streams_per_service:
+            return ("service %r has %d streams open, the sharer's limit per service; try again later"
+                    % (name, self.max_streams_per_service))
+        if self.streams_by_opener[opener] >= self.max_streams_per_opener:
+            return ("%d streams are open from this forwarder, the sharer's limit per forwarder "
+                    "connection; close some first" % self.max_streams_per_opener)
+        return None
+
+    def take(self, stream):
+        stream.counted = True
+        self.stream_count += 1
+        self.streams_by_service[stream.service] += 1
+        self.streams_by_opener[stream.opener] += 1
+
+    def release(self, stream):
+        """The stream holds no socket any more (idempotent)."""
+        if not stream.counted:
+            return
+        stream.counted = False
+        self.stream_count -= 1
+        for counts, key in ((self.streams_by_service, stream.service),
+                            (self.streams_by_opener, stream.opener)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
+
+
 class Sharer(_Client):
     """Registers services; every stream opened to one is dialled to its target.
 
@@ -5714,17 +5762,7 @@ class Sharer(_Client):
                  max_streams_per_opener=MAX_STREAMS_PER_OPENER, **options):
         _Client.__init__(self, name=next(iter(services)) if len(services) == 1 else None, **options)
         self.secret = secret
-        # Each stream holds a socket to its target; together they keep within a share of the
-        # descriptor limit, so that the sharer can always still relink, log and refuse.
-        descriptors = _descriptor_limit()
-        self.max_streams = max(1, int(descriptors * SHARER_FD_SHARE)) if descriptors else None
-        self.max_streams_per_service = min(max_streams_per_service,
-                                           self.max_streams or max_streams_per_service)
-        # Half a service at most: while one forwarder holds its share, others get in.
-        self.max_streams_per_opener = min(max_streams_per_opener, max(1, self.max_streams_per_service // 2))
-        self.stream_count = 0
-        self.streams_by_service = collections.Counter()
-        self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
+        self.slots = StreamSlots(max_streams_per_service, max_streams_per_opener)
         self.busy_log = RefusalLog("share: streams refused, over a limit")
         self.services = {}
         for name, target in services.items():
@@ -5746,8 +5784,8 @@ class Sharer(_Client):
             for name, target in self.services.items():
                 shard = Sharer({name: (target.host, target.port)}, secret, max_streams_per_service,
                                max_streams_per_opener, **options)
-                if self.max_streams is not None:    # together within this process's share
-                    shard.max_streams = max(1, self.max_streams // len(self.services))
+                if self.slots.max_streams is not None:    # together within this process's share
+                    shard.slots.max_streams = max(1, self.slots.max_streams // len(self.services))
                 self.shards.append(shard)
 
     # -- several names through a {name} router: the shards do the work ---------------------
@@ -5847,7 +5885,7 @@ class Sharer(_Client):
         stream.sharer, stream.service = self, name
         stream.opener = str(info.get("peer", "?"))     # the router names the opening link
         stream.label = "%s#%d" % (name, stream_id)
-        busy = target is not None and self._over_limit(name, stream.opener)
+        busy = target is not None and self.slots.over_limit(name, stream.opener)
         if self.closing:
             stream.refuse("the sharer of %r is shutting down" % (name,))
         elif target is None:
@@ -5857,7 +5895,7 @@ class Sharer(_Client):
                                   % (name, printable(stream.opener), busy))
             stream.refuse(busy, "busy")
         else:
-            self._take_slot(stream)
+            self.slots.take(stream)
             if self.e2e is not None or "e2e" in info:
                 self._open_end_to_end(link, stream, info, target)
             else:
@@ -5873,38 +5911,6 @@ class Sharer(_Client):
                           "drop --secret, or share it with --secret" % stream.service)
         else:
             self.e2e.open(link, stream, info, dial)
-
-    # -- stream slots: what keeps a flood of OPENs from using up the descriptors ---------
-    def _over_limit(self, name, opener):
-        """Why a new stream to `name` from `opener` would be one too many, or None."""
-        if self.max_streams is not None and self.stream_count >= self.max_streams:
-            return ("the sharer has %d streams open, its limit (%d%% of its file descriptor limit); "
-                    "try again later" % (self.stream_count, SHARER_FD_SHARE * 100))
-        if self.streams_by_service[name] >= self.max_streams_per_service:
-            return ("service %r has %d streams open, the sharer's limit per service; try again later"
-                    % (name, self.max_streams_per_service))
-        if self.streams_by_opener[opener] >= self.max_streams_per_opener:
-            return ("%d streams are open from this forwarder, the sharer's limit per forwarder "
-                    "connection; close some first" % self.max_streams_per_opener)
-        return None
-
-    def _take_slot(self, stream):
-        stream.counted = True
-        self.stream_count += 1
-        self.streams_by_service[stream.service] += 1
-        self.streams_by_opener[stream.opener] += 1
-
-    def stream_released(self, stream):
-        """The stream holds no socket any more (idempotent)."""
-        if not stream.counted:
-            return
-        stream.counted = False
-        self.stream_count -= 1
-        for counts, key in ((self.streams_by_service, stream.service),
-                            (self.streams_by_opener, stream.opener)):
-            counts[key] -= 1
-            if counts[key] <= 0:
-                del counts[key]
 
     async def stop_accepting(self):
         self.busy_log.close()
@@ -5938,7 +5944,7 @@ class Sharer(_Client):
             timer.cancel()
             stream.dialling = False
             if (layer or stream).transport is None:
-                self.stream_released(stream)    # no socket came of it
+                self.slots.release(stream)      # no socket came of it
         log.warning("share: stream to %r refused: %s", stream.service, reason)
         if layer is None:
             stream.refuse(reason)
