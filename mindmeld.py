@@ -7005,27 +7005,14 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
     streams encrypted end to end (--secret on share and forward), and beside them an ssh
     -R/-L chain where ssh is installed (not with the hidden --smoke)."""
     import threading
-    import tempfile
     sizes = BENCH_SIZES["smoke" if quick == "smoke" else "quick" if quick else "default"]
     pattern = _bench_pattern()
     script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
-
-    def say(text):
-        sys.stderr.write("bench: %s\n" % text)
-        sys.stderr.flush()
-
+    say = _bench_say
     children, results, in_process = [], {}, None
     stop = threading.Event()
     descriptors = _raise_descriptor_limit() if scale else None     # before any child starts
-    if script is not None:      # the target in its own process: no GIL shared with the client
-        children.append(_Child([script, "bench", "--serve-target"], "target"))
-        target_port = children[0].port
-    else:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
-        target_port = listener.getsockname()[1]
-        threading.Thread(target=_bench_target, args=(listener, pattern, stop), daemon=True).start()
+    target_port = _bench_start_target(script, pattern, stop, children)
     try:
         say("direct to the target on 127.0.0.1:%d" % target_port)
         results["direct"] = _bench_measure(target_port, sizes, pattern, lambda t: say("  direct: " + t))
@@ -7036,27 +7023,7 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
             in_process = _InProcessRoles(target_port, tls, BENCH_SECRET if secret else None)
             port, pids, router_pid = in_process.port, [], None
         else:
-            state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
-            ready = ["--ready-fd", "1"]
-            router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
-                            + (["--tls"] if tls else []) + ready, "router")
-            children.append(router)
-            options = ["--router", "127.0.0.1:%d" % router.port] + ready
-            if tls:     # the certificate the router made there: pin it
-                options += ["--tls-fingerprint", router_tls_context(None, None, state_dir)[1]]
-            if secret:
-                secret_file = os.path.join(state_dir, "secret")
-                with open(secret_file, "w") as f:
-                    f.write(BENCH_SECRET)
-                options += ["--secret-file", secret_file]
-            children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port] + options,
-                                   "sharer"))
-            forwarder = _Child([script, "forward", "bench", "127.0.0.1:0"] + options, "forwarder")
-            children.append(forwarder)
-            say("router%s, sharer and forwarder started (pids %s)%s" % (
-                " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:]),
-                "; --secret: streams encrypted end to end" if secret else ""))
-            port, pids, router_pid = forwarder.port, [c.process.pid for c in children[1:]], router.process.pid
+            port, pids, router_pid = _bench_start_roles(script, target_port, tls, secret, children)
         if scale and pids:      # first, while the router is fresh: its idle footprint
             results["scale"] = _run(_bench_scale(port, pids, say))
 
@@ -7081,12 +7048,10 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
             child.stop()
     _bench_report(results, out)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"mindmeld": results["mindmeld"], "direct": results["direct"],
-                       "ssh": results.get("ssh"), "scale": results.get("scale"), "tls": tls,
-                       "secret": secret, "in_process": script is None,
-                       "python": sys.version.split()[0], "quick": quick}, f, indent=2)
-        say("wrote %s" % json_path)
+        _bench_write_json(json_path, {
+            "mindmeld": results["mindmeld"], "direct": results["direct"], "ssh": results.get("ssh"),
+            "scale": results.get("scale"), "tls": tls, "secret": secret, "in_process": script is None,
+            "python": sys.version.split()[0], "quick": quick})
     storm = (results.get("scale") or {}).get("restart_storm")
     if storm and storm["back"] < storm["peers"]:
         raise MindmeldError("bench: restart storm: only %d of %d peers were back within %.0f s of the "
@@ -7094,6 +7059,59 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
                                 storm["back"], storm["peers"], storm["limit_s"], storm["sharers_back"],
                                 storm["sharers"], storm["forwarders_back"], storm["forwarders"]))
     return 0
+
+
+def _bench_say(text):
+    sys.stderr.write("bench: %s\n" % text)
+    sys.stderr.flush()
+
+
+def _bench_write_json(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    _bench_say("wrote %s" % path)
+
+
+def _bench_start_target(script, pattern, stop, children):
+    """The target's port: in its own process (no GIL shared with the client), or where this
+    script was piped in, a thread of this one until `stop` is set."""
+    if script is not None:
+        children.append(_Child([script, "bench", "--serve-target"], "target"))
+        return children[-1].port
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    threading.Thread(target=_bench_target, args=(listener, pattern, stop), daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def _bench_start_roles(script, target_port, tls, secret, children):
+    """Router, sharer and forwarder as processes, appended to `children`: (the forwarder's
+    port, the three pids, the router's pid)."""
+    state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+    ready = ["--ready-fd", "1"]
+    router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
+                    + (["--tls"] if tls else []) + ready, "router")
+    roles = [router]
+    children.append(router)
+    options = ["--router", "127.0.0.1:%d" % router.port] + ready
+    if tls:     # the certificate the router made there: pin it
+        options += ["--tls-fingerprint", router_tls_context(None, None, state_dir)[1]]
+    if secret:
+        secret_file = os.path.join(state_dir, "secret")
+        with open(secret_file, "w") as f:
+            f.write(BENCH_SECRET)
+        options += ["--secret-file", secret_file]
+    for argv, what in (([script, "share", "bench", "127.0.0.1:%d" % target_port], "sharer"),
+                       ([script, "forward", "bench", "127.0.0.1:0"], "forwarder")):
+        roles.append(_Child(argv + options, what))
+        children.append(roles[-1])
+    pids = [role.process.pid for role in roles]
+    _bench_say("router%s, sharer and forwarder started (pids %s)%s" % (
+        " (TLS)" if tls else "", ", ".join(map(str, pids)),
+        "; --secret: streams encrypted end to end" if secret else ""))
+    return roles[-1].port, pids, router.process.pid
 
 
 async def _bench_scale(port, pids, say):
@@ -7138,6 +7156,13 @@ async def _bench_scale(port, pids, say):
     result["streams_5000_s"] = loop.time() - began
 
     say("scale: 100 stalled readers pushed at")
+    result["rss_growth_100_stalled_MB"] = await _bench_stalled_readers(port, pids)
+    return result
+
+
+async def _bench_stalled_readers(port, pids):
+    """How much the roles' memory grows while 100 downloads are never read."""
+    loop = _get_loop()
     rss_before = [_proc_memory_mb(p) for p in pids]
     stalled = []
     for _ in range(100):
@@ -7153,10 +7178,9 @@ async def _bench_scale(port, pids, say):
             previous, steady_since = now, loop.time()
         elif loop.time() - steady_since > 1.0:
             break
-    result["rss_growth_100_stalled_MB"] = [a - b for a, b in zip(previous, rss_before)]
     for writer in stalled:
         writer.close()
-    return result
+    return [a - b for a, b in zip(previous, rss_before)]
 
 
 SCALE_LINKS = {"default": 5000, "quick": 1000}    # idle links, and restart storm peers
@@ -7676,11 +7700,7 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
         raise MindmeldError("bench --wan starts its roles as processes: save the script as "
                             "mindmeld.py and run it from there")
     rtt, rate = rtt_ms / 1000.0, rate_mbit * 1e6 / 8
-
-    def say(text):
-        sys.stderr.write("bench: %s\n" % text)
-        sys.stderr.flush()
-
+    say = _bench_say
     import tempfile
     children, results = [], {}
     try:
@@ -7708,6 +7728,15 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
     finally:
         for child in reversed(children):
             child.stop()
+    _bench_wan_report(results, sizes, rtt_ms, rate_mbit, out)
+    if json_path:
+        _bench_write_json(json_path, {"mindmeld": results["mindmeld"], "plain": results["plain"],
+                                      "rtt_ms": rtt_ms, "rate_mbit": rate_mbit,
+                                      "python": sys.version.split()[0], "quick": quick})
+    return 0
+
+
+def _bench_wan_report(results, sizes, rtt_ms, rate_mbit, out):
     rows = [("idle_p50_ms", "interactive p50, ms"), ("idle_p99_ms", "interactive p99, ms"),
             ("loaded_p50_ms", "  with a download, p50, ms"), ("loaded_p99_ms", "  with a download, p99, ms"),
             ("bulk_during_MBps", "  the download meanwhile, MB/s"),
@@ -7715,7 +7744,7 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
             ("download_MBps", "download %d MB, MB/s" % (sizes[0] // 10 ** 6)),
             ("upload_MBps", "upload %d MB, MB/s" % (sizes[0] // 10 ** 6))]
     out.write("two emulated links, each %.0f ms round trip, %s\n"
-              % (rtt_ms, "%.0f Mbit/s each way" % rate_mbit if rate else "no rate limit"))
+              % (rtt_ms, "%.0f Mbit/s each way" % rate_mbit if rate_mbit else "no rate limit"))
     out.write("%-34s %10s %10s\n" % ("", "mindmeld", "plain TCP"))
     for key, label in rows:
         out.write("%-34s %10.1f %10.1f\n" % (label, results["mindmeld"][key], results["plain"][key]))
@@ -7723,13 +7752,6 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
     out.write("interactive p99 under load is %+.1f ms over idle (target: at most +25)\n"
               % (mine["loaded_p99_ms"] - mine["idle_p99_ms"]))
     out.flush()
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"mindmeld": results["mindmeld"], "plain": results["plain"], "rtt_ms": rtt_ms,
-                       "rate_mbit": rate_mbit, "python": sys.version.split()[0], "quick": quick},
-                      f, indent=2)
-        say("wrote %s" % json_path)
-    return 0
 
 
 # ###########################################################################
