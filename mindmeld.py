@@ -5259,6 +5259,28 @@ class FollowsItsShard:
             current.close()
 
 
+def _router_address(router, name=None):
+    """(WebSocket path or None for plain TCP, whether it is a {name} router, host, port,
+    whether it is wss://) from a router address, or MindmeldError."""
+    address, ws_path = router, None
+    sharded = "{name}" in router
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        if scheme not in ("ws", "wss"):
+            raise MindmeldError("bad router address %r: use HOST:PORT, ws://HOST[:PORT]/PATH "
+                                "or wss://HOST[:PORT]/PATH" % address)
+        address, slash, path = rest.partition("/")
+        ws_path = "/" + path if slash else WS_PATH
+    if sharded and (not sep or "{name}" in address):
+        raise MindmeldError("bad router address %r: {name} goes in the path of a ws:// or wss:// "
+                            "address, as ws://HOST[:PORT]/mindmeld/{name}" % router)
+    if sharded and name is not None:
+        ws_path = ws_path.replace("{name}", check_name(name))
+    default_port = (443 if scheme == "wss" else 80) if sep else DEFAULT_PORT
+    host, port = parse_hostport(address, "localhost", default_port, "router address")
+    return ws_path, sharded, host, port, bool(sep) and scheme == "wss"
+
+
 class _Client(FollowsItsShard):
     """What every client role shares: where the router is, how to reach it, retries.
 
@@ -5272,31 +5294,12 @@ class _Client(FollowsItsShard):
                  max_retries=None, grace=GRACE_PERIOD, backoff=(BACKOFF_FIRST, BACKOFF_MAX),
                  proxy=None, name=None, shard_check=SHARD_CHECK_INTERVAL):
         self.router = router or os.environ.get("MINDMELD_ROUTER") or DEFAULT_ROUTER
-        self.ws_path = None             # set for ws:// and wss:// routers
-        self.sharded = "{name}" in self.router
+        self.ws_path, self.sharded, self.router_host, self.router_port, wss = \
+            _router_address(self.router, name)
+        if wss and tls is None:
+            tls = TlsOptions()
         self.shard_check = shard_check
         self.retired = set()            # links left to drain after the name moved to another router
-        address = self.router
-        scheme, sep, rest = address.partition("://")
-        if sep:
-            if scheme not in ("ws", "wss"):
-                raise MindmeldError("bad router address %r: use HOST:PORT, ws://HOST[:PORT]/PATH "
-                                    "or wss://HOST[:PORT]/PATH" % address)
-            address, slash, path = rest.partition("/")
-            self.ws_path = "/" + path if slash else WS_PATH
-        if self.sharded and (not sep or "{name}" in address):
-            raise MindmeldError("bad router address %r: {name} goes in the path of a ws:// or wss:// "
-                                "address, as ws://HOST[:PORT]/mindmeld/{name}" % self.router)
-        if self.sharded and name is not None:
-            self.ws_path = self.ws_path.replace("{name}", check_name(name))
-        if sep:
-            default_port = 443 if scheme == "wss" else 80
-            if scheme == "wss" and tls is None:
-                tls = TlsOptions()
-        else:
-            default_port = DEFAULT_PORT
-        self.router_host, self.router_port = parse_hostport(
-            address, "localhost", default_port, "router address")
         self.token = token
         self.tls = tls                  # TlsOptions, or None for plain TCP
         self.proxy = proxy_for(self.router_host, proxy)
