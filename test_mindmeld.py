@@ -5739,7 +5739,10 @@ class TestOperatorView(LoopTestCase):
                 self.assertTrue(errors[0].startswith("mindmeld router: error: "), errors[0])
                 self.assertIn(words, errors[0])
                 self.assertNotIn("Traceback", done.err)
-# Messages a user sees: internal errors, mislabelled frames, numeric flags
+
+
+# ---------------------------------------------------------------------------
+# 13. Messages a user sees: internal errors, mislabelled frames, numeric flags
 # ---------------------------------------------------------------------------
 
 # The real command line, with the protocol of every connection the router accepts
