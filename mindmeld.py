@@ -2815,6 +2815,11 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         """The local side's bytes may go from now on."""
         self.sending = True
 
+    def _release_held(self, write):
+        held, self.held = self.held, []
+        for data in held:
+            write(data)
+
     def _deliver(self, data):
         self.delivered_any = True
         if self.transport is None:              # the sharer's target is not connected yet
@@ -2874,9 +2879,7 @@ class ForwarderEndToEnd(EndToEndLayer):
         self.sending = True
         if self.transport is None:
             return
-        held, self.held = self.held, []
-        for data in held:
-            self._send(data)
+        self._release_held(self._send)
         if self.local_eof:
             self._send_close_notify()
         self._update_reading()
@@ -2892,9 +2895,7 @@ class SharerEndToEnd(EndToEndLayer):
     def connection_made(self, transport):
         """The target answered: what waited goes first."""
         EndToEndLayer.connection_made(self, transport)
-        held, self.held = self.held, []
-        for data in held:
-            transport.write(data)
+        self._release_held(transport.write)
         if self.close_notify_received:
             self._write_local_eof()
         self._update_reading()
