@@ -16,9 +16,9 @@ Table of contents (grep -n '^# ###'), from the bottom layer up:
   2. constants and errors
   3. sans-IO core, no I/O: 3a frames, 3b preamble and peer text, 3c WebSocket
      framing, 3d stream ends (state table, credit, windows, ids), 3e handshake
-     phases and proofs
+     phases and proofs, 3f end to end (--secret): SPAKE2 pairing and stream proofs
   4. asyncio plumbing: 4a link, 4b local streams, 4c stdio transport,
-     4d WebSocket and TLS layers
+     4d WebSocket and TLS layers, 4e end to end: TLS inside one stream
   5. TLS trust: certificates, pins, known routers
   6. the router: 6a front door, session, relayed streams, registry;
      6b status page and metrics
