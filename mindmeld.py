@@ -16,9 +16,9 @@ Table of contents (grep -n '^# ###'), from the bottom layer up:
   2. constants and errors
   3. sans-IO core, no I/O: 3a frames, 3b preamble and peer text, 3c WebSocket
      framing, 3d stream ends (state table, credit, windows, ids), 3e handshake
-     phases and proofs
+     phases and proofs, 3f end to end (--secret): SPAKE2 pairing and stream proofs
   4. asyncio plumbing: 4a link, 4b local streams, 4c stdio transport,
-     4d WebSocket and TLS layers
+     4d WebSocket and TLS layers, 4e end to end: TLS inside one stream
   5. TLS trust: certificates, pins, known routers
   6. the router: 6a front door, session, relayed streams, registry;
      6b status page and metrics
@@ -1470,6 +1470,41 @@ class AcceptorPairings:
             self.limiter.failed(now)
 
 
+class EndToEndError(Exception):
+    """An end-to-end check failed on one stream: it is reset, and both ends say why."""
+
+
+class StreamProofs:
+    """The two proofs of one end-to-end stream: ours, sent once its TLS handshake is done,
+    and the far end's, the first E2E_PROOF_BYTES of its plaintext, which must match the
+    MAC of our channel binding under its key before anything else passes."""
+    __slots__ = ("keys", "side", "peer_side", "received", "sent", "confirmed")
+
+    def __init__(self, server_side, keys=None):
+        self.keys = keys                # PairKeys; a forwarder's come with the OPEN_OK
+        self.side, self.peer_side = (SHARER, FORWARDER) if server_side else (FORWARDER, SHARER)
+        self.received = b""
+        self.sent = False
+        self.confirmed = False          # the far end's proof checked out
+
+    def ours(self, channel_binding):
+        """Our proof, to send once."""
+        self.sent = True
+        return self.keys.proof(self.side, channel_binding)
+
+    def take(self, data, channel_binding):
+        """Plaintext that came before the far end was confirmed: what follows its proof (b""
+        while the proof is incomplete).  EndToEndError if the proof does not match."""
+        need = E2E_PROOF_BYTES - len(self.received)
+        self.received += data[:need]
+        if len(self.received) < E2E_PROOF_BYTES:
+            return b""
+        if not hmac.compare_digest(self.received, self.keys.proof(self.peer_side, channel_binding)):
+            raise EndToEndError("the %s could not prove the secret" % self.peer_side)
+        self.confirmed = True
+        return data[need:]
+
+
 # ###########################################################################
 # ### 4. Asyncio plumbing: the link, local streams, stdio, WebSocket and TLS layers
 # ###########################################################################
@@ -2528,8 +2563,74 @@ def e2e_context(server_side):
     return context
 
 
-class EndToEndError(Exception):
-    """An end-to-end check failed on one stream: it is reset, and both ends say why."""
+class MemoryTls:
+    """One TLS connection held in memory (ssl's SSLObject): records in with feed(), records
+    out with records(), and ssl's failures as EndToEndError."""
+
+    def __init__(self, server_side, session=None):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing,
+                                                     server_side=server_side, session=session)
+        self.handshaken = False
+
+    @property
+    def session(self):
+        return self.tls.session
+
+    @property
+    def session_reused(self):
+        return self.tls.session_reused
+
+    def channel_binding(self):
+        return self.tls.get_channel_binding("tls-unique")
+
+    def feed(self, records):
+        self.incoming.write(records)
+
+    def records(self):
+        return self.outgoing.read()
+
+    def shake(self):
+        """Go on with the handshake: True once it is done."""
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as exc:
+            raise EndToEndError("the TLS handshake failed (%s)" % (exc.reason or exc))
+        self.handshaken = True
+        return True
+
+    def read(self):
+        """(the plaintext of the records fed so far, one piece a record; whether the far
+        end's close_notify came; an EndToEndError if a record was altered, or None).  The
+        pieces before an altered record are authentic."""
+        pieces = []
+        while True:
+            try:
+                data = self.tls.read(E2E_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return pieces, False, None
+            except ssl.SSLZeroReturnError:
+                return pieces, True, None
+            except ssl.SSLError as exc:
+                return pieces, False, EndToEndError("the data was altered on the way (%s)"
+                                                    % (exc.reason or exc))
+            if not data:
+                return pieces, True, None
+            pieces.append(data)
+
+    def send(self, data):
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            raise EndToEndError("TLS refused to send (%s)" % (exc.reason or exc))
+
+    def close_notify(self):
+        try:
+            self.tls.unwrap()
+        except ssl.SSLError:                    # WantRead: the far end's close_notify comes later
+            pass
 
 
 class EndToEndLayer(_Layer, asyncio.Protocol):
@@ -2540,25 +2641,19 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
     first plaintext and the forwarder checks it before it sends its own and then the
     user's bytes; the sharer lets nothing through, and dials nothing, until the
     forwarder's proof checks out.  Half-close: a local EOF is a TLS close_notify, then the
-    stream's EOF; a stream EOF that no close_notify announced is a truncation."""
+    stream's EOF; a stream EOF that no close_notify announced is a truncation.  What
+    differs by role is in ForwarderEndToEnd and SharerEndToEnd."""
 
     def __init__(self, stream, server_side, keys=None, on_confirmed=None, session=None):
         self.stream = stream
         stream.e2e = self
-        self.server_side = server_side
-        self.side, self.peer_side = (SHARER, FORWARDER) if server_side else (FORWARDER, SHARER)
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         # session: a forwarder's TLS session from a stream the sharer proved (resumption)
-        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing,
-                                                     server_side=server_side, session=session)
-        self.keys = keys
+        self.tls = MemoryTls(server_side, session)
+        self.proofs = StreamProofs(server_side, keys)
         self.on_confirmed = on_confirmed
         self.transport = None           # the local socket (a sharer's comes once confirmed)
         self.closing = False
-        self.handshaken = self.proof_sent = False
-        self.confirmed = False          # the far end's proof checked out
         self.sending = False            # the local side's bytes may go
-        self.proof_buffer = b""
         self.held = []                  # plaintext that may not pass yet
         self.local_eof = False          # the local side ended: close_notify sent, or to send
         self.close_notify_received = False
@@ -2571,21 +2666,6 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         self.transport = transport
         _set_nodelay(transport)
         transport.set_write_buffer_limits(0, 0)
-        if self.stream.transport is None:       # a forwarder's: the stream starts with it
-            self.stream.connection_made(self)
-            try:
-                self._shake()                   # the ClientHello, for the OPEN
-            except EndToEndError as exc:
-                self.fail(str(exc))
-        else:                                   # a sharer's target: what waited goes first
-            held, self.held = self.held, []
-            for data in held:
-                transport.write(data)
-            if self.close_notify_received:
-                self._write_local_eof()
-            self._update_reading()
-            if not transport.get_write_buffer_size():
-                self.stream.resume_writing()
 
     def data_received(self, data):
         if self.closing:
@@ -2617,11 +2697,11 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
         """TLS records from the far end."""
         if self.closing or self.failed:
             return
-        self.incoming.write(data)
+        self.tls.feed(data)
         try:
-            if not self.handshaken:
+            if not self.tls.handshaken:
                 self._shake()
-            if self.handshaken:
+            if self.tls.handshaken:
                 self._read_plaintext()
         except EndToEndError as exc:
             self.fail(str(exc))
@@ -2681,97 +2761,64 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
 
     # -- TLS --------------------------------------------------------------------------
     def _flush(self):
-        data = self.outgoing.read()
+        data = self.tls.records()
         if data and not self.stream.closed:
             self.stream.data_received(data)
 
     def _shake(self):
         try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
+            done = self.tls.shake()
+        finally:
             self._flush()
+        if not done:
             return
-        except ssl.SSLError as exc:
-            self._flush()
-            raise EndToEndError("the TLS handshake failed (%s)" % (exc.reason or exc))
-        self._flush()
-        self.handshaken = True
-        if self.keys is None:
+        if self.proofs.keys is None:
             raise EndToEndError("the TLS handshake ended before the pairing")
-        if self.server_side:
-            self._send_proof()
-        elif self.tls.session_reused:
-            # Only the sharer process that the session was made with (on a stream it proved)
-            # can resume it: the forwarder need not wait for its proof (it still checks it).
-            log.debug("stream %s: TLS session resumed", self.stream.label)
-            self._send_proof()
-            self._start_sending()
+        self._handshaken()
 
     def _send_proof(self):
-        binding = self.tls.get_channel_binding("tls-unique")
-        self.tls.write(self.keys.proof(self.side, binding))
-        self.proof_sent = True
+        self.tls.send(self.proofs.ours(self.tls.channel_binding()))
         self._flush()
 
     def _read_plaintext(self):
-        # tls.read() gives one record (16 KiB at most) a call: the records that came
-        # together go to the local socket in one write, not a send() each.
-        tls, pieces = self.tls, []
-        while not self.closing and not self.failed:
-            try:
-                data = tls.read(E2E_READ_CHUNK)
-            except ssl.SSLWantReadError:
+        # The records that came together go to the local socket in one write, not a send()
+        # each; those before an altered one were authentic, and its alert goes back.
+        records, ended, error = self.tls.read()
+        if ended:
+            self.close_notify_received = True
+        pieces = []
+        for data in records:
+            if self.closing or self.failed:
                 break
-            except ssl.SSLZeroReturnError:
-                data = b""
-            except ssl.SSLError as exc:
-                self._deliver_all(pieces)       # the records before it were authentic
-                self._flush()           # the alert, for the far end's TLS
-                raise EndToEndError("the data was altered on the way (%s)" % (exc.reason or exc))
-            if not data:
-                self.close_notify_received = True
-                break
-            if not self.confirmed:
+            if not self.proofs.confirmed:
                 data = self._take_proof(data)
             if data:
                 pieces.append(data)
-        self._deliver_all(pieces)
-        self._flush()
-
-    def _deliver_all(self, pieces):
         if pieces:
             self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        self._flush()
+        if error is not None:
+            raise error
 
     def _take_proof(self, data):
-        """The far end's proof, the first E2E_PROOF_BYTES of its plaintext; what follows."""
-        need = E2E_PROOF_BYTES - len(self.proof_buffer)
-        self.proof_buffer += data[:need]
-        if len(self.proof_buffer) < E2E_PROOF_BYTES:
-            return b""
-        binding = self.tls.get_channel_binding("tls-unique")
-        if not hmac.compare_digest(self.proof_buffer, self.keys.proof(self.peer_side, binding)):
-            raise EndToEndError("the %s could not prove the secret" % self.peer_side)
-        if not self.proof_sent:
-            self._send_proof()
-        self.confirmed = True
-        if self.on_confirmed is not None:
-            self.on_confirmed(self)
-        self._start_sending()
-        return data[need:]
+        """The far end's proof, the first bytes of its plaintext; what follows."""
+        data = self.proofs.take(data, self.tls.channel_binding())
+        if self.proofs.confirmed:
+            if not self.proofs.sent:
+                self._send_proof()
+            if self.on_confirmed is not None:
+                self.on_confirmed(self)
+            self._start_sending()
+        return data
 
     def _start_sending(self):
-        """The local side's bytes may go from now on (a forwarder's that waited go first)."""
-        if self.sending:
-            return
+        """The local side's bytes may go from now on."""
         self.sending = True
-        if self.transport is None or self.server_side:
-            return
+
+    def _release_held(self, write):
         held, self.held = self.held, []
         for data in held:
-            self._send(data)
-        if self.local_eof:
-            self._send_close_notify()
-        self._update_reading()
+            write(data)
 
     def _deliver(self, data):
         self.delivered_any = True
@@ -2783,17 +2830,14 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
 
     def _send(self, data):
         try:
-            self.tls.write(data)
-        except ssl.SSLError as exc:
-            self.fail("TLS refused to send (%s)" % (exc.reason or exc))
+            self.tls.send(data)
+        except EndToEndError as exc:
+            self.fail(str(exc))
             return
         self._flush()
 
     def _send_close_notify(self):
-        try:
-            self.tls.unwrap()
-        except ssl.SSLError:                    # WantRead: the far end's close_notify comes later
-            pass
+        self.tls.close_notify()
         self._flush()
         self.stream.eof_received()
 
@@ -2803,6 +2847,63 @@ class EndToEndLayer(_Layer, asyncio.Protocol):
             return
         self.failed = why
         self.stream.e2e_failed(why)
+
+
+class ForwarderEndToEnd(EndToEndLayer):
+    """A forwarder's end, the TLS client: its local connection starts the stream (the
+    ClientHello rides the OPEN), and the user's bytes wait for the sharer's proof."""
+
+    def __init__(self, stream, session=None, on_confirmed=None):
+        EndToEndLayer.__init__(self, stream, False, on_confirmed=on_confirmed, session=session)
+
+    def connection_made(self, transport):
+        EndToEndLayer.connection_made(self, transport)
+        self.stream.connection_made(self)
+        try:
+            self._shake()                       # the ClientHello, for the OPEN
+        except EndToEndError as exc:
+            self.fail(str(exc))
+
+    def _handshaken(self):
+        if self.tls.session_reused:
+            # Only the sharer process that the session was made with (on a stream it proved)
+            # can resume it: the forwarder need not wait for its proof (it still checks it).
+            log.debug("stream %s: TLS session resumed", self.stream.label)
+            self._send_proof()
+            self._start_sending()
+
+    def _start_sending(self):
+        """What waited goes first."""
+        if self.sending:
+            return
+        self.sending = True
+        if self.transport is None:
+            return
+        self._release_held(self._send)
+        if self.local_eof:
+            self._send_close_notify()
+        self._update_reading()
+
+
+class SharerEndToEnd(EndToEndLayer):
+    """A sharer's end, the TLS server: it proves itself first, and its target is dialled
+    once the forwarder has; plaintext that comes before the target answers waits."""
+
+    def __init__(self, stream, keys, on_confirmed):
+        EndToEndLayer.__init__(self, stream, True, keys=keys, on_confirmed=on_confirmed)
+
+    def connection_made(self, transport):
+        """The target answered: what waited goes first."""
+        EndToEndLayer.connection_made(self, transport)
+        self._release_held(transport.write)
+        if self.close_notify_received:
+            self._write_local_eof()
+        self._update_reading()
+        if not transport.get_write_buffer_size():
+            self.stream.resume_writing()
+
+    def _handshaken(self):
+        self._send_proof()
 
 # ###########################################################################
 # ### 5. TLS trust: a self-signed certificate, pins, known routers
@@ -5159,6 +5260,28 @@ class FollowsItsShard:
             current.close()
 
 
+def _router_address(router, name=None):
+    """(WebSocket path or None for plain TCP, whether it is a {name} router, host, port,
+    whether it is wss://) from a router address, or MindmeldError."""
+    address, ws_path = router, None
+    sharded = "{name}" in router
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        if scheme not in ("ws", "wss"):
+            raise MindmeldError("bad router address %r: use HOST:PORT, ws://HOST[:PORT]/PATH "
+                                "or wss://HOST[:PORT]/PATH" % address)
+        address, slash, path = rest.partition("/")
+        ws_path = "/" + path if slash else WS_PATH
+    if sharded and (not sep or "{name}" in address):
+        raise MindmeldError("bad router address %r: {name} goes in the path of a ws:// or wss:// "
+                            "address, as ws://HOST[:PORT]/mindmeld/{name}" % router)
+    if sharded and name is not None:
+        ws_path = ws_path.replace("{name}", check_name(name))
+    default_port = (443 if scheme == "wss" else 80) if sep else DEFAULT_PORT
+    host, port = parse_hostport(address, "localhost", default_port, "router address")
+    return ws_path, sharded, host, port, bool(sep) and scheme == "wss"
+
+
 class _Client(FollowsItsShard):
     """What every client role shares: where the router is, how to reach it, retries.
 
@@ -5172,31 +5295,12 @@ class _Client(FollowsItsShard):
                  max_retries=None, grace=GRACE_PERIOD, backoff=(BACKOFF_FIRST, BACKOFF_MAX),
                  proxy=None, name=None, shard_check=SHARD_CHECK_INTERVAL):
         self.router = router or os.environ.get("MINDMELD_ROUTER") or DEFAULT_ROUTER
-        self.ws_path = None             # set for ws:// and wss:// routers
-        self.sharded = "{name}" in self.router
+        self.ws_path, self.sharded, self.router_host, self.router_port, wss = \
+            _router_address(self.router, name)
+        if wss and tls is None:
+            tls = TlsOptions()
         self.shard_check = shard_check
         self.retired = set()            # links left to drain after the name moved to another router
-        address = self.router
-        scheme, sep, rest = address.partition("://")
-        if sep:
-            if scheme not in ("ws", "wss"):
-                raise MindmeldError("bad router address %r: use HOST:PORT, ws://HOST[:PORT]/PATH "
-                                    "or wss://HOST[:PORT]/PATH" % address)
-            address, slash, path = rest.partition("/")
-            self.ws_path = "/" + path if slash else WS_PATH
-        if self.sharded and (not sep or "{name}" in address):
-            raise MindmeldError("bad router address %r: {name} goes in the path of a ws:// or wss:// "
-                                "address, as ws://HOST[:PORT]/mindmeld/{name}" % self.router)
-        if self.sharded and name is not None:
-            self.ws_path = self.ws_path.replace("{name}", check_name(name))
-        if sep:
-            default_port = 443 if scheme == "wss" else 80
-            if scheme == "wss" and tls is None:
-                tls = TlsOptions()
-        else:
-            default_port = DEFAULT_PORT
-        self.router_host, self.router_port = parse_hostport(
-            address, "localhost", default_port, "router address")
         self.token = token
         self.tls = tls                  # TlsOptions, or None for plain TCP
         self.proxy = proxy_for(self.router_host, proxy)
@@ -5516,7 +5620,7 @@ class SharedStream(LocalStream):
             self.deadline = None
 
     def e2e_failed(self, why):
-        if not self.e2e.confirmed:      # an attempt that failed: counted, and said as a count
+        if not self.e2e.proofs.confirmed:      # an attempt that failed: counted, and said as a count
             self.sharer.e2e.failed(self)
             self.reset("%s: %s" % (E2E_FAILURE, why))
         else:
@@ -5540,14 +5644,14 @@ class SharedStream(LocalStream):
         LocalStream._forget(self)
         self.cancel_deadline()
         e2e = self.e2e
-        if e2e is not None and not e2e.confirmed and (e2e.proof_sent or self.keys.new):
+        if e2e is not None and not e2e.proofs.confirmed and (e2e.proofs.sent or self.keys.new):
             self.sharer.e2e.failed(self)         # a pairing, or our proof, and no proof back
         if (self.transport is None or (e2e is not None and e2e.transport is None)) and not self.dialling:
-            self.sharer.stream_released(self)       # no socket was made: the slot is free
+            self.sharer.slots.release(self)       # no socket was made: the slot is free
 
     def connection_lost(self, exc):
         LocalStream.connection_lost(self, exc)
-        self.sharer.stream_released(self)           # its socket is closed: the slot is free
+        self.sharer.slots.release(self)           # its socket is closed: the slot is free
 
 
 class EndToEndAcceptor:
@@ -5581,7 +5685,7 @@ class EndToEndAcceptor:
             self.pairings[name].confirmed(keys)
             dial(layer)
 
-        layer = EndToEndLayer(stream, server_side=True, keys=keys, on_confirmed=confirmed)
+        layer = SharerEndToEnd(stream, keys, confirmed)
         stream.connection_made(layer)
         client_hello, stream.early = stream.early, None
         stream.accept({"e2e": reply})           # OPEN_OK first: the handshake may fail at once
@@ -5601,6 +5705,54 @@ class EndToEndAcceptor:
                                % (stream.service, printable(stream.opener)))
 
 
+class StreamSlots:
+    """A sharer's stream slots: what keeps a flood of OPENs from using up its descriptors.
+    Each stream holds a socket to its target; together they keep within a share of the
+    descriptor limit, so that the sharer can always still relink, log and refuse."""
+
+    def __init__(self, max_streams_per_service, max_streams_per_opener):
+        descriptors = _descriptor_limit()
+        self.max_streams = max(1, int(descriptors * SHARER_FD_SHARE)) if descriptors else None
+        self.max_streams_per_service = min(max_streams_per_service,
+                                           self.max_streams or max_streams_per_service)
+        # Half a service at most: while one forwarder holds its share, others get in.
+        self.max_streams_per_opener = min(max_streams_per_opener, max(1, self.max_streams_per_service // 2))
+        self.stream_count = 0
+        self.streams_by_service = collections.Counter()
+        self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
+
+    def over_limit(self, name, opener):
+        """Why a new stream to `name` from `opener` would be one too many, or None."""
+        if self.max_streams is not None and self.stream_count >= self.max_streams:
+            return ("the sharer has %d streams open, its limit (%d%% of its file descriptor limit); "
+                    "try again later" % (self.stream_count, SHARER_FD_SHARE * 100))
+        if self.streams_by_service[name] >= self.max_streams_per_service:
+            return ("service %r has %d streams open, the sharer's limit per service; try again later"
+                    % (name, self.max_streams_per_service))
+        if self.streams_by_opener[opener] >= self.max_streams_per_opener:
+            return ("%d streams are open from this forwarder, the sharer's limit per forwarder "
+                    "connection; close some first" % self.max_streams_per_opener)
+        return None
+
+    def take(self, stream):
+        stream.counted = True
+        self.stream_count += 1
+        self.streams_by_service[stream.service] += 1
+        self.streams_by_opener[stream.opener] += 1
+
+    def release(self, stream):
+        """The stream holds no socket any more (idempotent)."""
+        if not stream.counted:
+            return
+        stream.counted = False
+        self.stream_count -= 1
+        for counts, key in ((self.streams_by_service, stream.service),
+                            (self.streams_by_opener, stream.opener)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
+
+
 class Sharer(_Client):
     """Registers services; every stream opened to one is dialled to its target.
 
@@ -5614,17 +5766,7 @@ class Sharer(_Client):
                  max_streams_per_opener=MAX_STREAMS_PER_OPENER, **options):
         _Client.__init__(self, name=next(iter(services)) if len(services) == 1 else None, **options)
         self.secret = secret
-        # Each stream holds a socket to its target; together they keep within a share of the
-        # descriptor limit, so that the sharer can always still relink, log and refuse.
-        descriptors = _descriptor_limit()
-        self.max_streams = max(1, int(descriptors * SHARER_FD_SHARE)) if descriptors else None
-        self.max_streams_per_service = min(max_streams_per_service,
-                                           self.max_streams or max_streams_per_service)
-        # Half a service at most: while one forwarder holds its share, others get in.
-        self.max_streams_per_opener = min(max_streams_per_opener, max(1, self.max_streams_per_service // 2))
-        self.stream_count = 0
-        self.streams_by_service = collections.Counter()
-        self.streams_by_opener = collections.Counter()    # by the opener's address, as the router says
+        self.slots = StreamSlots(max_streams_per_service, max_streams_per_opener)
         self.busy_log = RefusalLog("share: streams refused, over a limit")
         self.services = {}
         for name, target in services.items():
@@ -5646,8 +5788,8 @@ class Sharer(_Client):
             for name, target in self.services.items():
                 shard = Sharer({name: (target.host, target.port)}, secret, max_streams_per_service,
                                max_streams_per_opener, **options)
-                if self.max_streams is not None:    # together within this process's share
-                    shard.max_streams = max(1, self.max_streams // len(self.services))
+                if self.slots.max_streams is not None:    # together within this process's share
+                    shard.slots.max_streams = max(1, self.slots.max_streams // len(self.services))
                 self.shards.append(shard)
 
     # -- several names through a {name} router: the shards do the work ---------------------
@@ -5747,7 +5889,7 @@ class Sharer(_Client):
         stream.sharer, stream.service = self, name
         stream.opener = str(info.get("peer", "?"))     # the router names the opening link
         stream.label = "%s#%d" % (name, stream_id)
-        busy = target is not None and self._over_limit(name, stream.opener)
+        busy = target is not None and self.slots.over_limit(name, stream.opener)
         if self.closing:
             stream.refuse("the sharer of %r is shutting down" % (name,))
         elif target is None:
@@ -5757,7 +5899,7 @@ class Sharer(_Client):
                                   % (name, printable(stream.opener), busy))
             stream.refuse(busy, "busy")
         else:
-            self._take_slot(stream)
+            self.slots.take(stream)
             if self.e2e is not None or "e2e" in info:
                 self._open_end_to_end(link, stream, info, target)
             else:
@@ -5773,38 +5915,6 @@ class Sharer(_Client):
                           "drop --secret, or share it with --secret" % stream.service)
         else:
             self.e2e.open(link, stream, info, dial)
-
-    # -- stream slots: what keeps a flood of OPENs from using up the descriptors ---------
-    def _over_limit(self, name, opener):
-        """Why a new stream to `name` from `opener` would be one too many, or None."""
-        if self.max_streams is not None and self.stream_count >= self.max_streams:
-            return ("the sharer has %d streams open, its limit (%d%% of its file descriptor limit); "
-                    "try again later" % (self.stream_count, SHARER_FD_SHARE * 100))
-        if self.streams_by_service[name] >= self.max_streams_per_service:
-            return ("service %r has %d streams open, the sharer's limit per service; try again later"
-                    % (name, self.max_streams_per_service))
-        if self.streams_by_opener[opener] >= self.max_streams_per_opener:
-            return ("%d streams are open from this forwarder, the sharer's limit per forwarder "
-                    "connection; close some first" % self.max_streams_per_opener)
-        return None
-
-    def _take_slot(self, stream):
-        stream.counted = True
-        self.stream_count += 1
-        self.streams_by_service[stream.service] += 1
-        self.streams_by_opener[stream.opener] += 1
-
-    def stream_released(self, stream):
-        """The stream holds no socket any more (idempotent)."""
-        if not stream.counted:
-            return
-        stream.counted = False
-        self.stream_count -= 1
-        for counts, key in ((self.streams_by_service, stream.service),
-                            (self.streams_by_opener, stream.opener)):
-            counts[key] -= 1
-            if counts[key] <= 0:
-                del counts[key]
 
     async def stop_accepting(self):
         self.busy_log.close()
@@ -5838,7 +5948,7 @@ class Sharer(_Client):
             timer.cancel()
             stream.dialling = False
             if (layer or stream).transport is None:
-                self.stream_released(stream)    # no socket came of it
+                self.slots.release(stream)      # no socket came of it
         log.warning("share: stream to %r refused: %s", stream.service, reason)
         if layer is None:
             stream.refuse(reason)
@@ -5899,13 +6009,13 @@ class ForwardedStream(LocalStream):
             log.debug("forward: %s: %s", self.label, exc)
             self.e2e_failed("the sharer could not prove the secret")
             return False
-        self.e2e.keys = self.keys
+        self.e2e.proofs.keys = self.keys
         self.timer = self.link.loop.call_later(OPEN_TIMEOUT, self._unconfirmed)
         return True
 
     def _unconfirmed(self):
         self.timer = None
-        if not self.closed and not self.e2e.confirmed:
+        if not self.closed and not self.e2e.proofs.confirmed:
             self.e2e_failed("no proof from the sharer within %.0f s" % OPEN_TIMEOUT)
 
     def e2e_failed(self, why):
@@ -5983,8 +6093,8 @@ def _with_e2e(stream, pairings):
     or with a secret an EndToEndLayer in front of it, which confirms its pairing."""
     if pairings is None:
         return stream
-    return EndToEndLayer(stream, server_side=False, session=pairings.tls_session,
-                         on_confirmed=lambda layer: pairings.confirmed(stream.keys, layer.tls.session))
+    return ForwarderEndToEnd(stream, session=pairings.tls_session,
+                             on_confirmed=lambda layer: pairings.confirmed(stream.keys, layer.tls.session))
 
 
 class Forwarder(_Client):
@@ -6899,27 +7009,14 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
     streams encrypted end to end (--secret on share and forward), and beside them an ssh
     -R/-L chain where ssh is installed (not with the hidden --smoke)."""
     import threading
-    import tempfile
     sizes = BENCH_SIZES["smoke" if quick == "smoke" else "quick" if quick else "default"]
     pattern = _bench_pattern()
     script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
-
-    def say(text):
-        sys.stderr.write("bench: %s\n" % text)
-        sys.stderr.flush()
-
+    say = _bench_say
     children, results, in_process = [], {}, None
     stop = threading.Event()
     descriptors = _raise_descriptor_limit() if scale else None     # before any child starts
-    if script is not None:      # the target in its own process: no GIL shared with the client
-        children.append(_Child([script, "bench", "--serve-target"], "target"))
-        target_port = children[0].port
-    else:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
-        target_port = listener.getsockname()[1]
-        threading.Thread(target=_bench_target, args=(listener, pattern, stop), daemon=True).start()
+    target_port = _bench_start_target(script, pattern, stop, children)
     try:
         say("direct to the target on 127.0.0.1:%d" % target_port)
         results["direct"] = _bench_measure(target_port, sizes, pattern, lambda t: say("  direct: " + t))
@@ -6930,27 +7027,7 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
             in_process = _InProcessRoles(target_port, tls, BENCH_SECRET if secret else None)
             port, pids, router_pid = in_process.port, [], None
         else:
-            state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
-            ready = ["--ready-fd", "1"]
-            router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
-                            + (["--tls"] if tls else []) + ready, "router")
-            children.append(router)
-            options = ["--router", "127.0.0.1:%d" % router.port] + ready
-            if tls:     # the certificate the router made there: pin it
-                options += ["--tls-fingerprint", router_tls_context(None, None, state_dir)[1]]
-            if secret:
-                secret_file = os.path.join(state_dir, "secret")
-                with open(secret_file, "w") as f:
-                    f.write(BENCH_SECRET)
-                options += ["--secret-file", secret_file]
-            children.append(_Child([script, "share", "bench", "127.0.0.1:%d" % target_port] + options,
-                                   "sharer"))
-            forwarder = _Child([script, "forward", "bench", "127.0.0.1:0"] + options, "forwarder")
-            children.append(forwarder)
-            say("router%s, sharer and forwarder started (pids %s)%s" % (
-                " (TLS)" if tls else "", ", ".join(str(c.process.pid) for c in children[1:]),
-                "; --secret: streams encrypted end to end" if secret else ""))
-            port, pids, router_pid = forwarder.port, [c.process.pid for c in children[1:]], router.process.pid
+            port, pids, router_pid = _bench_start_roles(script, target_port, tls, secret, children)
         if scale and pids:      # first, while the router is fresh: its idle footprint
             results["scale"] = _run(_bench_scale(port, pids, say))
 
@@ -6975,12 +7052,10 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
             child.stop()
     _bench_report(results, out)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"mindmeld": results["mindmeld"], "direct": results["direct"],
-                       "ssh": results.get("ssh"), "scale": results.get("scale"), "tls": tls,
-                       "secret": secret, "in_process": script is None,
-                       "python": sys.version.split()[0], "quick": quick}, f, indent=2)
-        say("wrote %s" % json_path)
+        _bench_write_json(json_path, {
+            "mindmeld": results["mindmeld"], "direct": results["direct"], "ssh": results.get("ssh"),
+            "scale": results.get("scale"), "tls": tls, "secret": secret, "in_process": script is None,
+            "python": sys.version.split()[0], "quick": quick})
     storm = (results.get("scale") or {}).get("restart_storm")
     if storm and storm["back"] < storm["peers"]:
         raise MindmeldError("bench: restart storm: only %d of %d peers were back within %.0f s of the "
@@ -6988,6 +7063,59 @@ def run_bench(quick=False, json_path=None, tls=False, scale=False, secret=False,
                                 storm["back"], storm["peers"], storm["limit_s"], storm["sharers_back"],
                                 storm["sharers"], storm["forwarders_back"], storm["forwarders"]))
     return 0
+
+
+def _bench_say(text):
+    sys.stderr.write("bench: %s\n" % text)
+    sys.stderr.flush()
+
+
+def _bench_write_json(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    _bench_say("wrote %s" % path)
+
+
+def _bench_start_target(script, pattern, stop, children):
+    """The target's port: in its own process (no GIL shared with the client), or where this
+    script was piped in, a thread of this one until `stop` is set."""
+    if script is not None:
+        children.append(_Child([script, "bench", "--serve-target"], "target"))
+        return children[-1].port
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    threading.Thread(target=_bench_target, args=(listener, pattern, stop), daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def _bench_start_roles(script, target_port, tls, secret, children):
+    """Router, sharer and forwarder as processes, appended to `children`: (the forwarder's
+    port, the three pids, the router's pid)."""
+    state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+    ready = ["--ready-fd", "1"]
+    router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
+                    + (["--tls"] if tls else []) + ready, "router")
+    roles = [router]
+    children.append(router)
+    options = ["--router", "127.0.0.1:%d" % router.port] + ready
+    if tls:     # the certificate the router made there: pin it
+        options += ["--tls-fingerprint", router_tls_context(None, None, state_dir)[1]]
+    if secret:
+        secret_file = os.path.join(state_dir, "secret")
+        with open(secret_file, "w") as f:
+            f.write(BENCH_SECRET)
+        options += ["--secret-file", secret_file]
+    for argv, what in (([script, "share", "bench", "127.0.0.1:%d" % target_port], "sharer"),
+                       ([script, "forward", "bench", "127.0.0.1:0"], "forwarder")):
+        roles.append(_Child(argv + options, what))
+        children.append(roles[-1])
+    pids = [role.process.pid for role in roles]
+    _bench_say("router%s, sharer and forwarder started (pids %s)%s" % (
+        " (TLS)" if tls else "", ", ".join(map(str, pids)),
+        "; --secret: streams encrypted end to end" if secret else ""))
+    return roles[-1].port, pids, router.process.pid
 
 
 async def _bench_scale(port, pids, say):
@@ -7032,6 +7160,13 @@ async def _bench_scale(port, pids, say):
     result["streams_5000_s"] = loop.time() - began
 
     say("scale: 100 stalled readers pushed at")
+    result["rss_growth_100_stalled_MB"] = await _bench_stalled_readers(port, pids)
+    return result
+
+
+async def _bench_stalled_readers(port, pids):
+    """How much the roles' memory grows while 100 downloads are never read."""
+    loop = _get_loop()
     rss_before = [_proc_memory_mb(p) for p in pids]
     stalled = []
     for _ in range(100):
@@ -7047,10 +7182,9 @@ async def _bench_scale(port, pids, say):
             previous, steady_since = now, loop.time()
         elif loop.time() - steady_since > 1.0:
             break
-    result["rss_growth_100_stalled_MB"] = [a - b for a, b in zip(previous, rss_before)]
     for writer in stalled:
         writer.close()
-    return result
+    return [a - b for a, b in zip(previous, rss_before)]
 
 
 SCALE_LINKS = {"default": 5000, "quick": 1000}    # idle links, and restart storm peers
@@ -7570,11 +7704,7 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
         raise MindmeldError("bench --wan starts its roles as processes: save the script as "
                             "mindmeld.py and run it from there")
     rtt, rate = rtt_ms / 1000.0, rate_mbit * 1e6 / 8
-
-    def say(text):
-        sys.stderr.write("bench: %s\n" % text)
-        sys.stderr.flush()
-
+    say = _bench_say
     import tempfile
     children, results = [], {}
     try:
@@ -7602,6 +7732,15 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
     finally:
         for child in reversed(children):
             child.stop()
+    _bench_wan_report(results, sizes, rtt_ms, rate_mbit, out)
+    if json_path:
+        _bench_write_json(json_path, {"mindmeld": results["mindmeld"], "plain": results["plain"],
+                                      "rtt_ms": rtt_ms, "rate_mbit": rate_mbit,
+                                      "python": sys.version.split()[0], "quick": quick})
+    return 0
+
+
+def _bench_wan_report(results, sizes, rtt_ms, rate_mbit, out):
     rows = [("idle_p50_ms", "interactive p50, ms"), ("idle_p99_ms", "interactive p99, ms"),
             ("loaded_p50_ms", "  with a download, p50, ms"), ("loaded_p99_ms", "  with a download, p99, ms"),
             ("bulk_during_MBps", "  the download meanwhile, MB/s"),
@@ -7609,7 +7748,7 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
             ("download_MBps", "download %d MB, MB/s" % (sizes[0] // 10 ** 6)),
             ("upload_MBps", "upload %d MB, MB/s" % (sizes[0] // 10 ** 6))]
     out.write("two emulated links, each %.0f ms round trip, %s\n"
-              % (rtt_ms, "%.0f Mbit/s each way" % rate_mbit if rate else "no rate limit"))
+              % (rtt_ms, "%.0f Mbit/s each way" % rate_mbit if rate_mbit else "no rate limit"))
     out.write("%-34s %10s %10s\n" % ("", "mindmeld", "plain TCP"))
     for key, label in rows:
         out.write("%-34s %10.1f %10.1f\n" % (label, results["mindmeld"][key], results["plain"][key]))
@@ -7617,13 +7756,6 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
     out.write("interactive p99 under load is %+.1f ms over idle (target: at most +25)\n"
               % (mine["loaded_p99_ms"] - mine["idle_p99_ms"]))
     out.flush()
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"mindmeld": results["mindmeld"], "plain": results["plain"], "rtt_ms": rtt_ms,
-                       "rate_mbit": rate_mbit, "python": sys.version.split()[0], "quick": quick},
-                      f, indent=2)
-        say("wrote %s" % json_path)
-    return 0
 
 
 # ###########################################################################

@@ -5739,7 +5739,10 @@ class TestOperatorView(LoopTestCase):
                 self.assertTrue(errors[0].startswith("mindmeld router: error: "), errors[0])
                 self.assertIn(words, errors[0])
                 self.assertNotIn("Traceback", done.err)
-# Messages a user sees: internal errors, mislabelled frames, numeric flags
+
+
+# ---------------------------------------------------------------------------
+# 13. Messages a user sees: internal errors, mislabelled frames, numeric flags
 # ---------------------------------------------------------------------------
 
 # The real command line, with the protocol of every connection the router accepts
@@ -6566,7 +6569,7 @@ class TestFloodsOfOpensAndNames(HostileTestCase):
 
         async def main():
             traffic = await self.honest()
-            self.assertEqual(self.sharer.max_streams_per_opener, 256)
+            self.assertEqual(self.sharer.slots.max_streams_per_opener, 256)
             flooder = await self.raw_peer()
             ids = [2 * i + 1 for i in range(1100)]
             flooder.send(b"".join(encode_json(OPEN, i, {"service": "web"}) for i in ids))
@@ -6583,9 +6586,9 @@ class TestFloodsOfOpensAndNames(HostileTestCase):
             self.assertEqual(len(warnings), 1, self.logs)       # one line for the flood
             flooder.writer.close()
             await self.after(traffic)
-            await wait_until(lambda: not self.sharer.streams_by_opener, 10,    # every slot back
-                             lambda: "sharer still counts %r" % self.sharer.streams_by_opener)
-            self.assertEqual(self.sharer.stream_count, 0)
+            await wait_until(lambda: not self.sharer.slots.streams_by_opener, 10,    # every slot back
+                             lambda: "sharer still counts %r" % self.sharer.slots.streams_by_opener)
+            self.assertEqual(self.sharer.slots.stream_count, 0)
         self.run_async(main(), 40)
 
     def test_a_busy_sharer_is_logged_once_by_the_forwarder(self):
@@ -6604,7 +6607,7 @@ class TestFloodsOfOpensAndNames(HostileTestCase):
             lines = [l for l in self.logs if "forward:" in l and "refused" in l]
             self.assertEqual(len(lines), 1, self.logs)
             self.assertIn("busy", lines[0])
-            self.assertEqual(sharer.streams_by_service["web"], 4)
+            self.assertEqual(sharer.slots.streams_by_service["web"], 4)
         self.run_async(main(), 30)
 
     def test_list_pages_through_ten_thousand_services(self):
@@ -6665,11 +6668,12 @@ class TestFloodsOfOpensAndNames(HostileTestCase):
                         pass
             web = await self.start_forwarder("web")
             _reader, writer = await self.round_trip(web.port)
-            self.assertEqual(plain.stream_count, 1)
+            self.assertEqual(plain.slots.stream_count, 1)
             writer.close()
-            await wait_until(lambda: plain.stream_count == locked.stream_count == 0, 10,
-                             lambda: "slots held: %r %r" % (plain.streams_by_opener, locked.streams_by_opener))
-            self.assertFalse(plain.streams_by_service or locked.streams_by_service)
+            await wait_until(lambda: plain.slots.stream_count == locked.slots.stream_count == 0, 10,
+                             lambda: "slots held: %r %r" % (plain.slots.streams_by_opener,
+                                                            locked.slots.streams_by_opener))
+            self.assertFalse(plain.slots.streams_by_service or locked.slots.streams_by_service)
         self.run_async(main(), 30)
 # ---------------------------------------------------------------------------
 # 15. TLS trust without holes: a test CA as the system CAs, known_routers that fail closed
