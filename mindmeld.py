@@ -394,6 +394,8 @@ MAX_SERVICES_PER_PEER = 64
 MAX_PENDING_HANDSHAKES = 4096       # unfinished handshakes in all; past it, the source (IPv4 address
                                     # or IPv6 /64) with the most loses its oldest.  A restart storm
                                     # from one place is served at the rate the router can, not refused
+HANDSHAKE_FD_SHARE = 0.25           # ... and never more than this share of RLIMIT_NOFILE (256 of
+                                    # 1,024), so a flood is evicted before accept() runs out of them
 ROUTER_READ_BUFFER = 512           # bytes: a new peer's first buffer (it grows as reads fill it)
 MAX_STREAMS_PER_SERVICE = 4096      # sharer: streams of one service at once (each dials a socket)
 MAX_STREAMS_PER_OPENER = 1024       # sharer: ... opened through one forwarder link (at most half the above)
@@ -3679,10 +3681,20 @@ class PendingHandshakes:
         peer.source = source = source_of(peer.transport)
         self.by_source.setdefault(source, collections.OrderedDict())[peer] = None
         self.count += 1
-        if self.count > MAX_PENDING_HANDSHAKES:
+        limit = self.limit()
+        if self.count > limit:
             heaviest = max(self.by_source, key=lambda s: len(self.by_source[s]))
             self._evict(heaviest, "more than %d unfinished handshakes in all; %s has the most"
-                        % (MAX_PENDING_HANDSHAKES, heaviest))
+                        % (limit, heaviest))
+
+    @staticmethod
+    def limit():
+        """MAX_PENDING_HANDSHAKES, or less where descriptors are fewer (read each time: an
+        operator may raise the limit of a running router with prlimit)."""
+        descriptors = _descriptor_limit()
+        if descriptors is None:
+            return MAX_PENDING_HANDSHAKES
+        return max(1, min(MAX_PENDING_HANDSHAKES, int(descriptors * HANDSHAKE_FD_SHARE)))
 
     def finished(self, peer):
         pending = self.by_source.get(peer.source)
