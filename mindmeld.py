@@ -396,6 +396,9 @@ MAX_PENDING_HANDSHAKES = 4096       # unfinished handshakes in all; past it, the
                                     # from one place is served at the rate the router can, not refused
 HANDSHAKE_FD_SHARE = 0.25           # ... and never more than this share of RLIMIT_NOFILE (256 of
                                     # 1,024), so a flood is evicted before accept() runs out of them
+STRANGER_LOG_BURST = 10            # warnings a minute about one source's failed handshakes; the rest
+STRANGER_LOG_WINDOW = 60.0          # ... are counted and said in one line when the minute is over
+STRANGER_LOG_SOURCES = 1024         # sources counted apart; past it, the others share one count
 ROUTER_READ_BUFFER = 512           # bytes: a new peer's first buffer (it grows as reads fill it)
 MAX_STREAMS_PER_SERVICE = 4096      # sharer: streams of one service at once (each dials a socket)
 MAX_STREAMS_PER_OPENER = 1024       # sharer: ... opened through one forwarder link (at most half the above)
@@ -3375,7 +3378,7 @@ class FrontDoor:
 
     def _refuse(self, exc, first):
         peer = self.peer
-        log.warning("router: %s sent %s; closing", peer.peer, exc)
+        peer.router.stranger_log.warning(peer.source, "router: %s sent %s; closing", peer.peer, exc)
         peer.phase = "refused"
         peer.drop_cause = "version" if getattr(exc, "version", None) is not None else "not_mindmeld"
         if getattr(exc, "version", None) is not None:     # frames look alike in every version
@@ -3714,6 +3717,41 @@ class PendingHandshakes:
         oldest.abort("too many unfinished handshakes")
 
 
+class StrangerLog:
+    """Warnings about connections that failed the handshake, at most STRANGER_LOG_BURST
+    a minute per source: a flood of strangers cannot flood the operator's log.  What is
+    held back is counted and said in one line when the source's minute is over."""
+
+    def __init__(self):
+        self.sources = {}       # source -> [warnings this minute, held back, timer]
+
+    def warning(self, source, message, *args):
+        entry = self.sources.get(source)
+        if entry is None:
+            if len(self.sources) >= STRANGER_LOG_SOURCES:
+                return self.warning("other sources", message, *args)
+            entry = self.sources[source] = [0, 0, _get_loop().call_later(
+                STRANGER_LOG_WINDOW, self._minute_over, source)]
+        entry[0] += 1
+        if entry[0] <= STRANGER_LOG_BURST:
+            log.warning(message, *args)
+            return
+        if not entry[1]:
+            log.warning("router: more than %d failed handshakes from %s within %g s; counting "
+                        "the rest, not logging them", STRANGER_LOG_BURST, source, STRANGER_LOG_WINDOW)
+        entry[1] += 1
+
+    def _minute_over(self, source):
+        held = self.sources.pop(source)[1]
+        if held:
+            log.warning("router: %d more failed handshakes from %s were not logged", held, source)
+
+    def close(self):
+        for entry in self.sources.values():
+            entry[2].cancel()
+        self.sources.clear()
+
+
 # Stream frames the router relays: (frame type, RelayedStream method).
 RELAYED_FRAMES = ((WINDOW, "window"), (EOF, "eof"), (RESET, "reset"), (OPEN_OK, "open_ok"),
                   (OPEN_REFUSED, "open_refused"))
@@ -3963,8 +4001,9 @@ class RouterPeer(WatchedWrites, Link):
         router.handshakes.started(self)
 
     def _handshake_expired(self):
-        log.warning("router: %s did not complete the handshake within %g s; dropping it",
-                    self.peer, self.router.handshake_timeout)
+        self.router.stranger_log.warning(
+            self.source, "router: %s did not complete the handshake within %g s; dropping it",
+            self.peer, self.router.handshake_timeout)
         self.drop_cause = "timeout"
         self.close("timeout", "handshake not completed in time")
 
@@ -4006,7 +4045,8 @@ class RouterPeer(WatchedWrites, Link):
         mac = str(decode_json(AUTH, payload).get("mac", ""))
         expected = _auth_mac(self.router.token, self.nonce)
         if not hmac.compare_digest(mac.encode(), expected.encode()):
-            log.warning("router: %s presented a wrong or missing token; refused", self.peer)
+            self.router.stranger_log.warning(
+                self.source, "router: %s presented a wrong or missing token; refused", self.peer)
             self._enter("refused")
             self.drop_cause = "auth"
             self.close("auth", "wrong or missing token for this router")
@@ -4122,8 +4162,9 @@ class RouterPeer(WatchedWrites, Link):
 
     def on_lost(self, reason):
         if self.phase == "auth":
-            log.warning("router: %s left without proving the token (it needs --token); refused",
-                        self.peer)
+            self.router.stranger_log.warning(
+                self.source, "router: %s left without proving the token (it needs --token); "
+                "refused", self.peer)
         elif self.phase == "hello" or (self.phase == "preamble" and self._handshake_timer):
             log.debug("router: %s left during the handshake: %s", self.peer, reason)
         self._handshake_done()
@@ -4160,6 +4201,7 @@ class Router:
         self.services = {}
         self.peers = set()
         self.handshakes = PendingHandshakes()
+        self.stranger_log = StrangerLog()
         self.relayed = 0                # streams relayed now
         self.windows = WindowLedger()   # what all peers' streams may make us hold
         self.paused = set()             # peers whose link we cannot write to now (not reading?)
@@ -4215,8 +4257,9 @@ class Router:
         if "ALERT" in reason.upper():   # the client refused us (as trust on first use starts)
             log.debug("router: %s ended the TLS handshake: %s", peer.peer, reason)
         else:
-            log.warning("router: %s failed the TLS handshake (%s; clients of this router need "
-                        "--tls); disconnecting", peer.peer, reason)
+            peer.router.stranger_log.warning(
+                peer.source, "router: %s failed the TLS handshake (%s; clients of this router "
+                "need --tls); disconnecting", peer.peer, reason)
 
     @property
     def open_streams(self):
@@ -4329,6 +4372,7 @@ class Router:
         """Stop accepting, tell every peer (GOAWAY), let streams finish for `grace` s."""
         if self._reading_timer is not None:
             self._reading_timer.cancel()
+        self.stranger_log.close()
         await self.monitor.close()
         if self.server is not None:
             await _close_server(self.server)

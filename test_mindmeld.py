@@ -6099,6 +6099,55 @@ class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
         self.assertLessEqual(len(warnings), 1, lines)   # never a line per connection
 
 
+    def test_failed_handshakes_from_one_address_are_logged_a_few_times_then_counted(self):
+        """40 connections from 127.0.0.2 that send what is not mindmeld: the router logs
+        the first STRANGER_LOG_BURST, then one line saying it counts the rest; a stranger
+        from another address is still logged."""
+        router, address = self.start_router()
+        port = int(address.rsplit(":", 1)[1])
+
+        def stranger(source):
+            sock = socket.socket()
+            sock.bind((source, 0))
+            sock.connect((LOCALHOST, port))
+            sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            sock.settimeout(10)
+            recv_to_end(sock, 4096, timeout=10)     # the router closes it
+            sock.close()
+        for _ in range(40):
+            stranger("127.0.0.2")
+        stranger("127.0.0.3")
+        _code, lines = router.signal(signal.SIGTERM)
+        about_2 = [l for l in lines if "127.0.0.2" in l]
+        burst = mindmeld.STRANGER_LOG_BURST
+        self.assertEqual(len([l for l in about_2 if "SSH-2.0" in l]), burst, lines)
+        self.assertEqual(len([l for l in about_2 if "counting the rest" in l]), 1, lines)
+        self.assertEqual(len(about_2), burst + 1, lines)
+        self.assertEqual(len([l for l in lines if "127.0.0.3" in l]), 1, lines)
+
+
+class TestStrangerLog(HostileTestCase):
+
+    def test_what_was_held_back_is_said_in_one_line_when_the_minute_is_over(self):
+        self.addCleanup(setattr, mindmeld, "STRANGER_LOG_WINDOW", mindmeld.STRANGER_LOG_WINDOW)
+        mindmeld.STRANGER_LOG_WINDOW = 0.3      # a minute would be long for a test
+
+        async def main():
+            self.router = await self.start_router()
+            for _ in range(mindmeld.STRANGER_LOG_BURST + 5):
+                reader, writer = await self.connect(self.router.port)
+                writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+                await asyncio.wait_for(reader.read(), 5)     # the router closes it
+                writer.close()
+            await wait_until(lambda: [l for l in self.logs if "were not logged" in l], 5,
+                             "the held-back count")
+            refused = [l for l in self.logs if "SSH-2.0" in l]
+            self.assertEqual(len(refused), mindmeld.STRANGER_LOG_BURST, self.logs)
+            self.assertEqual([l for l in self.logs if "were not logged" in l],
+                             ["router: 5 more failed handshakes from 127.0.0.1 were not logged"])
+        self.run_async(main(), 30)
+
+
 class TestWebSocketStrangers(HostileTestCase):
     """Before a WebSocket peer has authenticated, the router holds little for it."""
 
