@@ -301,6 +301,7 @@ DEFAULT_ROUTER = "localhost:%d" % DEFAULT_PORT
 MAGIC = b"MINDMELD"                 # the client's first bytes, then one version byte
 PROTOCOL_VERSION = 1
 PREAMBLE = MAGIC + bytes([PROTOCOL_VERSION])
+AGENT = "mindmeld/" + __version__   # what the router says it is (to strangers only "mindmeld")
 
 # Frame header: payload length, type, flags, stream (or request) id; network order.
 HEADER = struct.Struct("!IBBI")
@@ -4030,7 +4031,8 @@ class RouterPeer(WatchedWrites, Link):
         self.agent = short_reason(hello.get("agent", "?"))[:80]
         self.hello_role = str(hello.get("role", ""))[:16]
         token = self.router.token
-        hello = {"version": PROTOCOL_VERSION, "agent": "mindmeld/" + __version__,
+        # Behind a token, strangers learn only that this is mindmeld: the version after AUTH.
+        hello = {"version": PROTOCOL_VERSION, "agent": "mindmeld" if token else AGENT,
                  "nonce": self.nonce.hex(), "auth": "token" if token else "none",
                  "instance": self.router.instance}     # which router: clients behind a front check it
         if not token:
@@ -4051,7 +4053,8 @@ class RouterPeer(WatchedWrites, Link):
             self.drop_cause = "auth"
             self.close("auth", "wrong or missing token for this router")
             return
-        self.send_json(AUTH, 0, {"ok": True, "window_budget": self.windows.promise_growth()})
+        self.send_json(AUTH, 0, {"ok": True, "agent": AGENT,
+                                 "window_budget": self.windows.promise_growth()})
         self._ready()
 
     def _ready(self):

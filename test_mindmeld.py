@@ -6128,6 +6128,14 @@ class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
 
 class TestStrangerLog(HostileTestCase):
 
+    def test_a_router_with_a_token_tells_strangers_no_version(self):
+        async def main():
+            self.router = await self.start_router(token="t")
+            hello = await (await self.raw_peer(handshake=False)).handshake()
+            self.assertEqual((hello["agent"], hello["auth"]), ("mindmeld", "token"))
+            self.assertNotIn(mindmeld.__version__, json.dumps(hello))
+        self.run_async(main(), 10)
+
     def test_what_was_held_back_is_said_in_one_line_when_the_minute_is_over(self):
         self.addCleanup(setattr, mindmeld, "STRANGER_LOG_WINDOW", mindmeld.STRANGER_LOG_WINDOW)
         mindmeld.STRANGER_LOG_WINDOW = 0.3      # a minute would be long for a test
