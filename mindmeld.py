@@ -7425,15 +7425,17 @@ def _bench_links_and_storm(script, quick, descriptors, say):
         if idle_n < 10 or storm_n < 10:
             raise MindmeldError("bench: RLIMIT_NOFILE is %d, too low for --scale; raise it with "
                                 "ulimit -n" % descriptors)
-    router_argv = [script, "router", "--state-dir", tempfile.mkdtemp(prefix="mindmeld-bench-"),
-                   "--ready-fd", "1"]
-    routers = [_Child(router_argv + ["--listen", "127.0.0.1:0"], "scale router")]
+    state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+    router_argv = [script, "router", "--state-dir", state_dir, "--ready-fd", "1"]
+    routers = []
     try:
+        routers.append(_Child(router_argv + ["--listen", "127.0.0.1:0"], "scale router"))
         result = {"idle_links": _bench_idle_links(routers[0].port, routers[0].process.pid, idle_n, say)}
         result["restart_storm"] = _bench_restart_storm(routers, router_argv, storm_n, say)
     finally:
         for router in routers:
             router.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)    # each run made one; none was ever removed
     return result
 
 
