@@ -6581,6 +6581,14 @@ def _bench_target(listener, pattern, stop):
         threading.Thread(target=_bench_target_connection, args=(conn, pattern), daemon=True).start()
 
 
+def _bench_folder(prefix="mindmeld-bench-"):
+    """A temporary folder (a router's state, sshd's files) removed when the bench exits."""
+    import atexit
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def _bench_connect(port):
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -6874,7 +6882,7 @@ class _SshChain:
             tools[tool] = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/local/sbin:/sbin")
             if tools[tool] is None:
                 raise SshUnavailable("%s not found (install openssh-server and openssh-client for it)" % tool)
-        self.processes, self.folder = [], tempfile.mkdtemp(prefix="mindmeld-bench-ssh-")
+        self.processes, self.folder = [], _bench_folder("mindmeld-bench-ssh-")
         self.port = None
         try:
             self._start(tools, target_port, getpass.getuser(), subprocess, timeout)
@@ -7033,11 +7041,10 @@ class _InProcessRoles:
         log.setLevel(logging.WARNING)       # the roles' lines would interleave with the bench's
 
         async def main():
-            import tempfile
             self.loop, self.stop = _get_loop(), asyncio.Event()
             context, client_tls = None, None
             if tls:
-                context, fingerprint = router_tls_context(None, None, tempfile.mkdtemp())
+                context, fingerprint = router_tls_context(None, None, _bench_folder())
                 client_tls = TlsOptions(fingerprint=fingerprint)
             router = await Router("127.0.0.1", 0, ssl_context=context).start()
             where = "127.0.0.1:%d" % router.port
@@ -7152,7 +7159,7 @@ def _bench_start_target(script, pattern, stop, children):
 def _bench_start_roles(script, target_port, tls, secret, children):
     """Router, sharer and forwarder as processes, appended to `children`: (the forwarder's
     port, the three pids, the router's pid)."""
-    state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+    state_dir = _bench_folder()
     ready = ["--ready-fd", "1"]
     router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir", state_dir]
                     + (["--tls"] if tls else []) + ready, "router")
@@ -7411,7 +7418,6 @@ def _bench_restart_storm(routers, router_argv, n, say):
 def _bench_links_and_storm(script, quick, descriptors, say):
     """bench --scale's router figures, on a router of their own: RSS per idle link, and the
     time every peer takes to come back after the router is killed and restarted."""
-    import tempfile
     n = SCALE_LINKS["quick" if quick else "default"]
     # The router holds a descriptor a link; the storm's peers about three a peer (a link, a
     # listening socket or a target, a probe in flight); 100 to spare.
@@ -7425,7 +7431,7 @@ def _bench_links_and_storm(script, quick, descriptors, say):
         if idle_n < 10 or storm_n < 10:
             raise MindmeldError("bench: RLIMIT_NOFILE is %d, too low for --scale; raise it with "
                                 "ulimit -n" % descriptors)
-    state_dir = tempfile.mkdtemp(prefix="mindmeld-bench-")
+    state_dir = _bench_folder()
     router_argv = [script, "router", "--state-dir", state_dir, "--ready-fd", "1"]
     routers = []
     try:
@@ -7766,14 +7772,13 @@ def run_bench_wan(quick=False, rtt_ms=50.0, rate_mbit=100.0, json_path=None, out
                             "mindmeld.py and run it from there")
     rtt, rate = rtt_ms / 1000.0, rate_mbit * 1e6 / 8
     say = _bench_say
-    import tempfile
     children, results = [], {}
     try:
         target = _Child([script, "bench", "--serve-target"], "target")
         children.append(target)
         ready = ["--ready-fd", "1"]
         router = _Child([script, "router", "--listen", "127.0.0.1:0", "--state-dir",
-                         tempfile.mkdtemp(prefix="mindmeld-bench-")] + ready, "router")
+                         _bench_folder()] + ready, "router")
         children.append(router)
         spec = {"rate": rate, "links": [[router.port, rtt], [router.port, rtt], [target.port, 2 * rtt]]}
         wan = _Child([script, "bench", "--serve-wan", json.dumps(spec)], "emulated links")
