@@ -1556,8 +1556,64 @@ def _pending_size(stream):
     return len(stream.pending) if stream.pending is not None else 0
 
 
+class Liveness:
+    """Is the peer still there?  Counts what arrives (`heard`); after each `interval` of
+    silence, a PING; after KEEPALIVE_MISSES silent intervals, the link is aborted.  Also
+    the one-off probe `answers`."""
+
+    def __init__(self, link, interval):
+        self.link = link
+        self.interval = interval        # s between checks; 0 or None: no keepalive
+        self.received = self.seen = self.silent = 0
+        self.waiter = None              # a future for "anything arrived" (liveness probes)
+        self.timer = None
+
+    def start(self):
+        if self.interval:
+            self.timer = self.link.loop.call_later(self.interval, self._tick)
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def heard(self):
+        self.received += 1
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(True)
+            self.waiter = None
+
+    async def answers(self, timeout):
+        """Does the peer still answer?  One PING, and anything back within `timeout`.
+        Concurrent callers share one probe."""
+        link = self.link
+        if link.closing:
+            return False
+        if self.waiter is None:
+            self.waiter = link.loop.create_future()
+            link.ping()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.waiter), timeout)
+        except asyncio.TimeoutError:
+            return False
+
+    def _tick(self):
+        link = self.link
+        if link.closing:
+            return
+        if self.received != self.seen:
+            self.seen, self.silent = self.received, 0
+        else:
+            self.silent += 1
+            if self.silent >= KEEPALIVE_MISSES:
+                link.abort("no answer to keepalive pings for %.0f s" % (self.silent * self.interval))
+                return
+            link.ping()
+        self.timer = link.loop.call_later(self.interval, self._tick)
+
+
 class Link(BufferedProtocol):
-    """One multiplexed connection: frame codec, write path, keepalive, shutdown.
+    """One multiplexed connection: frame codec, write path, keepalive (`liveness`), shutdown.
 
     Subclasses route frames through `dispatch`, a dict {frame type: handler(id, payload)}.
     Writes go straight to the transport; the transport's own buffer is the
@@ -1577,16 +1633,13 @@ class Link(BufferedProtocol):
         self.peer = "?"
         self.frames = FrameBuffer()
         self.sock = None                # for direct writes (plain TCP only)
-        self.keepalive = keepalive
+        self.liveness = Liveness(self, keepalive)
         self.write_paused = False
         self.blocked = []            # local streams that wait for resume_writing()
         self.closing = False
         self.lost = self.loop.create_future()   # result: the reason it ended (str)
         self.rtt = RTT_INITIAL
         self.dispatch = {PING: self.on_ping, PONG: self.on_pong}
-        self._rx_count = self._rx_seen = self._silent = 0
-        self._rx_waiter = None          # a future for "anything arrived" (liveness probes)
-        self._keepalive_timer = None
         self._resume_pending = False
         self._close_reason = None
 
@@ -1599,38 +1652,17 @@ class Link(BufferedProtocol):
             _set_notsent_lowat(transport, self.notsent_lowat)
         self.sock = _raw_socket(transport)
         transport.set_write_buffer_limits(LINK_HIGH_WATER, LINK_LOW_WATER)
-        if self.keepalive:
-            self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
+        self.liveness.start()
 
     def get_buffer(self, sizehint):
         return self.frames.writable()
 
     def buffer_updated(self, nbytes):
-        self._rx_count += 1
-        if self._rx_waiter is not None:
-            self._heard()
+        self.liveness.heard()
         if self.closing:
             return
         self.frames.advance(nbytes)
         self.process_frames()
-
-    def _heard(self):
-        if not self._rx_waiter.done():
-            self._rx_waiter.set_result(True)
-        self._rx_waiter = None
-
-    async def answers(self, timeout):
-        """Does the peer still answer?  One PING, and anything back within `timeout`.
-        Concurrent callers share one probe."""
-        if self.closing:
-            return False
-        if self._rx_waiter is None:
-            self._rx_waiter = self.loop.create_future()
-            self.ping()
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._rx_waiter), timeout)
-        except asyncio.TimeoutError:
-            return False
 
     def data_received(self, data):
         """3.6 (no BufferedProtocol): copy into the frame buffer."""
@@ -1665,8 +1697,7 @@ class Link(BufferedProtocol):
 
     def connection_lost(self, exc):
         self.closing = True
-        if self._keepalive_timer is not None:
-            self._keepalive_timer.cancel()
+        self.liveness.stop()
         reason = self._close_reason or (
             "connection lost: %s" % (exc or "closed by the peer"))
         self.on_lost(reason)
@@ -1721,20 +1752,7 @@ class Link(BufferedProtocol):
     def send_json(self, ftype, stream_id, obj):
         self.send(encode_json(ftype, stream_id, obj))
 
-    # -- keepalive ------------------------------------------------------------
-    def _keepalive_tick(self):
-        if self.closing:
-            return
-        if self._rx_count != self._rx_seen:
-            self._rx_seen, self._silent = self._rx_count, 0
-        else:
-            self._silent += 1
-            if self._silent >= KEEPALIVE_MISSES:
-                self.abort("no answer to keepalive pings for %.0f s" % (self._silent * self.keepalive))
-                return
-            self.ping()
-        self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
-
+    # -- keepalive and round trip ----------------------------------------------
     def ping(self):
         self.send(encode_frame(PING, 0, PING_PAYLOAD.pack(time.monotonic())))
 
@@ -3965,9 +3983,7 @@ class RouterPeer(WatchedWrites, Link):
     def buffer_updated(self, nbytes):
         if self.phase != "preamble":
             return Link.buffer_updated(self, nbytes)
-        self._rx_count += 1
-        if self._rx_waiter is not None:
-            self._heard()
+        self.liveness.heard()
         self.frames.advance(nbytes)
         if self.door.sniff():
             self._enter("hello")
@@ -4255,7 +4271,7 @@ class Router:
         same_owner = owner_link_follows(owner, current.owner)
         if same_owner:
             why = "its sharer reconnected"
-        elif not current.verifier and not await current.peer.answers(self.liveness_probe):
+        elif not current.verifier and not await current.peer.liveness.answers(self.liveness_probe):
             why = "its previous sharer stopped answering"
         else:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
@@ -4603,7 +4619,7 @@ class RouterMonitor:
         tls_error = getattr(layer, "error", None)
         if cause is None and ssl is not None and isinstance(tls_error, ssl.SSLError):
             cause = "tls"
-        if cause is None and peer._silent >= KEEPALIVE_MISSES:
+        if cause is None and peer.liveness.silent >= KEEPALIVE_MISSES:
             cause = "keepalive"
         if peer.phase in HANDSHAKE_PHASES:
             cause = cause or ("auth" if peer.phase == "auth" else "closed")
@@ -4969,7 +4985,7 @@ class ClientLink(Link):
 
     def buffer_updated(self, nbytes):
         if self.ws_key is not None:
-            self._rx_count += 1
+            self.liveness.heard()
             return self._upgraded(nbytes)
         if not self.ready.done() and self.frames.start == 0 and self.frames.end == 0:
             head = bytes(self.frames.view[:min(nbytes, 2)])
