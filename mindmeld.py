@@ -1823,12 +1823,78 @@ class Link(BufferedProtocol):
 E2E_FAILURE = "end-to-end check failed"
 
 
-class LocalStream(asyncio.Protocol):
+class Upstream:
+    """The local -> link half of a LocalStream: reads go out as DATA while credit lasts
+    and the link is not paused; the rest waits in `pending`, with local reading paused,
+    until a WINDOW (credit) or the link's resume_writing lets it go.  A mixin: it uses
+    the stream's link, end, id, transport, local_eof, closed and _finish."""
+
+    pending = None                  # what credit or a paused link held back, sent first
+    reading = True                  # the local transport is not paused
+
+    # -- reading control ------------------------------------------------
+    def pause_reading(self):
+        if self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.reading and self.transport is not None and not self.local_eof \
+                and not self.transport.is_closing():
+            self.reading = True
+            self.transport.resume_reading()
+
+    # -- sending ---------------------------------------------------------------
+    def send_upstream(self, data):
+        link, end = self.link, self.end
+        n = len(data)
+        if n <= end.credit and n <= link.frame_max and not link.write_paused:
+            end.send_data(n)                # the common case: one read, one frame
+            link.send_data(self.id, data)
+            return
+        view = memoryview(data)
+        while view and end.credit and not link.write_paused:
+            n = min(len(view), end.credit, link.frame_max)
+            end.send_data(n)
+            link.send_data(self.id, view[:n])
+            view = view[n:]
+        if view:
+            self.pending = view
+            self.pause_reading()
+            if link.write_paused:
+                link.blocked.append(self)
+
+    def _flush_pending(self):
+        if self.pending is not None:
+            data, self.pending = self.pending, None
+            self.send_upstream(data)
+        if self.pending is None:
+            if self.local_eof:
+                if self.end.allows(SEND, EOF):
+                    self._send_eof()
+            else:
+                self.resume_reading()
+
+    def link_resumed(self):
+        if not self.closed:
+            self._flush_pending()
+
+    def _send_eof(self):
+        self.link.send(self.end.send(EOF))
+        if self.end.state == CLOSED:
+            self._finish()
+
+    def on_window(self, payload):
+        self.end.recv_window(payload)
+        if self.pending is not None:
+            self._flush_pending()           # or joins link.blocked if the link is paused
+
+
+class LocalStream(Upstream, asyncio.Protocol):
     """One local TCP connection joined to one stream of a ClientLink.
 
     The stream's rules live in `end` (a StreamEnd); this class does the I/O.
-    Local -> link: reads are sent as DATA while credit lasts; beyond it the rest
-    waits in `pending` and reading pauses.  Link -> local: credit goes back only
+    Local -> link: see Upstream.  Link -> local: credit goes back only
     when the local write buffer has drained (write buffer limits are 0, so
     resume_writing() means "everything written has been handed to the kernel")."""
 
@@ -1845,8 +1911,6 @@ class LocalStream(asyncio.Protocol):
         self.sock = None
         if link is not None:            # the router opened it: we accept
             self.attach(link, stream_id, OPEN_RECEIVED)
-        self.pending = None
-        self.reading = True
         self.local_eof = False       # the local side sent FIN
         self.write_paused = False
         self.undelivered = 0
@@ -1920,58 +1984,6 @@ class LocalStream(asyncio.Protocol):
         if n:
             self._delivered(n)
 
-    # -- reading control ------------------------------------------------
-    def pause_reading(self):
-        if self.reading and self.transport is not None:
-            self.reading = False
-            self.transport.pause_reading()
-
-    def resume_reading(self):
-        if not self.reading and self.transport is not None and not self.local_eof \
-                and not self.transport.is_closing():
-            self.reading = True
-            self.transport.resume_reading()
-
-    # -- local -> link ------------------------------------------------------
-    def send_upstream(self, data):
-        link, end = self.link, self.end
-        n = len(data)
-        if n <= end.credit and n <= link.frame_max and not link.write_paused:
-            end.send_data(n)                # the common case: one read, one frame
-            link.send_data(self.id, data)
-            return
-        view = memoryview(data)
-        while view and end.credit and not link.write_paused:
-            n = min(len(view), end.credit, link.frame_max)
-            end.send_data(n)
-            link.send_data(self.id, view[:n])
-            view = view[n:]
-        if view:
-            self.pending = view
-            self.pause_reading()
-            if link.write_paused:
-                link.blocked.append(self)
-
-    def _flush_pending(self):
-        if self.pending is not None:
-            data, self.pending = self.pending, None
-            self.send_upstream(data)
-        if self.pending is None:
-            if self.local_eof:
-                if self.end.allows(SEND, EOF):
-                    self._send_eof()
-            else:
-                self.resume_reading()
-
-    def link_resumed(self):
-        if not self.closed:
-            self._flush_pending()
-
-    def _send_eof(self):
-        self.link.send(self.end.send(EOF))
-        if self.end.state == CLOSED:
-            self._finish()
-
     # -- link -> local (called by ClientLink) -------------------------------
     def on_data(self, payload):
         n = len(payload)
@@ -1993,11 +2005,6 @@ class LocalStream(asyncio.Protocol):
         frame = self.end.delivered(n, self.link.loop.time(), self.link.rtt)
         if frame and not self.closed:
             self.link.send(frame)
-
-    def on_window(self, payload):
-        self.end.recv_window(payload)
-        if self.pending is not None:
-            self._flush_pending()           # or joins link.blocked if the link is paused
 
     def on_eof(self, _payload):
         if self.e2e is not None and not self.e2e.check_end():
