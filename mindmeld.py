@@ -4900,6 +4900,41 @@ CLIENT_STREAM_ROUTES = (
 )
 
 
+class WebSocketUpgrade:
+    """A client's HTTP upgrade to WebSocket (--ws-path): the request, and what the answer
+    means.  No I/O: ClientLink sends the request and hands over the answer's head."""
+
+    def __init__(self, client):
+        self.client = client
+        self.key = base64.b64encode(os.urandom(16)).decode("ascii")
+
+    def request(self):
+        client = self.client
+        return ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+                "User-Agent: mindmeld/%s\r\n\r\n" % (
+                    client.ws_path, format_hostport(client.router_host, client.router_port),
+                    self.key, __version__)).encode()
+
+    def refusal(self, head):
+        """None if the answer's `head` accepts the upgrade, else the error to end the link with."""
+        status, headers = parse_http_head(head)
+        parts = status.split(None, 2)
+        code = parts[1] if len(parts) > 1 else "?"
+        if code == "101" and headers.get("sec-websocket-accept") == ws_accept_key(self.key):
+            return None
+        where = "%s (path %s)" % (self.client.router, self.client.ws_path)
+        said = short_reason(status.strip()[:100])
+        if code == "101":
+            return PermanentError("the server at %s answered the WebSocket upgrade with a wrong "
+                                  "Sec-WebSocket-Accept: it is not a WebSocket server, or "
+                                  "something in between changed the answer" % where)
+        if code in ("400", "403", "404", "405", "426"):
+            return PermanentError("the server at %s refused the WebSocket upgrade: %s"
+                                  % (where, said))
+        return LinkLost("the server at %s answered the WebSocket upgrade with %s" % (where, said))
+
+
 class ClientLink(Link):
     """A client's link to the router: hello (+ token), requests, and its streams."""
 
@@ -4940,14 +4975,9 @@ class ClientLink(Link):
                 self.abort(str(exc))
                 return
         self._hello_sent = self.loop.time()
-        client = self.client
-        if client.ws_path:
-            self.ws_key = base64.b64encode(os.urandom(16)).decode("ascii")
-            self.send(("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                       "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
-                       "User-Agent: mindmeld/%s\r\n\r\n" % (
-                           client.ws_path, format_hostport(client.router_host, client.router_port),
-                           self.ws_key, __version__)).encode())
+        if self.client.ws_path:
+            self.upgrade = WebSocketUpgrade(self.client)
+            self.send(self.upgrade.request())
             return
         self.send(PREAMBLE + encode_json(HELLO, 0, self.hello))
 
@@ -4961,26 +4991,12 @@ class ClientLink(Link):
                 self.abort("oversized HTTP answer")
             self.frames.need = len(answer) + 1
             return
-        status, headers = parse_http_head(answer[:end + 4])
-        parts = status.split(None, 2)
-        code = parts[1] if len(parts) > 1 else "?"
-        if code != "101" or headers.get("sec-websocket-accept") != ws_accept_key(self.ws_key):
-            where = "%s (path %s)" % (self.client.router, self.client.ws_path)
-            said = short_reason(status.strip()[:100])
-            if code == "101":
-                exc = PermanentError("the server at %s answered the WebSocket upgrade with a wrong "
-                                     "Sec-WebSocket-Accept: it is not a WebSocket server, or "
-                                     "something in between changed the answer" % where)
-            elif code in ("400", "403", "404", "405", "426"):
-                exc = PermanentError("the server at %s refused the WebSocket upgrade: %s"
-                                     % (where, said))
-            else:
-                exc = LinkLost("the server at %s answered the WebSocket upgrade with %s"
-                               % (where, said))
+        exc = self.upgrade.refusal(answer[:end + 4])
+        if exc is not None:
             self._settle(exc)
             self.abort(str(exc))
             return
-        self.ws_key = None
+        self.upgrade = None
         self.frames.skip(self.frames.buffered)
         self.transport = WebSocketLayer(self, self.transport, client_side=True)
         self.sock = None
@@ -4988,10 +5004,10 @@ class ClientLink(Link):
         if len(answer) > end + 4:
             self.transport.data_received(answer[end + 4:])
 
-    ws_key = None
+    upgrade = None                  # a WebSocketUpgrade until the router's answer to it
 
     def buffer_updated(self, nbytes):
-        if self.ws_key is not None:
+        if self.upgrade is not None:
             self.liveness.heard()
             return self._upgraded(nbytes)
         if not self.ready.done() and self.frames.start == 0 and self.frames.end == 0:
