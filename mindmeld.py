@@ -3723,8 +3723,35 @@ class PendingHandshakes:
             "router: %s; dropping the oldest of them (logged once per flood)", why)
         self.warned.add(source)
         oldest.drop_cause = "limits"
-        oldest._handshake_done()
+        oldest.deadline.done()
         oldest.abort("too many unfinished handshakes")
+
+
+class HandshakeDeadline:
+    """A peer's unfinished handshake: the timer that drops it after the router's
+    handshake_timeout, and its place in the router's PendingHandshakes."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.timer = None               # set from connection_made; kept once it has fired
+
+    def start(self):
+        peer = self.peer
+        self.timer = peer.loop.call_later(peer.router.handshake_timeout, self._expired)
+        peer.router.handshakes.started(peer)
+
+    def _expired(self):
+        peer = self.peer
+        log.warning("router: %s did not complete the handshake within %g s; dropping it",
+                    peer.peer, peer.router.handshake_timeout)
+        peer.drop_cause = "timeout"
+        peer.close("timeout", "handshake not completed in time")
+
+    def done(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.peer.router.handshakes.finished(self.peer)
 
 
 # Stream frames the router relays: (frame type, RelayedStream method).
@@ -3954,7 +3981,7 @@ class RouterPeer(WatchedWrites, Link):
         self.draining = False           # sent GOAWAY: close when its last stream ends
         self.registering = set()        # names with a REGISTER in progress
         self.refused_names = set()      # names already refused (logged once)
-        self._handshake_timer = None
+        self.deadline = HandshakeDeadline(self)
         self.handlers = {
             HELLO: self.on_hello, AUTH: self.on_auth, PING: self.on_ping, PONG: self.on_pong,
             REGISTER: self.on_register, OPEN: self.on_open, LIST: self.on_list,
@@ -3969,23 +3996,8 @@ class RouterPeer(WatchedWrites, Link):
 
     def connection_made(self, transport):
         Link.connection_made(self, transport)
-        router = self.router
-        router.peers.add(self)
-        self._handshake_timer = self.loop.call_later(
-            router.handshake_timeout, self._handshake_expired)
-        router.handshakes.started(self)
-
-    def _handshake_expired(self):
-        log.warning("router: %s did not complete the handshake within %g s; dropping it",
-                    self.peer, self.router.handshake_timeout)
-        self.drop_cause = "timeout"
-        self.close("timeout", "handshake not completed in time")
-
-    def _handshake_done(self):
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-            self.router.handshakes.finished(self)
+        self.router.peers.add(self)
+        self.deadline.start()
 
     def buffer_updated(self, nbytes):
         if self.phase != "preamble":
@@ -4026,7 +4038,7 @@ class RouterPeer(WatchedWrites, Link):
         self._ready()
 
     def _ready(self):
-        self._handshake_done()
+        self.deadline.done()
         self._enter("ready")
         if isinstance(self.transport, WebSocketLayer):
             self.transport.decoder.max_frame = WS_MAX_FRAME
@@ -4135,9 +4147,9 @@ class RouterPeer(WatchedWrites, Link):
         if self.phase == "auth":
             log.warning("router: %s left without proving the token (it needs --token); refused",
                         self.peer)
-        elif self.phase == "hello" or (self.phase == "preamble" and self._handshake_timer):
+        elif self.phase == "hello" or (self.phase == "preamble" and self.deadline.timer):
             log.debug("router: %s left during the handshake: %s", self.peer, reason)
-        self._handshake_done()
+        self.deadline.done()
         self.router.peer_lost(self, reason)
         self.empty_outbox()             # nothing more can be written to it
         for task in list(self.tasks):
