@@ -1562,8 +1562,64 @@ def _pending_size(stream):
     return len(stream.pending) if stream.pending is not None else 0
 
 
+class Liveness:
+    """Is the peer still there?  Counts what arrives (`heard`); after each `interval` of
+    silence, a PING; after KEEPALIVE_MISSES silent intervals, the link is aborted.  Also
+    the one-off probe `answers`."""
+
+    def __init__(self, link, interval):
+        self.link = link
+        self.interval = interval        # s between checks; 0 or None: no keepalive
+        self.received = self.seen = self.silent = 0
+        self.waiter = None              # a future for "anything arrived" (liveness probes)
+        self.timer = None
+
+    def start(self):
+        if self.interval:
+            self.timer = self.link.loop.call_later(self.interval, self._tick)
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def heard(self):
+        self.received += 1
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(True)
+            self.waiter = None
+
+    async def answers(self, timeout):
+        """Does the peer still answer?  One PING, and anything back within `timeout`.
+        Concurrent callers share one probe."""
+        link = self.link
+        if link.closing:
+            return False
+        if self.waiter is None:
+            self.waiter = link.loop.create_future()
+            link.ping()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.waiter), timeout)
+        except asyncio.TimeoutError:
+            return False
+
+    def _tick(self):
+        link = self.link
+        if link.closing:
+            return
+        if self.received != self.seen:
+            self.seen, self.silent = self.received, 0
+        else:
+            self.silent += 1
+            if self.silent >= KEEPALIVE_MISSES:
+                link.abort("no answer to keepalive pings for %.0f s" % (self.silent * self.interval))
+                return
+            link.ping()
+        self.timer = link.loop.call_later(self.interval, self._tick)
+
+
 class Link(BufferedProtocol):
-    """One multiplexed connection: frame codec, write path, keepalive, shutdown.
+    """One multiplexed connection: frame codec, write path, keepalive (`liveness`), shutdown.
 
     Subclasses route frames through `dispatch`, a dict {frame type: handler(id, payload)}.
     Writes go straight to the transport; the transport's own buffer is the
@@ -1583,16 +1639,13 @@ class Link(BufferedProtocol):
         self.peer = "?"
         self.frames = FrameBuffer()
         self.sock = None                # for direct writes (plain TCP only)
-        self.keepalive = keepalive
+        self.liveness = Liveness(self, keepalive)
         self.write_paused = False
         self.blocked = []            # local streams that wait for resume_writing()
         self.closing = False
         self.lost = self.loop.create_future()   # result: the reason it ended (str)
         self.rtt = RTT_INITIAL
         self.dispatch = {PING: self.on_ping, PONG: self.on_pong}
-        self._rx_count = self._rx_seen = self._silent = 0
-        self._rx_waiter = None          # a future for "anything arrived" (liveness probes)
-        self._keepalive_timer = None
         self._resume_pending = False
         self._close_reason = None
 
@@ -1605,38 +1658,17 @@ class Link(BufferedProtocol):
             _set_notsent_lowat(transport, self.notsent_lowat)
         self.sock = _raw_socket(transport)
         transport.set_write_buffer_limits(LINK_HIGH_WATER, LINK_LOW_WATER)
-        if self.keepalive:
-            self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
+        self.liveness.start()
 
     def get_buffer(self, sizehint):
         return self.frames.writable()
 
     def buffer_updated(self, nbytes):
-        self._rx_count += 1
-        if self._rx_waiter is not None:
-            self._heard()
+        self.liveness.heard()
         if self.closing:
             return
         self.frames.advance(nbytes)
         self.process_frames()
-
-    def _heard(self):
-        if not self._rx_waiter.done():
-            self._rx_waiter.set_result(True)
-        self._rx_waiter = None
-
-    async def answers(self, timeout):
-        """Does the peer still answer?  One PING, and anything back within `timeout`.
-        Concurrent callers share one probe."""
-        if self.closing:
-            return False
-        if self._rx_waiter is None:
-            self._rx_waiter = self.loop.create_future()
-            self.ping()
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._rx_waiter), timeout)
-        except asyncio.TimeoutError:
-            return False
 
     def data_received(self, data):
         """3.6 (no BufferedProtocol): copy into the frame buffer."""
@@ -1671,8 +1703,7 @@ class Link(BufferedProtocol):
 
     def connection_lost(self, exc):
         self.closing = True
-        if self._keepalive_timer is not None:
-            self._keepalive_timer.cancel()
+        self.liveness.stop()
         reason = self._close_reason or (
             "connection lost: %s" % (exc or "closed by the peer"))
         self.on_lost(reason)
@@ -1727,20 +1758,7 @@ class Link(BufferedProtocol):
     def send_json(self, ftype, stream_id, obj):
         self.send(encode_json(ftype, stream_id, obj))
 
-    # -- keepalive ------------------------------------------------------------
-    def _keepalive_tick(self):
-        if self.closing:
-            return
-        if self._rx_count != self._rx_seen:
-            self._rx_seen, self._silent = self._rx_count, 0
-        else:
-            self._silent += 1
-            if self._silent >= KEEPALIVE_MISSES:
-                self.abort("no answer to keepalive pings for %.0f s" % (self._silent * self.keepalive))
-                return
-            self.ping()
-        self._keepalive_timer = self.loop.call_later(self.keepalive, self._keepalive_tick)
-
+    # -- keepalive and round trip ----------------------------------------------
     def ping(self):
         self.send(encode_frame(PING, 0, PING_PAYLOAD.pack(time.monotonic())))
 
@@ -1811,12 +1829,78 @@ class Link(BufferedProtocol):
 E2E_FAILURE = "end-to-end check failed"
 
 
-class LocalStream(asyncio.Protocol):
+class Upstream:
+    """The local -> link half of a LocalStream: reads go out as DATA while credit lasts
+    and the link is not paused; the rest waits in `pending`, with local reading paused,
+    until a WINDOW (credit) or the link's resume_writing lets it go.  A mixin: it uses
+    the stream's link, end, id, transport, local_eof, closed and _finish."""
+
+    pending = None                  # what credit or a paused link held back, sent first
+    reading = True                  # the local transport is not paused
+
+    # -- reading control ------------------------------------------------
+    def pause_reading(self):
+        if self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.reading and self.transport is not None and not self.local_eof \
+                and not self.transport.is_closing():
+            self.reading = True
+            self.transport.resume_reading()
+
+    # -- sending ---------------------------------------------------------------
+    def send_upstream(self, data):
+        link, end = self.link, self.end
+        n = len(data)
+        if n <= end.credit and n <= link.frame_max and not link.write_paused:
+            end.send_data(n)                # the common case: one read, one frame
+            link.send_data(self.id, data)
+            return
+        view = memoryview(data)
+        while view and end.credit and not link.write_paused:
+            n = min(len(view), end.credit, link.frame_max)
+            end.send_data(n)
+            link.send_data(self.id, view[:n])
+            view = view[n:]
+        if view:
+            self.pending = view
+            self.pause_reading()
+            if link.write_paused:
+                link.blocked.append(self)
+
+    def _flush_pending(self):
+        if self.pending is not None:
+            data, self.pending = self.pending, None
+            self.send_upstream(data)
+        if self.pending is None:
+            if self.local_eof:
+                if self.end.allows(SEND, EOF):
+                    self._send_eof()
+            else:
+                self.resume_reading()
+
+    def link_resumed(self):
+        if not self.closed:
+            self._flush_pending()
+
+    def _send_eof(self):
+        self.link.send(self.end.send(EOF))
+        if self.end.state == CLOSED:
+            self._finish()
+
+    def on_window(self, payload):
+        self.end.recv_window(payload)
+        if self.pending is not None:
+            self._flush_pending()           # or joins link.blocked if the link is paused
+
+
+class LocalStream(Upstream, asyncio.Protocol):
     """One local TCP connection joined to one stream of a ClientLink.
 
     The stream's rules live in `end` (a StreamEnd); this class does the I/O.
-    Local -> link: reads are sent as DATA while credit lasts; beyond it the rest
-    waits in `pending` and reading pauses.  Link -> local: credit goes back only
+    Local -> link: see Upstream.  Link -> local: credit goes back only
     when the local write buffer has drained (write buffer limits are 0, so
     resume_writing() means "everything written has been handed to the kernel")."""
 
@@ -1833,8 +1917,6 @@ class LocalStream(asyncio.Protocol):
         self.sock = None
         if link is not None:            # the router opened it: we accept
             self.attach(link, stream_id, OPEN_RECEIVED)
-        self.pending = None
-        self.reading = True
         self.local_eof = False       # the local side sent FIN
         self.write_paused = False
         self.undelivered = 0
@@ -1908,58 +1990,6 @@ class LocalStream(asyncio.Protocol):
         if n:
             self._delivered(n)
 
-    # -- reading control ------------------------------------------------
-    def pause_reading(self):
-        if self.reading and self.transport is not None:
-            self.reading = False
-            self.transport.pause_reading()
-
-    def resume_reading(self):
-        if not self.reading and self.transport is not None and not self.local_eof \
-                and not self.transport.is_closing():
-            self.reading = True
-            self.transport.resume_reading()
-
-    # -- local -> link ------------------------------------------------------
-    def send_upstream(self, data):
-        link, end = self.link, self.end
-        n = len(data)
-        if n <= end.credit and n <= link.frame_max and not link.write_paused:
-            end.send_data(n)                # the common case: one read, one frame
-            link.send_data(self.id, data)
-            return
-        view = memoryview(data)
-        while view and end.credit and not link.write_paused:
-            n = min(len(view), end.credit, link.frame_max)
-            end.send_data(n)
-            link.send_data(self.id, view[:n])
-            view = view[n:]
-        if view:
-            self.pending = view
-            self.pause_reading()
-            if link.write_paused:
-                link.blocked.append(self)
-
-    def _flush_pending(self):
-        if self.pending is not None:
-            data, self.pending = self.pending, None
-            self.send_upstream(data)
-        if self.pending is None:
-            if self.local_eof:
-                if self.end.allows(SEND, EOF):
-                    self._send_eof()
-            else:
-                self.resume_reading()
-
-    def link_resumed(self):
-        if not self.closed:
-            self._flush_pending()
-
-    def _send_eof(self):
-        self.link.send(self.end.send(EOF))
-        if self.end.state == CLOSED:
-            self._finish()
-
     # -- link -> local (called by ClientLink) -------------------------------
     def on_data(self, payload):
         n = len(payload)
@@ -1981,11 +2011,6 @@ class LocalStream(asyncio.Protocol):
         frame = self.end.delivered(n, self.link.loop.time(), self.link.rtt)
         if frame and not self.closed:
             self.link.send(frame)
-
-    def on_window(self, payload):
-        self.end.recv_window(payload)
-        if self.pending is not None:
-            self._flush_pending()           # or joins link.blocked if the link is paused
 
     def on_eof(self, _payload):
         if self.e2e is not None and not self.e2e.check_end():
@@ -3714,7 +3739,7 @@ class PendingHandshakes:
             "router: %s; dropping the oldest of them (logged once per flood)", why)
         self.warned.add(source)
         oldest.drop_cause = "limits"
-        oldest._handshake_done()
+        oldest.deadline.done()
         oldest.abort("too many unfinished handshakes")
 
 
@@ -3729,7 +3754,7 @@ class StrangerLog:
     def warning(self, source, message, *args):
         entry = self.sources.get(source)
         if entry is None:
-            if len(self.sources) >= STRANGER_LOG_SOURCES:
+            if len(self.sources) >= STRANGER_LOG_SOURCES and source != "other sources":
                 return self.warning("other sources", message, *args)
             entry = self.sources[source] = [0, 0, _get_loop().call_later(
                 STRANGER_LOG_WINDOW, self._minute_over, source)]
@@ -3751,6 +3776,34 @@ class StrangerLog:
         for entry in self.sources.values():
             entry[2].cancel()
         self.sources.clear()
+
+
+class HandshakeDeadline:
+    """A peer's unfinished handshake: the timer that drops it after the router's
+    handshake_timeout, and its place in the router's PendingHandshakes."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.timer = None               # set from connection_made; kept once it has fired
+
+    def start(self):
+        peer = self.peer
+        self.timer = peer.loop.call_later(peer.router.handshake_timeout, self._expired)
+        peer.router.handshakes.started(peer)
+
+    def _expired(self):
+        peer = self.peer
+        peer.router.stranger_log.warning(
+            peer.source, "router: %s did not complete the handshake within %g s; dropping it",
+            peer.peer, peer.router.handshake_timeout)
+        peer.drop_cause = "timeout"
+        peer.close("timeout", "handshake not completed in time")
+
+    def done(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.peer.router.handshakes.finished(self.peer)
 
 
 # Stream frames the router relays: (frame type, RelayedStream method).
@@ -3980,7 +4033,7 @@ class RouterPeer(WatchedWrites, Link):
         self.draining = False           # sent GOAWAY: close when its last stream ends
         self.registering = set()        # names with a REGISTER in progress
         self.refused_names = set()      # names already refused (logged once)
-        self._handshake_timer = None
+        self.deadline = HandshakeDeadline(self)
         self.handlers = {
             HELLO: self.on_hello, AUTH: self.on_auth, PING: self.on_ping, PONG: self.on_pong,
             REGISTER: self.on_register, OPEN: self.on_open, LIST: self.on_list,
@@ -3995,31 +4048,13 @@ class RouterPeer(WatchedWrites, Link):
 
     def connection_made(self, transport):
         Link.connection_made(self, transport)
-        router = self.router
-        router.peers.add(self)
-        self._handshake_timer = self.loop.call_later(
-            router.handshake_timeout, self._handshake_expired)
-        router.handshakes.started(self)
-
-    def _handshake_expired(self):
-        self.router.stranger_log.warning(
-            self.source, "router: %s did not complete the handshake within %g s; dropping it",
-            self.peer, self.router.handshake_timeout)
-        self.drop_cause = "timeout"
-        self.close("timeout", "handshake not completed in time")
-
-    def _handshake_done(self):
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-            self.router.handshakes.finished(self)
+        self.router.peers.add(self)
+        self.deadline.start()
 
     def buffer_updated(self, nbytes):
         if self.phase != "preamble":
             return Link.buffer_updated(self, nbytes)
-        self._rx_count += 1
-        if self._rx_waiter is not None:
-            self._heard()
+        self.liveness.heard()
         self.frames.advance(nbytes)
         if self.door.sniff():
             self._enter("hello")
@@ -4058,7 +4093,7 @@ class RouterPeer(WatchedWrites, Link):
         self._ready()
 
     def _ready(self):
-        self._handshake_done()
+        self.deadline.done()
         self._enter("ready")
         if isinstance(self.transport, WebSocketLayer):
             self.transport.decoder.max_frame = WS_MAX_FRAME
@@ -4168,9 +4203,9 @@ class RouterPeer(WatchedWrites, Link):
             self.router.stranger_log.warning(
                 self.source, "router: %s left without proving the token (it needs --token); "
                 "refused", self.peer)
-        elif self.phase == "hello" or (self.phase == "preamble" and self._handshake_timer):
+        elif self.phase == "hello" or (self.phase == "preamble" and self.deadline.timer):
             log.debug("router: %s left during the handshake: %s", self.peer, reason)
-        self._handshake_done()
+        self.deadline.done()
         self.router.peer_lost(self, reason)
         self.empty_outbox()             # nothing more can be written to it
         for task in list(self.tasks):
@@ -4313,7 +4348,7 @@ class Router:
         same_owner = owner_link_follows(owner, current.owner)
         if same_owner:
             why = "its sharer reconnected"
-        elif not current.verifier and not await current.peer.answers(self.liveness_probe):
+        elif not current.verifier and not await current.peer.liveness.answers(self.liveness_probe):
             why = "its previous sharer stopped answering"
         else:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.since))
@@ -4662,7 +4697,7 @@ class RouterMonitor:
         tls_error = getattr(layer, "error", None)
         if cause is None and ssl is not None and isinstance(tls_error, ssl.SSLError):
             cause = "tls"
-        if cause is None and peer._silent >= KEEPALIVE_MISSES:
+        if cause is None and peer.liveness.silent >= KEEPALIVE_MISSES:
             cause = "keepalive"
         if peer.phase in HANDSHAKE_PHASES:
             cause = cause or ("auth" if peer.phase == "auth" else "closed")
@@ -4936,6 +4971,41 @@ CLIENT_STREAM_ROUTES = (
 )
 
 
+class WebSocketUpgrade:
+    """A client's HTTP upgrade to WebSocket (--ws-path): the request, and what the answer
+    means.  No I/O: ClientLink sends the request and hands over the answer's head."""
+
+    def __init__(self, client):
+        self.client = client
+        self.key = base64.b64encode(os.urandom(16)).decode("ascii")
+
+    def request(self):
+        client = self.client
+        return ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+                "User-Agent: mindmeld/%s\r\n\r\n" % (
+                    client.ws_path, format_hostport(client.router_host, client.router_port),
+                    self.key, __version__)).encode()
+
+    def refusal(self, head):
+        """None if the answer's `head` accepts the upgrade, else the error to end the link with."""
+        status, headers = parse_http_head(head)
+        parts = status.split(None, 2)
+        code = parts[1] if len(parts) > 1 else "?"
+        if code == "101" and headers.get("sec-websocket-accept") == ws_accept_key(self.key):
+            return None
+        where = "%s (path %s)" % (self.client.router, self.client.ws_path)
+        said = short_reason(status.strip()[:100])
+        if code == "101":
+            return PermanentError("the server at %s answered the WebSocket upgrade with a wrong "
+                                  "Sec-WebSocket-Accept: it is not a WebSocket server, or "
+                                  "something in between changed the answer" % where)
+        if code in ("400", "403", "404", "405", "426"):
+            return PermanentError("the server at %s refused the WebSocket upgrade: %s"
+                                  % (where, said))
+        return LinkLost("the server at %s answered the WebSocket upgrade with %s" % (where, said))
+
+
 class ClientLink(Link):
     """A client's link to the router: hello (+ token), requests, and its streams."""
 
@@ -4976,14 +5046,9 @@ class ClientLink(Link):
                 self.abort(str(exc))
                 return
         self._hello_sent = self.loop.time()
-        client = self.client
-        if client.ws_path:
-            self.ws_key = base64.b64encode(os.urandom(16)).decode("ascii")
-            self.send(("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                       "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
-                       "User-Agent: mindmeld/%s\r\n\r\n" % (
-                           client.ws_path, format_hostport(client.router_host, client.router_port),
-                           self.ws_key, __version__)).encode())
+        if self.client.ws_path:
+            self.upgrade = WebSocketUpgrade(self.client)
+            self.send(self.upgrade.request())
             return
         self.send(PREAMBLE + encode_json(HELLO, 0, self.hello))
 
@@ -4997,26 +5062,12 @@ class ClientLink(Link):
                 self.abort("oversized HTTP answer")
             self.frames.need = len(answer) + 1
             return
-        status, headers = parse_http_head(answer[:end + 4])
-        parts = status.split(None, 2)
-        code = parts[1] if len(parts) > 1 else "?"
-        if code != "101" or headers.get("sec-websocket-accept") != ws_accept_key(self.ws_key):
-            where = "%s (path %s)" % (self.client.router, self.client.ws_path)
-            said = short_reason(status.strip()[:100])
-            if code == "101":
-                exc = PermanentError("the server at %s answered the WebSocket upgrade with a wrong "
-                                     "Sec-WebSocket-Accept: it is not a WebSocket server, or "
-                                     "something in between changed the answer" % where)
-            elif code in ("400", "403", "404", "405", "426"):
-                exc = PermanentError("the server at %s refused the WebSocket upgrade: %s"
-                                     % (where, said))
-            else:
-                exc = LinkLost("the server at %s answered the WebSocket upgrade with %s"
-                               % (where, said))
+        exc = self.upgrade.refusal(answer[:end + 4])
+        if exc is not None:
             self._settle(exc)
             self.abort(str(exc))
             return
-        self.ws_key = None
+        self.upgrade = None
         self.frames.skip(self.frames.buffered)
         self.transport = WebSocketLayer(self, self.transport, client_side=True)
         self.sock = None
@@ -5024,11 +5075,11 @@ class ClientLink(Link):
         if len(answer) > end + 4:
             self.transport.data_received(answer[end + 4:])
 
-    ws_key = None
+    upgrade = None                  # a WebSocketUpgrade until the router's answer to it
 
     def buffer_updated(self, nbytes):
-        if self.ws_key is not None:
-            self._rx_count += 1
+        if self.upgrade is not None:
+            self.liveness.heard()
             return self._upgraded(nbytes)
         if not self.ready.done() and self.frames.start == 0 and self.frames.end == 0:
             head = bytes(self.frames.view[:min(nbytes, 2)])
