@@ -3465,6 +3465,29 @@ class TestStayingUp(LoopTestCase):
         writer.write_eof()
         return await read_reply(reader, timeout)
 
+    def test_an_abort_after_a_close_that_was_flushed_does_nothing(self):
+        """A transport closed with data still buffered reports connection_lost once that
+        data is written, yet asyncio's abort() then fails (a sharer whose router was killed
+        mid-transfer lost its reconnecting task to that once): mindmeld's does nothing."""
+        async def main():
+            ours, theirs = socket.socketpair()
+            self.addCleanup(theirs.close)
+            lost = self.loop.create_future()
+
+            class Watched(asyncio.Protocol):
+                def connection_lost(self, exc):
+                    lost.set_result(exc)
+            transport, _ = await self.loop.create_unix_connection(Watched, None, sock=ours)
+            transport.write(b"x" * MB)              # more than the socket takes at once
+            self.assertGreater(transport.get_write_buffer_size(), 0)
+            transport.close()
+            received = await self.loop.run_in_executor(None, lambda: recv_to_end(theirs, 2 * MB, 5))
+            self.assertEqual(received.count, MB)
+            await asyncio.wait_for(lost, 5)
+            mindmeld._abort(transport)
+            mindmeld._abort_with_reset(transport)
+        self.run_async(main(), 10)
+
     # -- 3. a peer that goes silent without closing --------------------------------
     def test_silent_sharer_link_is_dropped_by_both_ends_and_comes_back(self):
         keepalive = 0.3
