@@ -3836,7 +3836,6 @@ class WatchedWrites:
     windows, PeerWindows, and some control frames) and whether it reads at all.  A mixin
     of RouterPeer, so the data path stays one method call."""
 
-    rtt_probed = False              # pinged once writes first queued up, for the round trip
 
     # Toward a peer on a long link (short links write at once, as the queue there is short):
     # while the transport is paused, DATA waits here, one queue per stream (`outbox`), and
@@ -3987,9 +3986,6 @@ class WatchedWrites:
 
     def pause_writing(self):
         Link.pause_writing(self)
-        if not self.rtt_probed and self.phase == "ready" and not self.closing:
-            self.rtt_probed = True      # a queue forms: is the peer far away?  (rtt_measured)
-            self.ping()
         if self.transport is not None:
             self.stalled_since = (self.loop.time(), self.transport.get_write_buffer_size(), self.written)
             self.router.paused.add(self)
@@ -4109,6 +4105,10 @@ class RouterPeer(WatchedWrites, Link):
         if isinstance(self.transport, WebSocketLayer):
             self.transport.decoder.max_frame = WS_MAX_FRAME
         log.debug("router: %s connected (%s)", self.peer, self.agent)
+        # One PING now: a peer far away gets short kernel queues from its first stream on.
+        # (Waiting for writes to queue up was too late: the kernel's send buffer can hold
+        # megabytes before they do, first come, first served.)
+        self.ping()
 
     # -- registry requests ------------------------------------------------------
     def on_register(self, request_id, payload):

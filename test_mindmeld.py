@@ -2938,9 +2938,9 @@ class TestWebSocket(ReachMixin, unittest.TestCase):
             for _ in range(100):
                 fin, opcode, payload = ws.read_frame()
                 self.assertEqual(opcode, 0x2)
-                frames.extend(decoder.feed(payload))
+                frames.extend(f for f in decoder.feed(payload) if f[0] != mindmeld.PING)
                 if len(frames) >= 2:
-                    break
+                    break       # (the router PINGs a peer once, for the round trip)
             (t1, _, i1, hello_reply), (t2, _, i2, listing) = frames[:2]
             self.assertEqual((t1, i1), (HELLO, 0))
             self.assertEqual(json.loads(bytes(hello_reply).decode())["version"], 1)
