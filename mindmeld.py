@@ -5403,6 +5403,26 @@ def _router_address(router, name=None):
     return ws_path, sharded, host, port, bool(sep) and scheme == "wss"
 
 
+def _connect_failure(exc, where, host, tls):
+    """What a failed TCP (and TLS) connection to the router at `where` means for the user:
+    LinkLost (try again) or PermanentError (say it and stop).  The order matters: from 3.11
+    asyncio.TimeoutError is an OSError, and on 3.6 a certificate error is not one."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return LinkLost("the router at %s did not answer within %.0f s" % (where, HANDSHAKE_TIMEOUT))
+    if isinstance(exc, socket.gaierror):
+        return LinkLost("cannot resolve the router's host %r: %s" % (host, exc.strerror))
+    if isinstance(exc, UnicodeError):
+        return PermanentError("bad router host name %r" % host)
+    if isinstance(exc, SSL_CERTIFICATE_ERROR) and not isinstance(exc, OSError):
+        return PermanentError("the router at %s failed certificate verification: %s" % (where, exc))
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return _tls_failure(exc, where)
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and tls:
+        return LinkLost("the router at %s closed the connection during the TLS handshake "
+                        "(is it a plain router? then drop --tls)" % where)
+    return LinkLost("cannot reach the router at %s: %s" % (where, _os_error_text(exc)))
+
+
 class _Client(FollowsItsShard):
     """What every client role shares: where the router is, how to reach it, retries.
 
@@ -5477,24 +5497,8 @@ class _Client(FollowsItsShard):
                     raise
                 if failure is not None:
                     raise failure
-        except asyncio.TimeoutError:
-            raise LinkLost("the router at %s did not answer within %.0f s" % (where, HANDSHAKE_TIMEOUT))
-        except socket.gaierror as exc:
-            raise LinkLost("cannot resolve the router's host %r: %s" % (self.router_host, exc.strerror))
-        except UnicodeError:
-            raise PermanentError("bad router host name %r" % self.router_host)
-        except SSL_CERTIFICATE_ERROR as exc:     # not an OSError on 3.6
-            if not isinstance(exc, OSError):
-                raise PermanentError("the router at %s failed certificate verification: %s"
-                                     % (where, exc))
-            raise _tls_failure(exc, where)
-        except OSError as exc:
-            if ssl is not None and isinstance(exc, ssl.SSLError):
-                raise _tls_failure(exc, where)
-            if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and context is not None:
-                raise LinkLost("the router at %s closed the connection during the TLS handshake "
-                               "(is it a plain router? then drop --tls)" % where)
-            raise LinkLost("cannot reach the router at %s: %s" % (where, _os_error_text(exc)))
+        except (asyncio.TimeoutError, UnicodeError, SSL_CERTIFICATE_ERROR, OSError) as exc:
+            raise _connect_failure(exc, where, self.router_host, tls=context is not None)
         try:
             await asyncio.wait_for(asyncio.shield(link.ready), HANDSHAKE_TIMEOUT)
         except asyncio.TimeoutError:
@@ -5577,10 +5581,7 @@ class _Client(FollowsItsShard):
             finally:
                 self.link_up.clear()
                 self.outages += 1
-                if self.link is not None:
-                    self.link.abort("link down")
-                    self.link_down(self.link, "link down")
-                    self.link = None
+                self._link_gone()
             if self.closing:
                 break
             if loop.time() - began > BACKOFF_RESET_AFTER:
@@ -5594,6 +5595,18 @@ class _Client(FollowsItsShard):
             log.warning("%s: %s; retrying in %.1f s", self.command, reason, delay)
             await asyncio.sleep(delay)      # backoff, not synchronisation
         self._finish()
+
+    def _link_gone(self):
+        link, self.link = self.link, None
+        if link is None:
+            return
+        try:
+            link.abort("link down")
+            self.link_down(link, "link down")
+        except Exception as exc:    # a bug: say it, and still reconnect (it would end the task)
+            log.error("%s: internal error: %r while its link went down; reconnecting (run with "
+                      "-v for a traceback)", self.command, exc)
+            log.debug("traceback", exc_info=True)
 
     async def close(self, grace=0.0):
         """Stop: no new streams (a sharer's names are released at once, by GOAWAY), open

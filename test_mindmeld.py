@@ -3603,6 +3603,26 @@ class TestStayingUp(LoopTestCase):
             self.assertFalse(sharer.done.done())
         self.run_async(main())
 
+    def test_a_bug_while_a_link_goes_down_is_said_and_the_client_still_reconnects(self):
+        async def main():
+            router = await self.start_router()
+            target = await self.start_target(echo_handler)
+            sharer = await self.client(Sharer, {"web": (LOCALHOST, target)},
+                                       router=self.router_address, backoff=(0.05, 0.2))
+            await sharer.wait_ready(10)
+
+            def broken(link, reason):
+                raise RuntimeError("a bug in link_down")
+            sharer.link_down = broken
+            start = len(self.watch.lines)
+            for peer in list(router.peers):
+                peer.abort("cut")                   # the router drops the sharer's link
+            await self.watch.wait(r"^share: internal error: RuntimeError\('a bug in link_down'"
+                                  r".*; reconnecting", 10, start)
+            await self.watch.wait(r"^sharing 'web' -> .*\(again\)$", 10, start)
+            self.assertFalse(sharer.done.done())
+        self.run_async(main())
+
     # -- 5. connections that arrive while the router is away -----------------------
     def test_connection_waiting_for_the_router_goes_through_when_it_is_back(self):
         gate = free_port_socket()          # the forwarder's router address: refused for now
