@@ -1643,6 +1643,7 @@ class Link(BufferedProtocol):
                             # one frame never fills the short write buffer by itself
     long_link = False       # round trip of LONG_LINK_RTT or more: short queues (rtt_measured)
     lowat = None            # the TCP_NOTSENT_LOWAT set now on a long link
+    half_close = False      # close() waits for the peer's EOF (see there)
 
     def __init__(self, keepalive=KEEPALIVE_INTERVAL):
         self.loop = _get_loop()
@@ -1811,7 +1812,12 @@ class Link(BufferedProtocol):
 
     # -- closing ------------------------------------------------------------
     def close(self, code=None, message=None):
-        """Say why (GOAWAY), flush, close; abort if the peer does not read within 2 s."""
+        """Say why (GOAWAY), flush, close; abort if the peer does not read within 2 s.
+
+        With `half_close` (clients, on TCP) it is a half-close, and what arrives meanwhile
+        is read and dropped until the peer closes too: a socket closed with bytes unread
+        sends a reset, and a reset can cost the peer the last frames it had not read yet
+        (a `connect` that exits once its upload is sent)."""
         if self.closing:
             return
         if code is not None:
@@ -1819,7 +1825,11 @@ class Link(BufferedProtocol):
         self._close_reason = self._close_reason or message or "closed"
         self.closing = True
         if self.transport is not None:
-            self.transport.close()
+            if self.half_close and not isinstance(self.transport, _Layer) \
+                    and self.transport.can_write_eof():
+                self.transport.write_eof()      # eof_received() then closes
+            else:
+                self.transport.close()
             self.loop.call_later(CLOSE_FLUSH_TIMEOUT, _abort, self.transport)
 
     def abort(self, reason):
@@ -5022,6 +5032,7 @@ class ClientLink(Link):
 
     role = "router link"
     notsent_lowat = LINK_NOTSENT_LOWAT
+    half_close = True
 
     def __init__(self, client, hello, pin=None):
         Link.__init__(self, client.keepalive)
