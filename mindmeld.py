@@ -331,16 +331,15 @@ PEER_WINDOW_BUDGET = 32 * 1024 * 1024   # growth beyond INITIAL_WINDOW, all stre
 MAX_CREDIT = 2 * MAX_WINDOW         # a sender's credit beyond this is the granter's error
 LINK_HIGH_WATER = 512 * 1024        # link write buffer: pause local reads above this
 LINK_LOW_WATER = 128 * 1024
-LONG_LINK_RTT = 0.02                # seconds: a client link this long gets the smaller write buffer
-LONG_LINK_WATER = (32 * 1024, 8 * 1024)     # ... these limits: the pipe is full without it
+LONG_LINK_RTT = 0.02                # seconds: a link this long gets the smaller write buffer
+LONG_LINK_WATER = (32 * 1024, 8 * 1024)     # ... these limits: the pipe is full without it (the
+                                    # rest waits in local sockets, or per stream in the router)
 LONG_LINK_NOTSENT_LOWAT = 16 * 1024  # ... and its kernel holds this much unsent (first come,
                                     # first served: 1.3 ms at 100 Mbit/s) while streams share it;
                                     # LINK_NOTSENT_LOWAT while one has it to itself (TCP under loss
                                     # keeps its window open only with data waiting)
 LINK_NOTSENT_LOWAT = 128 * 1024     # a client's link socket: unsent bytes the kernel holds; the rest
                                     # waits in the local sockets, where streams take turns
-ROUTER_LONG_LINK_WATER = (32 * 1024, 8 * 1024)  # router, toward a peer on a long link: the rest
-                                    # waits per stream in the router (WatchedWrites), in turns
 SCHEDULER_QUANTUM = 16 * 1024       # bytes of DATA a stream sends per turn while others wait
 PEER_BUFFER_SLACK = 4 * 1024 * 1024    # router: queued beyond a peer's windows, for control frames
 PEER_INITIAL_BUDGET = 24 * 1024 * 1024  # router: full initial windows toward one peer, in all ...
@@ -1724,19 +1723,23 @@ class Link(BufferedProtocol):
 
     def pause_writing(self):
         self.write_paused = True
+        self._resume_pending = False        # a resume still to come is void
 
     def resume_writing(self):
-        # What waited is written a loop turn later, not from inside the transport's call:
-        # a write that fails there makes 3.12 and 3.13 call connection_lost twice, the
-        # second time into a torn-down transport (CPython gh-156512).
-        self.write_paused = False
+        # Writing resumes a loop turn later, not inside the transport's call: a write that
+        # fails there makes 3.12 and 3.13 call connection_lost twice, the second time into
+        # a torn-down transport.  Until then the link stays paused, so that nothing sent
+        # meanwhile goes before the streams that waited (writable(): shortest first).
         if not self._resume_pending:
             self._resume_pending = True
             self.loop.call_soon(self._resumed)
 
     def _resumed(self):
+        if not self._resume_pending:        # paused again meanwhile
+            return
         self._resume_pending = False
-        if not self.write_paused and not self.closing:
+        self.write_paused = False
+        if not self.closing:
             self.writable()
 
     def writable(self):
@@ -1757,6 +1760,9 @@ class Link(BufferedProtocol):
     # -- to be overridden ------------------------------------------------
     def on_lost(self, reason):
         pass
+
+    def log_failure(self, message, *args):
+        log.warning(message, *args)
 
     # -- writing ------------------------------------------------------------
     def send(self, frame):
@@ -1784,19 +1790,24 @@ class Link(BufferedProtocol):
                 self.rtt_measured(rtt)
 
     def rtt_measured(self, rtt):
-        """On a long link the kernel's data in flight keeps the pipe full: what waits here
-        beyond that only delays other streams' data, so the write buffer is smaller."""
         self.rtt = rtt
-        if self.notsent_lowat and not self.closing:
-            long_link = self.long_link = rtt >= LONG_LINK_RTT
-            self.lowat = None
-            if long_link:
-                self.sharing_changed()
-            else:
-                _set_notsent_lowat(self.transport, self.notsent_lowat)
-            self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
-            self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
-                                                   (LINK_HIGH_WATER, LINK_LOW_WATER))
+        if (rtt >= LONG_LINK_RTT) != self.long_link:
+            self.set_long_link(not self.long_link)
+
+    def set_long_link(self, long_link):
+        """On a long link the kernel's data in flight keeps the pipe full: what waits here
+        beyond that only delays other streams' data, so the write buffer is smaller, the
+        frames are cut to SCHEDULER_QUANTUM and the rest waits where streams take turns."""
+        if self.transport is None or self.closing:
+            return
+        self.long_link, self.lowat = long_link, None
+        self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
+        if long_link:
+            self.sharing_changed()
+        elif self.notsent_lowat:
+            _set_notsent_lowat(self.transport, self.notsent_lowat)
+        self.transport.set_write_buffer_limits(*LONG_LINK_WATER if long_link else
+                                               (LINK_HIGH_WATER, LINK_LOW_WATER))
 
     def stream_count(self):
         return len(self.streams)
@@ -1825,8 +1836,7 @@ class Link(BufferedProtocol):
         self._close_reason = self._close_reason or message or "closed"
         self.closing = True
         if self.transport is not None:
-            if self.half_close and not isinstance(self.transport, _Layer) \
-                    and self.transport.can_write_eof():
+            if self.half_close and self.transport.can_write_eof():
                 self.transport.write_eof()      # eof_received() then closes
             else:
                 self.transport.close()
@@ -1840,7 +1850,7 @@ class Link(BufferedProtocol):
 
     def fail(self, exc):
         """The peer broke the protocol: tell it, log one line, drop it."""
-        log.warning("%s %s: %s; disconnecting", self.role, self.peer, short_reason(exc))
+        self.log_failure("%s %s: %s; disconnecting", self.role, self.peer, short_reason(exc))
         self._close_reason = "protocol error: %s" % exc
         self.close(getattr(exc, "code", "protocol"), str(exc))
 
@@ -2254,6 +2264,9 @@ class _Layer:
     def is_closing(self):
         return self.closing or (self.transport is not None and self.transport.is_closing())
 
+    def can_write_eof(self):
+        return False        # a link over a layer closes whole (EndToEndLayer can half-close)
+
     def get_write_buffer_size(self):
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
@@ -2595,7 +2608,11 @@ def e2e_context(server_side):
         context.maximum_version = ssl.TLSVersion.TLSv1_2
     else:  # 3.6
         context.options |= ssl.OP_NO_TLSv1_3
-    context.set_ciphers(E2E_CIPHERS)
+    try:
+        context.set_ciphers(E2E_CIPHERS)
+    except ssl.SSLError as exc:     # an OpenSSL without them (a FIPS build, say)
+        raise MindmeldError("--secret needs TLS 1.2 with ECDHE-ECDSA ciphers, which this "
+                            "Python's OpenSSL refuses (%s)" % (exc.reason or exc))
     if server_side:
         folder = tempfile.mkdtemp(prefix="mindmeld-e2e-")
         try:
@@ -2603,6 +2620,9 @@ def e2e_context(server_side):
             with open(path, "wb") as f:
                 f.write(E2E_KEY_PEM + E2E_CERT_PEM)
             context.load_cert_chain(path)
+        except ssl.SSLError as exc:
+            raise MindmeldError("--secret needs an ECDSA P-256 key, which this Python's OpenSSL "
+                                "refuses (%s)" % (exc.reason or exc))
         except OSError as exc:
             raise MindmeldError("cannot write a temporary file for end-to-end TLS in %s: %s"
                                 % (tempfile.gettempdir(), exc.strerror or exc))
@@ -2620,8 +2640,9 @@ class MemoryTls:
     out with records(), and ssl's failures as EndToEndError."""
 
     def __init__(self, server_side, session=None):
+        context = e2e_context(server_side)      # first: without ssl it says so in one line
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = e2e_context(server_side).wrap_bio(self.incoming, self.outgoing,
+        self.tls = context.wrap_bio(self.incoming, self.outgoing,
                                                      server_side=server_side, session=session)
         self.handshaken = False
 
@@ -2918,8 +2939,10 @@ class ForwarderEndToEnd(EndToEndLayer):
 
     def _handshaken(self):
         if self.tls.session_reused:
-            # Only the sharer process that the session was made with (on a stream it proved)
-            # can resume it: the forwarder need not wait for its proof (it still checks it).
+            # Only the sharer process that issued the ticket (on a stream it proved; one
+            # ticket key for all its services) can resume it, so the forwarder need not wait
+            # for its proof.  It still checks it, and that sharer delivers nothing before
+            # the forwarder's own proof checks out for the service asked for.
             log.debug("stream %s: TLS session resumed", self.stream.label)
             self._send_proof()
             self._start_sending()
@@ -3932,7 +3955,7 @@ class WatchedWrites:
                 queue.popleft()
                 piece = buf
             else:                               # a turn's worth off the front, no more copied
-                piece = bytes(buf[:n])
+                piece = buf[:n]
                 del buf[:n]
             _write_parts(self.transport, self.sock, HEADER.pack(n, DATA, 0, stream_id), piece)
             self.written += HEADER_SIZE + n
@@ -3958,24 +3981,8 @@ class WatchedWrites:
                 self._turn(stream_id, MAX_CREDIT)   # all of it: a queue is at most a window
         Link.close(self, code, message)
 
-    def rtt_measured(self, rtt):
-        Link.rtt_measured(self, rtt)
-        if rtt >= LONG_LINK_RTT and not self.closing:
-            self.set_long_link(True)
-
     def stream_count(self):
         return len(self.legs)
-
-    def set_long_link(self, long_link):
-        """Toward a peer far away, a short queue in the transport and the kernel: the rest
-        waits in the outbox, where streams take turns."""
-        if self.transport is None or self.closing:
-            return
-        self.frame_max = SCHEDULER_QUANTUM if long_link else MAX_DATA
-        self.long_link = long_link
-        self.sharing_changed()
-        self.transport.set_write_buffer_limits(*ROUTER_LONG_LINK_WATER if long_link else
-                                               (LINK_HIGH_WATER, LINK_LOW_WATER))
 
     def backlog_limit(self):
         """What a peer may make us queue: the windows toward it (PeerWindows) and some
@@ -4218,6 +4225,13 @@ class RouterPeer(WatchedWrites, Link):
     def fail(self, exc):
         self.drop_cause = self.drop_cause or "protocol"
         Link.fail(self, exc)
+
+    def log_failure(self, message, *args):
+        """A stranger's failures are logged a few a minute per source (StrangerLog)."""
+        if self.phase == "ready":
+            log.warning(message, *args)
+        else:
+            self.router.stranger_log.warning(self.source, message, *args)
 
     def on_lost(self, reason):
         if self.phase == "auth":
@@ -6101,6 +6115,15 @@ class Sharer(_Client):
             stream.reset(reason)
 
 
+def _opener_pairings(secret, service):
+    """A forwarder's or connect's pairings, or None without a secret; the end-to-end TLS
+    context is made now, so a host that cannot make it says so at start."""
+    if not secret:
+        return None
+    e2e_context(server_side=False)
+    return OpenerPairings(secret, service)
+
+
 class ForwardedStream(LocalStream):
     """A local connection accepted by a forwarder: one stream to the service.  Its OPEN
     carries the client's first bytes when they come at once (optimistic open: the reply
@@ -6256,7 +6279,7 @@ class Forwarder(_Client):
         _Client.__init__(self, name=service, **options)
         self.service = check_name(service)
         self.secret = secret
-        self.pairings = OpenerPairings(secret, self.service) if secret else None
+        self.pairings = _opener_pairings(secret, self.service)
         self.host, self.port = host, port
         self.pending_timeout = pending_timeout
         self.waiting = []
@@ -6472,7 +6495,7 @@ class Connector(_Client):
         _Client.__init__(self, name=service, **options)
         self.service = check_name(service)
         self.secret = secret
-        self.pairings = OpenerPairings(secret, self.service) if secret else None
+        self.pairings = _opener_pairings(secret, self.service)
         self.read_fd, self.write_fd = read_fd, write_fd
         self.ended = None
 

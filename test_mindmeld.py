@@ -6171,6 +6171,19 @@ class TestHandshakeFloodCommandLine(CommandLineMixin, unittest.TestCase):
 
 class TestStrangerLog(HostileTestCase):
 
+    def test_protocol_errors_before_the_handshake_are_held_to_the_same_few_lines(self):
+        async def main():
+            self.router = await self.start_router()
+            for _ in range(mindmeld.STRANGER_LOG_BURST + 20):
+                reader, writer = await self.connect(self.router.port)
+                writer.write(PREAMBLE + encode_frame(PING, 0, b"12345678"))   # not HELLO
+                await asyncio.wait_for(reader.read(), 5)     # GOAWAY, then closed
+                writer.close()
+            unexpected = [l for l in self.logs if "unexpected PING" in l]
+            self.assertEqual(len(unexpected), mindmeld.STRANGER_LOG_BURST, self.logs)
+            self.assertEqual(len([l for l in self.logs if "counting the rest" in l]), 1, self.logs)
+        self.run_async(main(), 30)
+
     def test_a_router_with_a_token_tells_strangers_no_version(self):
         async def main():
             self.router = await self.start_router(token="t")
@@ -7288,7 +7301,7 @@ class TestRealLinks(LoopTestCase):
             for peer in self.router.peers:          # the router's queue is its streams' outbox
                 peer.rtt_measured(mindmeld.LONG_LINK_RTT * 2)
                 self.assertEqual(peer.transport.get_write_buffer_limits()[::-1],
-                                 mindmeld.ROUTER_LONG_LINK_WATER)
+                                 mindmeld.LONG_LINK_WATER)
         self.run_async(main())
 
     @unittest.skipIf(mindmeld.TCP_NOTSENT_LOWAT is None, "no TCP_NOTSENT_LOWAT on this platform")
@@ -7864,6 +7877,15 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
     def assert_target_got(self, *expected):
         self.assertEqual([bytes(r) for r in self.target.received], list(expected))
 
+    def assert_altered_and_ended(self, user, first_to_see):
+        """The stream ends with a reset for the user; `first_to_see` (the side that read the
+        altered record) and then the other say so; the target's connection ends too."""
+        self.assertEqual(user.rest(), (b"", "reset"))
+        other = self.forwarder if first_to_see is self.sharer else self.sharer
+        first_to_see.wait_line(ALTERED)
+        other.wait_line(ALTERED)
+        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+
     # -- one byte changed, two records swapped, the end cut off --------------------------
     def alter_next_data(self, role, direction, alter):
         """A hook that, once state['armed'], passes the next DATA frame of `role`'s link
@@ -7897,18 +7919,12 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
 
     def test_a_flipped_byte_toward_the_sharer_ends_the_stream_at_both_ends(self):
         user = self.flipped_on_the_way(self.SECRET)
-        self.assertEqual(user.rest(), (b"", "reset"))
-        self.sharer.wait_line(ALTERED)
-        self.forwarder.wait_line(ALTERED)
-        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assert_altered_and_ended(user, self.sharer)
         self.assert_target_got(FIRST)
 
     def test_a_flipped_byte_toward_the_forwarder_ends_the_stream_at_both_ends(self):
         user = self.flipped_on_the_way(self.SECRET, DOWN)
-        self.assertEqual(user.rest(), (b"", "reset"))
-        self.forwarder.wait_line(ALTERED)
-        self.sharer.wait_line(ALTERED)
-        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assert_altered_and_ended(user, self.forwarder)
         self.assertEqual(self.target.endings, ["reset"])
         self.assert_target_got(FIRST + b"a lower-case line\n")     # the echo was altered, not this
 
@@ -7939,10 +7955,7 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
 
     def test_swapped_frames_end_the_stream_at_both_ends(self):
         user = self.swapped_on_the_way(self.SECRET)
-        self.assertEqual(user.rest(), (b"", "reset"))
-        self.sharer.wait_line(ALTERED)
-        self.forwarder.wait_line(ALTERED)
-        self.target.wait(lambda: self.target.endings, "the end of the target's connection")
+        self.assert_altered_and_ended(user, self.sharer)
         self.assert_target_got(FIRST)
 
     def cut_short_on_the_way(self, secret):
@@ -8100,12 +8113,18 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
         state.update(tls={}, ends={}, proved={}, after_ok={})
         return hook, open_streams
 
-    def streams_of_its_own(self, secret):
+    def one_honest_stream(self, secret):
+        """A tunnel whose relay can open streams of its own (own_stream_hook), and one honest
+        stream through it, half-closed by the user and ended: (state, open_streams)."""
         state = {}
         hook, open_streams = self.own_stream_hook(state)
         user = self.opened(self.tunnel(hook, secret, secret))
         user.conn.shutdown(socket.SHUT_WR)
         self.assertEqual(user.rest(), (b"", "eof"))
+        return state, open_streams
+
+    def streams_of_its_own(self, secret):
+        state, open_streams = self.one_honest_stream(secret)
         share_link = self.relay.link("share")
         if secret:
             pair = json_of(self.relay.link("forward").recorded(UP, OPEN)[0][3])["e2e"]["pair"]
@@ -8205,11 +8224,7 @@ class TestMaliciousRouter(SecurityCommandLine, unittest.TestCase):
 
     def replayed_stream(self, secret):
         """A whole stream recorded on the sharer's link, replayed to it as a new stream."""
-        state = {}
-        hook, _open_streams = self.own_stream_hook(state)
-        user = self.opened(self.tunnel(hook, secret, secret))
-        user.conn.shutdown(socket.SHUT_WR)
-        self.assertEqual(user.rest(), (b"", "eof"))
+        state, _open_streams = self.one_honest_stream(secret)
         self.target.wait(lambda: self.target.endings, "the end of the user's stream")
         link = self.relay.link("share")
         recorded = link.recorded(DOWN, OPEN)[0][2]
