@@ -5646,13 +5646,20 @@ class _Client(FollowsItsShard):
             await asyncio.wait([self.drained, link.lost], timeout=grace)
         for link in [self.link] + list(self.retired):
             if link is not None:
-                link.close()
-                try:
-                    await asyncio.wait_for(asyncio.shield(link.lost), LINK_CLOSE_WAIT)
-                except asyncio.TimeoutError:
-                    link.abort("shutdown")
+                await self._close_link(link)
         await _cancel_all(self.tasks)
         self._finish()
+
+    @staticmethod
+    async def _close_link(link):
+        """Close the link and wait, LINK_CLOSE_WAIT at most, until the router has closed its
+        side too: a process that exits first may leave frames unsent, or unread, and a
+        socket closed with bytes unread resets the connection, frames in flight and all."""
+        link.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(link.lost), LINK_CLOSE_WAIT)
+        except asyncio.TimeoutError:
+            link.abort("shutdown")
 
     async def stop_accepting(self):
         pass
@@ -6515,7 +6522,7 @@ class Connector(_Client):
             _StdioTransport(_get_loop(), protocol, read_fd, write_fd)
             await self.ended
         finally:
-            link.close()
+            await self._close_link(link)
         return 1 if stream.failure else 0      # a failure was already reported on stderr
 
     def _open(self, link, stream, fresh=False):
