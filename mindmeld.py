@@ -394,6 +394,9 @@ WINDOW_GROWTH_FLOOR = 0.002         # windows grow when updated within max(4 RTT
                                     # RTTs are microseconds, shorter than one busy loop turn
 WINDOW_RATE_MEMORY = 0.75           # the best delivery rate seen is kept, times this per update:
                                     # one slow update (a retransmission) does not stop growth
+WARM_START_MEMORY = 60.0            # s: a long link remembers how far its streams' windows grew,
+WARM_START_SHARE = 4                # and a new stream starts there, with at most 1/4 of the budget
+                                    # left (on a short link windows grow in milliseconds anyway)
 
 HTTP_HEAD_MAX = 16 * 1024           # bytes: the most of an HTTP head read (a request to the router,
                                     # the answer to an upgrade or a CONNECT); longer is not our HTTP
@@ -803,11 +806,33 @@ CAN_RECV_DATA = frozenset(s for s, row in STREAM_TRANSITIONS.items() if (RECV, D
 
 
 class WindowBudget:
-    """How much window growth one link may still hand out, over all its streams."""
-    __slots__ = ("available",)
+    """How much window growth one link may still hand out, over all its streams, and how
+    far their windows grew lately (`warm_size`).  A new stream starts there (warm_growth):
+    the bandwidth-delay product belongs to the link, not to one stream, and a stream that
+    starts small leaves the link idle between bursts.  Under loss that idle time makes
+    TCP (BBR) measure a low rate and send at it for seconds."""
+    __slots__ = ("available", "warm_size", "warm_at")
 
     def __init__(self, total=PEER_WINDOW_BUDGET):
         self.available = total
+        self.warm_size = 0
+        self.warm_at = -WARM_START_MEMORY
+
+    def remember(self, size, now):
+        """A grown window of `size` is in use."""
+        if size >= self.warm_size or now - self.warm_at > WARM_START_MEMORY:
+            self.warm_size, self.warm_at = size, now
+
+    def warm_growth(self, size, now):
+        """Growth for a new stream's window of `size`, taken from the budget: up to the size
+        remembered, and at most 1/WARM_START_SHARE of what is left."""
+        if now - self.warm_at > WARM_START_MEMORY:
+            return 0
+        growth = min(self.warm_size - size, self.available // WARM_START_SHARE)
+        if growth <= 0:
+            return 0
+        self.available -= growth
+        return growth
 
     def take(self, amount):
         if amount > self.available:
@@ -836,12 +861,14 @@ class ReceiveWindow:
       Under loss, credit takes many round trips to come back, and this is the
       sign that the window is what holds the sender back.
 
-    A reader that does not keep up never grows it: its credit goes back late."""
+    A reader that does not keep up never grows it: its credit goes back late.  A new
+    stream on a link whose windows grew lately starts at their size (warm_start)."""
     __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget",
                  "best_rate", "taken", "returned", "limits", "last_arrival", "starved")
 
-    def __init__(self, budget=None, size=INITIAL_WINDOW):
-        self.size = self.initial = size
+    def __init__(self, budget=None, size=INITIAL_WINDOW, grown=0):
+        self.size = size
+        self.initial = size - grown     # growth beyond it came from `budget`
         self.available = size      # what the sender may still send
         self.unreturned = 0        # delivered but not yet credited back
         self.last_update = 0.0
@@ -879,11 +906,26 @@ class ReceiveWindow:
             if size > self.size:
                 increment += size - self.size
                 self.size = size
+            if self.size > self.initial:
+                self.budget.remember(self.size, now)
         self.last_update = now
         self.unreturned = 0
         self.available += increment
         self.limits = self.limits[-3:] + (self.taken + self.available,)
         return increment
+
+    def warm_start(self, now):
+        """Before any data: grow to the size the link's windows reached lately (within the
+        budget).  Returns the growth, to be granted (0: none)."""
+        if self.budget is None or self.taken:
+            return 0
+        growth = self.budget.warm_growth(self.size, now)
+        if growth:
+            self.size += growth
+            self.available += growth
+            self.last_update = now
+            self.limits = (self.taken + self.available,)
+        return growth
 
     def wanted_size(self, now, rtt):
         """Half a window was just delivered: the size it should have now, up to 8 times
@@ -930,10 +972,23 @@ class StreamEnd:
         self.credit = credit
         self.window = window if window is not None else ReceiveWindow()
 
-    def start_with(self, credit, window_size):
-        """The initial credit and window the router chose (OPEN, OPEN_OK); before any data."""
+    def start_with(self, credit, window_size, grown=0):
+        """The initial credit and window the router chose (OPEN, OPEN_OK); before any data.
+        `grown` of the window is the warm start this end asked for in its OPEN; what the
+        router did not take goes back to the budget."""
+        old = self.window
+        asked = old.size - old.initial
+        if grown > asked:
+            raise ProtocolError("a grow of %d in OPEN_OK, but %d was asked" % (grown, asked),
+                                "flow-control")
+        if old.budget is not None:
+            old.budget.give(asked - grown)
         self.credit = credit
-        self.window = ReceiveWindow(self.window.budget, window_size)
+        self.window = ReceiveWindow(old.budget, window_size, grown)
+
+    def warm_start(self, now):
+        """The window's warm start (ReceiveWindow.warm_start): the growth, or 0."""
+        return self.window.warm_start(now)
 
     def __repr__(self):
         return "<StreamEnd %d %s credit=%d window=%d>" % (
@@ -1029,18 +1084,27 @@ def open_data(info):
     return data
 
 
+def _window_field(info, field, default, low, high):
+    value = info.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError("%s of %r in an opening frame (must be %d to %d)"
+                            % (field, value, low, high), "flow-control")
+    return value
+
+
 def initial_windows(info):
-    """(credit, window) from an OPEN or OPEN_OK: what this end may send first, and what it
-    grants the other end.  Absent: INITIAL_WINDOW each (peers from before the router chose)."""
-    out = []
-    for field in ("credit", "window"):
-        value = info.get(field, INITIAL_WINDOW)
-        if not isinstance(value, int) or isinstance(value, bool) or \
-                not MIN_STREAM_WINDOW <= value <= MAX_WINDOW:
-            raise ProtocolError("%s of %r in an opening frame (must be %d to %d)"
-                                % (field, value, MIN_STREAM_WINDOW, MAX_WINDOW), "flow-control")
-        out.append(value)
-    return tuple(out)
+    """(credit, window, grow) from an OPEN or OPEN_OK: what this end may send first, what it
+    grants the other end, and how much of that is the warm start its OPEN asked for ("grow",
+    OPEN_OK only).  Absent: INITIAL_WINDOW each (peers from before the router chose), 0."""
+    credit, window = (_window_field(info, field, INITIAL_WINDOW, MIN_STREAM_WINDOW, MAX_WINDOW)
+                      for field in ("credit", "window"))
+    return credit, window, _window_field(info, "grow", 0, 0, window - MIN_STREAM_WINDOW)
+
+
+def opening_growth(info, first_window):
+    """The warm start an opener's OPEN asks for ("grow"): growth of its window beyond the
+    first one the router picks, from its window_budget."""
+    return _window_field(info, "grow", 0, 0, MAX_WINDOW - first_window)
 
 
 class StreamIds:
@@ -2088,8 +2152,12 @@ class LocalStream(Upstream, asyncio.Protocol):
         self.end.receive(OPEN_REFUSED)
 
     def accept(self, info):
-        """The acceptor's side: tell the opener (OPEN_OK), then let data flow."""
+        """The acceptor's side: tell the opener (OPEN_OK), with the window's warm start
+        right after it, then let data flow."""
         self.link.send(self.end.send_json(OPEN_OK, info))
+        growth = self.end.warm_start(self.link.loop.time()) if self.link.long_link else 0
+        if growth:
+            self.link.send(self.end.send(WINDOW, WINDOW_INCREMENT.pack(growth)))
         self._flush_pending()
 
     def reset(self, reason):
@@ -3571,10 +3639,13 @@ class PeerWindows:
         self.initial += leg.initial
         self.ledger.initial += leg.initial
 
-    def grew(self, leg, growth):
+    def may_grow(self, growth):
         if self.growth + growth > self.growth_budget:
             raise ProtocolError("windows grown by more than the %d bytes of window_budget over "
                                 "all streams" % self.growth_budget, "flow-control")
+
+    def grew(self, leg, growth):
+        self.may_grow(growth)
         leg.growth += growth
         self.growth += growth
 
@@ -3608,14 +3679,20 @@ class RelayedStream:
     that crosses the router, and every edit to both sides, happens here."""
     __slots__ = ("router", "registration", "opener", "acceptor")
 
-    def __init__(self, router, registration, opener, opener_id, sharer, to_opener, to_sharer):
+    def __init__(self, router, registration, opener, opener_id, sharer, to_opener, to_sharer,
+                 grow=0):
         # The router chooses each direction's first window, within what it may hold for the
         # peer that direction leads to (PeerWindows); both ends learn it from OPEN and OPEN_OK.
+        # The opener may grow its own at once (`grow`, its warm start), as a WINDOW would.
         self.router, self.registration = router, registration
         self.opener = Leg(opener, StreamEnd(opener_id, OPEN_RECEIVED, ReceiveWindow(None, to_sharer),
                                             credit=to_opener), self)
+        if grow:
+            opener.windows.grew(self.opener, grow)
+            self.opener.end.credit += grow
         self.acceptor = Leg(sharer, StreamEnd(sharer.ids.allocate(), OPEN_SENT,
-                                              ReceiveWindow(None, to_opener), credit=to_sharer), self)
+                                              ReceiveWindow(None, to_opener + grow), credit=to_sharer),
+                            self)
         self.opener.other, self.acceptor.other = self.acceptor, self.opener
         registration.streams += 1
         registration.opened += 1
@@ -3668,6 +3745,8 @@ class RelayedStream:
         accept = {"e2e": e2e} if e2e is not None else {}
         other = leg.other               # the opener's leg: credit is what the router may send it
         accept.update(credit=other.end.window.size, window=other.end.credit)
+        if other.growth:                # the warm start its OPEN asked for (RelayedStream)
+            accept["grow"] = other.growth
         other.peer.send(other.end.send_json(OPEN_OK, accept))
 
     def open_refused(self, leg, payload):
@@ -4184,6 +4263,8 @@ class RouterPeer(WatchedWrites, Link):
         registration = self.router.services.get(name) if valid_name(name) else None
         windows = (self.windows.next_window(),       # toward the opener, toward the sharer
                    registration.peer.windows.next_window() if registration is not None else 0)
+        grow = opening_growth(info, windows[0] or MIN_STREAM_WINDOW)
+        self.windows.may_grow(grow)
         code = refusal = None
         if self.draining:
             reason, code = "this link is going away", "going-away"
@@ -4199,7 +4280,7 @@ class RouterPeer(WatchedWrites, Link):
             reason, code = "the router holds all the stream data it may; try again later", "busy"
         else:
             relay = RelayedStream(self.router, registration, self, stream_id, registration.peer,
-                                  *windows)
+                                  *windows, grow=grow)
             relay.opener.received += len(early)
             relay.open(info)
             return
@@ -5207,6 +5288,9 @@ class ClientLink(Link):
         if self.ids.exhausted:          # after 2**31 streams: a fresh link
             self.close("ids-exhausted", "stream ids are used up; reconnecting")
         stream.attach(self, self.ids.allocate(), OPEN_SENT)
+        growth = stream.end.warm_start(self.loop.time()) if self.long_link else 0
+        if growth:
+            info = dict(info, grow=growth)
         self.send_json(OPEN, stream.id, info)
 
     def on_open(self, stream_id, payload):

@@ -1053,6 +1053,86 @@ class TestCore(unittest.TestCase):
         self.assertEqual(window.size, 2 * INITIAL_WINDOW)   # 1 MB/s x 4 round trips > 256 KiB
         self.assertFalse(window.starved)
 
+    def grown(self, budget, size, now):
+        """A window on `budget` that has grown to `size`, in use at `now`."""
+        window = ReceiveWindow(budget)
+        for _ in range(40):
+            if window.size >= size:
+                break
+            half = window.size // 2
+            window.received(half)
+            window.delivered(half, now, 0.01)
+            now += 0.001
+        self.assertEqual(window.size, size)
+        return window
+
+    def test_a_new_stream_starts_where_its_links_windows_grew_lately(self):
+        budget = WindowBudget(10 * MAX_WINDOW)
+        self.assertEqual(ReceiveWindow(budget).warm_start(100.0), 0)    # nothing grew yet
+        first = self.grown(budget, MAX_WINDOW, 100.0)
+        left = budget.available
+        second = ReceiveWindow(budget)
+        growth = second.warm_start(101.0)
+        self.assertEqual(growth, MAX_WINDOW - INITIAL_WINDOW)
+        self.assertEqual((second.size, second.available), (MAX_WINDOW, MAX_WINDOW))
+        self.assertEqual(budget.available, left - growth)
+        second.release()                                 # its growth goes back
+        self.assertEqual(budget.available, left)
+        first.release()
+        later = ReceiveWindow(budget)                    # a minute on, it is forgotten
+        self.assertEqual(later.warm_start(100.0 + mindmeld.WARM_START_MEMORY + 1), 0)
+        self.assertEqual(later.size, INITIAL_WINDOW)
+
+    def test_a_warm_start_takes_at_most_a_quarter_of_the_budget_left(self):
+        budget = WindowBudget(2 * MAX_WINDOW)
+        self.grown(budget, MAX_WINDOW, 100.0)
+        left = budget.available                          # 2 x 16 MiB - (16 MiB - 256 KiB)
+        sizes = []
+        for _ in range(3):
+            window = ReceiveWindow(budget)
+            window.warm_start(100.5)
+            sizes.append(window.size)
+        self.assertEqual(sizes[0], INITIAL_WINDOW + left // 4)
+        self.assertEqual(sizes[1], INITIAL_WINDOW + (left - left // 4) // 4)
+        self.assertLess(sizes[2], sizes[1])
+        self.assertGreater(budget.available, 0)
+
+    def test_a_window_that_took_data_or_has_no_budget_gets_no_warm_start(self):
+        budget = WindowBudget(10 * MAX_WINDOW)
+        self.grown(budget, MAX_WINDOW, 100.0)
+        used = ReceiveWindow(budget)
+        used.received(10)
+        self.assertEqual(used.warm_start(100.5), 0)
+        self.assertEqual(ReceiveWindow(None).warm_start(100.5), 0)
+
+    def test_the_router_answers_a_warm_start_in_open_ok_and_the_rest_goes_back(self):
+        """The opener grows its window in OPEN ("grow"); OPEN_OK says how much of it the
+        router took (a router from before warm starts says nothing: all goes back)."""
+        for told, kept in ((None, 0), (MAX_WINDOW - INITIAL_WINDOW, MAX_WINDOW - INITIAL_WINDOW)):
+            budget = WindowBudget(10 * MAX_WINDOW)
+            self.grown(budget, MAX_WINDOW, 100.0)
+            left = budget.available
+            end = StreamEnd(1, OPEN_SENT, ReceiveWindow(budget))
+            asked = end.warm_start(100.5)
+            self.assertEqual(asked, MAX_WINDOW - INITIAL_WINDOW)
+            end.receive(OPEN_OK)
+            info = {"credit": INITIAL_WINDOW, "window": INITIAL_WINDOW + kept}
+            if told is not None:
+                info["grow"] = told
+            end.start_with(*mindmeld.initial_windows(info))
+            self.assertEqual(end.window.size, INITIAL_WINDOW + kept)
+            self.assertEqual(budget.available, left - kept)
+            end.release()
+            self.assertEqual(budget.available, left)
+        end = StreamEnd(1, OPEN_SENT, ReceiveWindow(WindowBudget()))
+        end.receive(OPEN_OK)
+        with self.assertRaises(ProtocolError) as caught:    # more than was asked
+            end.start_with(INITIAL_WINDOW, 2 * INITIAL_WINDOW, INITIAL_WINDOW)
+        self.assertEqual(caught.exception.code, "flow-control")
+        for bad in ("1", -1, True, 2 * INITIAL_WINDOW):      # "grow" is part of "window"
+            with self.assertRaises(ProtocolError):
+                mindmeld.initial_windows({"window": 2 * INITIAL_WINDOW, "grow": bad})
+
     def test_window_without_budget_never_grows(self):
         window = ReceiveWindow(None)
         now = 100.0
@@ -1486,9 +1566,11 @@ async def echo_handler(reader, writer):
 class RecordingLink:
     """What a LocalStream asks of its link, recording what the stream sends upstream."""
 
-    def __init__(self):
+    def __init__(self, loop):
+        self.loop = loop
         self.budget, self.streams, self.blocked = WindowBudget(), {}, []
         self.write_paused, self.closing, self.rtt = False, False, 0.001
+        self.long_link = False
         self.frame_max = MAX_DATA
         self.upstream, self.arrived, self.frames = b"", asyncio.Event(), []
 
@@ -1579,7 +1661,7 @@ class TestTunnel(LoopTestCase):
         the stream's OPEN_OK: the bytes the client then sends must still go upstream (before
         3.11 they stayed unread for good, and the client hung)."""
         async def main():
-            link = RecordingLink()
+            link = RecordingLink(self.loop)
             server = await self.loop.create_server(lambda: AcceptedAtOnce(link, 1), LOCALHOST, 0)
 
             async def close():
@@ -1604,7 +1686,7 @@ class TestTunnel(LoopTestCase):
         read: shutting the socket's writing half then fails, and that must end this stream
         with a RESET (it used to drop the whole link, every stream on it)."""
         async def main():
-            link, connected = RecordingLink(), self.loop.create_future()
+            link, connected = RecordingLink(self.loop), self.loop.create_future()
 
             class Connected(AcceptedAtOnce):
                 def connection_made(self, transport):
@@ -6511,6 +6593,142 @@ class TestOptimisticOpen(HostileTestCase):
                 goaway = await peer.goaway()
                 self.assertEqual(goaway["code"], "protocol", goaway)
         self.run_async(main(), 30)
+async def sink_handler(reader, writer):
+    """Reads until EOF, then closes."""
+    for _ in range(100000):
+        if not await reader.read(CHUNK):
+            break
+    writer.close()
+
+
+async def count_to_eof(reader):
+    """Bytes read until EOF."""
+    count = 0
+    for _ in range(100000):
+        chunk = await reader.read(CHUNK)
+        if not chunk:
+            break
+        count += len(chunk)
+    return count
+
+
+class TestWarmStart(HostileTestCase):
+    """On a long link a new stream starts with the window its streams grew to lately: an opener asks
+    for it in OPEN ("grow"), an acceptor grants it in a WINDOW right after OPEN_OK.  (A
+    stream that starts small leaves the link idle between bursts, and under loss TCP then
+    measures a low rate and keeps to it for seconds.)"""
+
+    def setUp(self):
+        HostileTestCase.setUp(self)
+        self.addCleanup(setattr, mindmeld, "LONG_LINK_RTT", mindmeld.LONG_LINK_RTT)
+        mindmeld.LONG_LINK_RTT = 0.0        # loopback counts as long: only long links warm-start
+
+    async def registered(self):
+        self.router = await self.start_router()
+        sharer = await self.raw_peer()
+        sharer.send(encode_json(REGISTER, 1, {"name": "warm", "owner": "ab" * 16}))
+        await sharer.frame(REGISTERED, 1)
+        return sharer
+
+    def test_the_router_passes_a_warm_start_on_and_holds_the_opener_to_its_budget(self):
+        self.addCleanup(setattr, mindmeld, "PEER_WINDOW_BUDGET", mindmeld.PEER_WINDOW_BUDGET)
+        mindmeld.PEER_WINDOW_BUDGET = 8 * INITIAL_WINDOW
+
+        async def main():
+            sharer = await self.registered()
+            opener = await self.raw_peer()
+            grow = 5 * INITIAL_WINDOW
+            opener.send(encode_json(OPEN, 1, {"service": "warm", "grow": grow}))
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            self.assertEqual(json.loads(payload.decode())["credit"], INITIAL_WINDOW + grow)
+            sharer.send(encode_frame(OPEN_OK, there))
+            accepted = json.loads((await opener.frame(OPEN_OK, 1))[3].decode())
+            self.assertEqual(accepted, {"credit": INITIAL_WINDOW, "window": INITIAL_WINDOW + grow,
+                                        "grow": grow})
+            for _ in range((INITIAL_WINDOW + grow) // MAX_DATA):    # all of it, at once
+                sharer.send(encode_frame(DATA, there, bytes(MAX_DATA)))
+            received = 0
+            for _ in range(1000):
+                if received >= INITIAL_WINDOW + grow:
+                    break
+                received += len((await opener.frame(DATA, 1))[3])
+            self.assertEqual(received, INITIAL_WINDOW + grow)
+            self.assertEqual(await sharer.settled(), "pong")
+            # 5 of its 8 x 256 KiB of growth are in use: 4 more is past its window_budget
+            opener.send(encode_json(OPEN, 3, {"service": "warm", "grow": 4 * INITIAL_WINDOW}))
+            goaway = await opener.goaway()
+            self.assertEqual(goaway["code"], "flow-control")
+            self.assertIn("window_budget", goaway["message"])
+            self.assertEqual(await sharer.settled(), "pong")
+        self.run_async(main(), 30)
+
+    def test_a_malformed_grow_is_a_flow_control_error(self):
+        async def main():
+            await self.registered()
+            for bad in ("1", -1, True, mindmeld.MAX_WINDOW):
+                await self.dropped(encode_json(OPEN, 1, {"service": "warm", "grow": bad}),
+                                   "flow-control", "grow")
+        self.run_async(main(), 30)
+
+    def test_a_forwarders_next_stream_asks_for_the_window_its_last_one_grew_to(self):
+        async def main():
+            sharer = await self.registered()
+            forwarder = await self.start_forwarder("warm")
+            reader, writer = await self.connect(forwarder.port)
+            writer.write(b"x")
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            self.assertEqual(json.loads(payload.decode()).get("credit"), INITIAL_WINDOW)
+            sharer.send(encode_frame(OPEN_OK, there))
+            read = asyncio.ensure_future(count_to_eof(reader))
+            credit, sent = INITIAL_WINDOW, 0
+            for _ in range(50):             # all the credit there is, then wait for more
+                if credit > INITIAL_WINDOW:
+                    break                   # more than the first window: it grew
+                for offset in range(0, credit, MAX_DATA):
+                    sharer.send(encode_frame(DATA, there, bytes(min(MAX_DATA, credit - offset))))
+                sent, credit = sent + credit, 0
+                for _ in range(100):
+                    credit += struct.unpack("!I", (await sharer.frame(WINDOW, there))[3])[0]
+                    if credit >= INITIAL_WINDOW // 2:
+                        break
+            self.assertGreater(credit, INITIAL_WINDOW, "the forwarder's window never grew")
+            sharer.send(encode_frame(EOF, there))
+            writer.write_eof()
+            self.assertEqual(await asyncio.wait_for(read, 10), sent)
+            reader, writer = await self.connect(forwarder.port)
+            writer.write(b"y")
+            _t, _f, there, payload = await sharer.frame(OPEN)
+            self.assertGreater(json.loads(payload.decode())["credit"], 2 * INITIAL_WINDOW)
+        self.run_async(main(), 30)
+
+    def test_a_sharers_next_stream_grants_the_window_its_last_one_grew_to(self):
+        async def main():
+            self.router = await self.start_router()
+            target = await self.start_target(sink_handler)
+            await self.start_sharer({"warm": (LOCALHOST, target)})
+            opener = await self.raw_peer()
+            opener.send(encode_json(OPEN, 1, {"service": "warm"}))
+            await opener.frame(OPEN_OK, 1)
+            credit = INITIAL_WINDOW
+            for _ in range(50):
+                if credit > INITIAL_WINDOW:
+                    break
+                for offset in range(0, credit, MAX_DATA):
+                    opener.send(encode_frame(DATA, 1, bytes(min(MAX_DATA, credit - offset))))
+                credit = 0
+                for _ in range(100):
+                    credit += struct.unpack("!I", (await opener.frame(WINDOW, 1))[3])[0]
+                    if credit >= INITIAL_WINDOW // 2:
+                        break
+            self.assertGreater(credit, INITIAL_WINDOW, "the sharer's window never grew")
+            opener.send(encode_frame(EOF, 1))
+            opener.send(encode_json(OPEN, 3, {"service": "warm"}))
+            await opener.frame(OPEN_OK, 3)
+            growth = struct.unpack("!I", (await opener.frame(WINDOW, 3))[3])[0]
+            self.assertGreater(growth, INITIAL_WINDOW)      # before it sent a byte
+        self.run_async(main(), 30)
+
+
 class TestReplayedRegister(HostileTestCase):
     """Someone who saw every byte a sharer sent on a plain-TCP link replays them on new
     connections: the name stays with the sharer, which goes on serving and is never told
