@@ -979,8 +979,8 @@ class StreamEnd:
         old = self.window
         asked = old.size - old.initial
         if grown > asked:
-            raise ProtocolError("a grow of %d in OPEN_OK, but %d was asked" % (grown, asked),
-                                "flow-control")
+            raise ProtocolError("a grow of %d in an opening frame, but this end asked for %d"
+                                % (grown, asked), "flow-control")
         if old.budget is not None:
             old.budget.give(asked - grown)
         self.credit = credit
