@@ -810,13 +810,16 @@ class WindowBudget:
     far their windows grew lately (`warm_size`).  A new stream starts there (warm_growth):
     the bandwidth-delay product belongs to the link, not to one stream, and a stream that
     starts small leaves the link idle between bursts.  Under loss that idle time makes
-    TCP (BBR) measure a low rate and send at it for seconds."""
-    __slots__ = ("available", "warm_size", "warm_at")
+    TCP (BBR) measure a low rate and send at it for seconds.  Warm starts not yet used
+    (`idle_warm`: their streams have not moved half a window) hold at most a quarter of
+    the budget, so streams opened and left idle, a stranger's say, cannot take it all."""
+    __slots__ = ("available", "total", "warm_size", "warm_at", "idle_warm")
 
     def __init__(self, total=PEER_WINDOW_BUDGET):
-        self.available = total
+        self.available = self.total = total
         self.warm_size = 0
         self.warm_at = -WARM_START_MEMORY
+        self.idle_warm = 0
 
     def remember(self, size, now):
         """A grown window of `size` is in use."""
@@ -825,14 +828,21 @@ class WindowBudget:
 
     def warm_growth(self, size, now):
         """Growth for a new stream's window of `size`, taken from the budget: up to the size
-        remembered, and at most 1/WARM_START_SHARE of what is left."""
+        remembered, at most 1/WARM_START_SHARE of what is left, and while the warm starts
+        not yet used stay within 1/WARM_START_SHARE of the whole."""
         if now - self.warm_at > WARM_START_MEMORY:
             return 0
-        growth = min(self.warm_size - size, self.available // WARM_START_SHARE)
+        growth = min(self.warm_size - size, self.available // WARM_START_SHARE,
+                     self.total // WARM_START_SHARE - self.idle_warm)
         if growth <= 0:
             return 0
         self.available -= growth
+        self.idle_warm += growth
         return growth
+
+    def warm_used(self, growth):
+        """A warm start's stream moved half a window, or ended: it is idle no more."""
+        self.idle_warm -= growth
 
     def take(self, amount):
         if amount > self.available:
@@ -864,11 +874,12 @@ class ReceiveWindow:
     A reader that does not keep up never grows it: its credit goes back late.  A new
     stream on a link whose windows grew lately starts at their size (warm_start)."""
     __slots__ = ("size", "initial", "available", "unreturned", "last_update", "budget",
-                 "best_rate", "taken", "returned", "limits", "last_arrival", "starved")
+                 "best_rate", "taken", "returned", "limits", "last_arrival", "starved", "warm")
 
     def __init__(self, budget=None, size=INITIAL_WINDOW, grown=0):
         self.size = size
         self.initial = size - grown     # growth beyond it came from `budget`
+        self.warm = grown               # a warm start not used yet (WindowBudget.idle_warm)
         self.available = size      # what the sender may still send
         self.unreturned = 0        # delivered but not yet credited back
         self.last_update = 0.0
@@ -897,6 +908,7 @@ class ReceiveWindow:
         self.unreturned += n
         if self.unreturned < self.size // 2:
             return 0
+        self.warm_is_used()
         increment = self.unreturned
         self.returned += increment
         if self.budget is not None:
@@ -923,9 +935,15 @@ class ReceiveWindow:
         if growth:
             self.size += growth
             self.available += growth
+            self.warm += growth
             self.last_update = now
             self.limits = (self.taken + self.available,)
         return growth
+
+    def warm_is_used(self):
+        if self.warm:
+            self.budget.warm_used(self.warm)
+            self.warm = 0
 
     def wanted_size(self, now, rtt):
         """Half a window was just delivered: the size it should have now, up to 8 times
@@ -943,6 +961,7 @@ class ReceiveWindow:
 
     def release(self):
         """The stream is gone: give its growth back to the link's budget."""
+        self.warm_is_used()
         if self.budget is not None and self.size > self.initial:
             self.budget.give(self.size - self.initial)
             self.size = self.initial
@@ -983,6 +1002,7 @@ class StreamEnd:
                                 % (grown, asked), "flow-control")
         if old.budget is not None:
             old.budget.give(asked - grown)
+            old.budget.warm_used(asked - grown)
         self.credit = credit
         self.window = ReceiveWindow(old.budget, window_size, grown)
 
@@ -3745,7 +3765,7 @@ class RelayedStream:
         accept = {"e2e": e2e} if e2e is not None else {}
         other = leg.other               # the opener's leg: credit is what the router may send it
         accept.update(credit=other.end.window.size, window=other.end.credit)
-        if other.growth:                # the warm start its OPEN asked for (RelayedStream)
+        if other.growth:                # its OPEN's grow: no WINDOW comes from it before OPEN_OK
             accept["grow"] = other.growth
         other.peer.send(other.end.send_json(OPEN_OK, accept))
 
@@ -6134,9 +6154,9 @@ class Sharer(_Client):
         name = info.get("service")
         target = self.services.get(name) if valid_name(name) else None
         stream = SharedStream(link, stream_id)
+        stream.sharer, stream.service = self, name      # first: a bad OPEN below forgets it
         stream.end.start_with(*initial_windows(info))
         stream.early = open_data(info) or None
-        stream.sharer, stream.service = self, name
         stream.opener = str(info.get("peer", "?"))     # the router names the opening link
         stream.label = "%s#%d" % (name, stream_id)
         busy = target is not None and self.slots.over_limit(name, stream.opener)

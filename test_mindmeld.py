@@ -1097,6 +1097,22 @@ class TestCore(unittest.TestCase):
         self.assertLess(sizes[2], sizes[1])
         self.assertGreater(budget.available, 0)
 
+    def test_warm_starts_not_yet_used_hold_at_most_a_quarter_of_the_budget(self):
+        """Streams opened and left idle (a stranger's, say) cannot take the whole budget:
+        a warm start counts as idle until its stream moved half a window, or ended."""
+        budget = WindowBudget(2 * MAX_WINDOW)
+        self.grown(budget, MAX_WINDOW, 100.0).release()
+        first, second = ReceiveWindow(budget), ReceiveWindow(budget)
+        self.assertEqual(first.warm_start(100.5), 2 * MAX_WINDOW // 4)
+        self.assertEqual(second.warm_start(100.5), 0)               # the idle quarter is used
+        half = first.size // 2
+        first.received(half)
+        first.delivered(half, 100.6, 0.01)                          # it moved half a window
+        third = ReceiveWindow(budget)
+        self.assertGreater(third.warm_start(100.7), 0)
+        third.release()                                             # ended idle: frees it too
+        self.assertGreater(ReceiveWindow(budget).warm_start(100.8), 0)
+
     def test_a_window_that_took_data_or_has_no_budget_gets_no_warm_start(self):
         budget = WindowBudget(10 * MAX_WINDOW)
         self.grown(budget, MAX_WINDOW, 100.0)
@@ -6040,6 +6056,34 @@ class TestWhatUsersSee(unittest.TestCase):
         self.assertNotIn("OPEN_OK", completed.err)
         self.assertEqual(completed.code, 1, completed.err)
 
+
+    def test_a_bad_window_in_an_open_to_a_sharer_is_one_line(self):
+        """A router's OPEN with a grow the sharer never asked for, or a malformed credit:
+        one line, then the sharer leaves that router (it used to fail inside its own clean-up
+        and hang)."""
+        target = socket.socket()
+        self.addCleanup(target.close)
+        target.bind((LOCALHOST, 0))
+        target.listen(4)
+        for fields, said in (({"grow": 1000}, "a grow of 1000 in an opening frame, but this end "
+                                              "asked for 0"),
+                             ({"credit": "x"}, "credit of 'x' in an opening frame (must be 512 "
+                                               "to 16777216)")):
+            def answer(ftype, request_id, _payload, fields=fields):
+                if ftype != REGISTER:
+                    return b""
+                return (encode_json(REGISTERED, request_id, {"ok": True, "name": "web"})
+                        + encode_json(OPEN, 2, dict(fields, service="web")))
+            router = self.fake_router({"version": PROTOCOL_VERSION, "agent": "fake",
+                                       "nonce": "00" * 16, "auth": "none"}, answer)
+            completed = run_cli("share", "web", "%d" % target.getsockname()[1], "--router",
+                                router, "--max-retries", "0")
+            self.assertEqual(completed.code, 1, completed.err)
+            self.assertNotIn("Traceback", completed.err)
+            self.assertNotIn("internal error", completed.err)
+            self.assertEqual(completed.err.splitlines()[-1],
+                             "mindmeld share: error: protocol error: %s; giving up after 0 "
+                             "retries (--max-retries)" % said)
 
 
 class TestCloseEndsWithTheLastStream(LoopTestCase):
