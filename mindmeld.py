@@ -1006,10 +1006,6 @@ class StreamEnd:
         self.credit = credit
         self.window = ReceiveWindow(old.budget, window_size, grown)
 
-    def warm_start(self, now):
-        """The window's warm start (ReceiveWindow.warm_start): the growth, or 0."""
-        return self.window.warm_start(now)
-
     def __repr__(self):
         return "<StreamEnd %d %s credit=%d window=%d>" % (
             self.id, self.state, self.credit, self.window.available)
@@ -1935,7 +1931,7 @@ class Link(BufferedProtocol):
     def fail(self, exc):
         """The peer broke the protocol: tell it, log one line, drop it."""
         self.log_failure("%s %s: %s; disconnecting", self.role, self.peer, short_reason(exc))
-        self._close_reason = "protocol error: %s" % exc
+        self._close_reason = "protocol error: %s" % short_reason(exc)  # it may quote the peer
         self.close(getattr(exc, "code", "protocol"), str(exc))
 
 
@@ -2175,7 +2171,7 @@ class LocalStream(Upstream, asyncio.Protocol):
         """The acceptor's side: tell the opener (OPEN_OK), with the window's warm start
         right after it, then let data flow."""
         self.link.send(self.end.send_json(OPEN_OK, info))
-        growth = self.end.warm_start(self.link.loop.time()) if self.link.long_link else 0
+        growth = self.link.warm_start(self.end)
         if growth:
             self.link.send(self.end.send(WINDOW, WINDOW_INCREMENT.pack(growth)))
         self._flush_pending()
@@ -5308,10 +5304,15 @@ class ClientLink(Link):
         if self.ids.exhausted:          # after 2**31 streams: a fresh link
             self.close("ids-exhausted", "stream ids are used up; reconnecting")
         stream.attach(self, self.ids.allocate(), OPEN_SENT)
-        growth = stream.end.warm_start(self.loop.time()) if self.long_link else 0
+        growth = self.warm_start(stream.end)
         if growth:
             info = dict(info, grow=growth)
         self.send_json(OPEN, stream.id, info)
+
+    def warm_start(self, end):
+        """A new stream's warm start (ReceiveWindow.warm_start), on a long link only: on a
+        short one windows grow in milliseconds anyway.  The growth to grant, or 0."""
+        return end.window.warm_start(self.loop.time()) if self.long_link else 0
 
     def on_open(self, stream_id, payload):
         self.ids.opened_by_peer(stream_id)

@@ -1129,7 +1129,7 @@ class TestCore(unittest.TestCase):
             self.grown(budget, MAX_WINDOW, 100.0)
             left = budget.available
             end = StreamEnd(1, OPEN_SENT, ReceiveWindow(budget))
-            asked = end.warm_start(100.5)
+            asked = end.window.warm_start(100.5)
             self.assertEqual(asked, MAX_WINDOW - INITIAL_WINDOW)
             end.receive(OPEN_OK)
             info = {"credit": INITIAL_WINDOW, "window": INITIAL_WINDOW + kept}
@@ -1605,6 +1605,9 @@ class RecordingLink:
 
     def sharing_changed(self):
         pass
+
+    def warm_start(self, _end):
+        return 0
 
 
 class AcceptedAtOnce(mindmeld.LocalStream):
@@ -6060,15 +6063,19 @@ class TestWhatUsersSee(unittest.TestCase):
     def test_a_bad_window_in_an_open_to_a_sharer_is_one_line(self):
         """A router's OPEN with a grow the sharer never asked for, or a malformed credit:
         one line, then the sharer leaves that router (it used to fail inside its own clean-up
-        and hang)."""
+        and hang).  A long value is cut short in that line (it was printed whole)."""
         target = socket.socket()
         self.addCleanup(target.close)
         target.bind((LOCALHOST, 0))
         target.listen(4)
+        long_text = "\x1b[2J" + "A" * 8000          # what the user sees stays one short line
         for fields, said in (({"grow": 1000}, "a grow of 1000 in an opening frame, but this end "
                                               "asked for 0"),
                              ({"credit": "x"}, "credit of 'x' in an opening frame (must be 512 "
-                                               "to 16777216)")):
+                                               "to 16777216)"),
+                             ({"grow": long_text}, mindmeld.short_reason(
+                                 "grow of %r in an opening frame (must be 0 to 261632)"
+                                 % long_text))):
             def answer(ftype, request_id, _payload, fields=fields):
                 if ftype != REGISTER:
                     return b""
